@@ -1,0 +1,5 @@
+import sys
+
+from lrpilot.cli import main
+
+sys.exit(main())

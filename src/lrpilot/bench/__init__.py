@@ -1,0 +1,1 @@
+"""The bench: tasks, runs, results store, scoring and report."""

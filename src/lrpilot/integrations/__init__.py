@@ -1,0 +1,1 @@
+"""Thin adapters over pilots for other training loops; no algorithm lives here."""
