@@ -1,0 +1,241 @@
+"""The autopilot contract: decisions, the signals a pilot receives, and the pilot base class.
+
+Two kinds of pilot exist (see ``docs/ARCHITECTURE.md``):
+
+* **step-level pilots** are ``torch.optim.Optimizer`` subclasses. They change the LR inside ``step()``
+  and need nothing from this module except, when they want extra signals (a validation closure), to
+  declare them in their registry record.
+* **epoch-level pilots** wrap a user's optimizer, subclass :class:`Pilot` here, and are driven by the
+  training loop: the loop hands them named signals and gets back a :class:`Decision` it carries out.
+  A pilot never touches files or the model's weights itself; it asks the loop to checkpoint, roll back
+  or stop, always with a reason.
+
+``optimizer.param_groups[i]["lr"]`` is the one source of truth for the LR: pilots write it (through
+decisions), loggers read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Decision",
+    "EpochSignals",
+    "MethodParts",
+    "Pilot",
+    "StepSignals",
+    "TRAIN_EVAL_LOSS",
+    "current_lrs",
+    "set_lrs",
+]
+
+#: Signal name: the loss of the current model over the whole training set, in evaluation mode
+#: (AALR's J(theta)). Computing it costs a forward pass over the training data, so the loop only
+#: does it for pilots that list it in :attr:`Pilot.needs`.
+TRAIN_EVAL_LOSS = "train_eval_loss"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What an epoch-level pilot asks the loop to do, always with a reason.
+
+    The loop applies the fields in this order, so one decision can express "reload the checkpoint,
+    reset the optimizer, save, then halve the LR":
+
+    1. ``restore``: load the training state (model, optimizer, RNG) saved under this tag. The pilot's own
+       state is *not* rolled back: the rollback is the pilot's decision and it must remember making it.
+    2. ``reset_optimizer``: reload the optimizer's state as it was before the first step (momentum
+       buffers and other per-parameter state cleared).
+    3. ``save``: snapshot the current training state under this tag (an earlier one is replaced).
+    4. ``lr``: set the LR of every param group (one value per group).
+    5. ``stop``: end training after this epoch.
+
+    Args:
+        reason: short machine-readable reason, e.g. ``"phase1-worse"``, recorded in telemetry.
+        lr: new LR per param group, or ``None`` to leave it unchanged.
+        save: checkpoint tag to save, or ``None``.
+        restore: checkpoint tag to restore, or ``None``.
+        reset_optimizer: reset the optimizer's per-parameter state.
+        stop: stop training.
+        info: free-form details kept with the decision in telemetry (e.g. the loss compared).
+    """
+
+    reason: str
+    lr: tuple[float, ...] | None = None
+    save: str | None = None
+    restore: str | None = None
+    reset_optimizer: bool = False
+    stop: bool = False
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.reason:
+            raise ValueError("a Decision needs a reason")
+        if self.lr is not None:
+            lrs = tuple(float(v) for v in self.lr)
+            for v in lrs:
+                if not (math.isfinite(v) and v >= 0.0):
+                    raise ValueError(f"Decision {self.reason!r} sets a non-finite or negative LR: {lrs}")
+            object.__setattr__(self, "lr", lrs)
+
+    @property
+    def action(self) -> str:
+        """The most drastic thing the decision does: stop, rollback, checkpoint, set-lr or keep."""
+        if self.stop:
+            return "stop"
+        if self.restore is not None:
+            return "rollback"
+        if self.save is not None:
+            return "checkpoint"
+        if self.reset_optimizer:
+            return "reset-optimizer"
+        if self.lr is not None:
+            return "set-lr"
+        return "keep"
+
+    def with_lr(self, lr: Sequence[float]) -> Decision:
+        return dataclasses.replace(self, lr=tuple(lr))
+
+
+@dataclass(frozen=True)
+class StepSignals:
+    """Signals after each optimizer step (for per-step schedules)."""
+
+    epoch: int  # 0-based index of the epoch in progress
+    step: int  # optimizer steps taken so far, this one included
+    loss: float  # the mini-batch training loss of this step
+
+
+@dataclass(frozen=True)
+class EpochSignals:
+    """Signals handed to :meth:`Pilot.on_epoch_end`.
+
+    ``epoch`` counts epochs trained so far in the run's budget (1 after the first epoch), rolled-back
+    epochs included. ``train_loss`` is the running mean of the epoch's mini-batch losses; it is ``nan``
+    when ``nonfinite`` is set (a non-finite loss stopped the epoch early). ``val_loss``/``val_metric``
+    are ``nan`` when the weights are not finite. ``extra`` holds the signals the pilot declared in
+    :attr:`Pilot.needs` (e.g. :data:`TRAIN_EVAL_LOSS`).
+    """
+
+    epoch: int
+    step: int
+    lr: tuple[float, ...]
+    train_loss: float
+    val_loss: float
+    val_metric: float
+    nonfinite: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        """``signals["train_eval_loss"]``: a declared extra signal, with an error naming what to declare."""
+        try:
+            return self.extra[name]
+        except KeyError:
+            raise KeyError(
+                f"signal {name!r} was not computed: add it to the pilot's `needs` "
+                f"(available: {sorted(self.extra)})"
+            ) from None
+
+
+def current_lrs(optimizer: torch.optim.Optimizer) -> tuple[float, ...]:
+    """The LR of every param group, in group order."""
+    return tuple(float(g["lr"]) for g in optimizer.param_groups)
+
+
+def set_lrs(optimizer: torch.optim.Optimizer, lrs: Sequence[float]) -> None:
+    """Write one LR per param group (the single source of truth)."""
+    if len(lrs) != len(optimizer.param_groups):
+        raise ValueError(f"got {len(lrs)} LRs for {len(optimizer.param_groups)} param groups")
+    for group, lr in zip(optimizer.param_groups, lrs):
+        # Keep a tensor LR a tensor (capturable optimizers), otherwise store a float.
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(float(lr))
+        else:
+            group["lr"] = float(lr)
+
+
+class Pilot:
+    """Base class of epoch-level pilots (and of the schedule adapters): every hook is a no-op.
+
+    Subclasses override what they need. Hooks that return a :class:`Decision` may return ``None`` for
+    "nothing to do". State that must survive a checkpoint goes in :meth:`state_dict`.
+
+    Attributes:
+        optimizer: the optimizer whose LR this pilot drives.
+        needs: names of extra signals the loop must compute before :meth:`on_epoch_end`
+            (e.g. :data:`TRAIN_EVAL_LOSS`).
+        handles_nonfinite: ``True`` if the pilot recovers from a non-finite loss itself (by a
+            rollback). Otherwise the loop stops the run as diverged.
+    """
+
+    needs: frozenset[str] = frozenset()
+    handles_nonfinite: bool = False
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{type(self).__name__} wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def attach(self, model: torch.nn.Module) -> None:
+        """Called once before training; a pilot may register forward hooks to observe activations."""
+
+    def on_train_begin(self, lr: tuple[float, ...]) -> Decision | None:
+        """Called once before the first epoch (not again on resume)."""
+        return None
+
+    def on_step_end(self, signals: StepSignals) -> None:
+        """Called after every optimizer step."""
+
+    def on_epoch_end(self, signals: EpochSignals) -> Decision | None:
+        """Called after every epoch's training and evaluation."""
+        return None
+
+    def on_train_end(self) -> Decision | None:
+        """Called once when the budget is spent; may ask to restore a checkpoint (e.g. the best one)."""
+        return None
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically, except links to other objects."""
+        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+@dataclass
+class MethodParts:
+    """What a registry factory builds for one run: an optimizer and whatever drives or wraps it.
+
+    Args:
+        optimizer: the torch optimizer (a step-level pilot is one).
+        pilot: the epoch-level pilot or schedule adapter driving ``optimizer``'s LR, if any.
+        eval_context: returns a context manager the loop enters around every evaluation and
+            checkpoint (e.g. Schedule-Free's eval mode, DoG's averaged weights).
+        effective_lr: the LR the method actually applies, per group, for telemetry (e.g. D-Adaptation's
+            ``d * lr``). Default: ``param_groups[i]["lr"]``.
+        step_kwargs: names of the keyword signals ``optimizer.step`` requires (e.g. ``"val_closure"``).
+        needs_closure: ``optimizer.step`` must be given a closure that re-evaluates the training loss.
+    """
+
+    optimizer: torch.optim.Optimizer
+    pilot: Pilot | None = None
+    eval_context: Callable[[], AbstractContextManager[Any]] | None = None
+    effective_lr: Callable[[], Sequence[float]] | None = None
+    step_kwargs: frozenset[str] = frozenset()
+    needs_closure: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def lrs(self) -> tuple[float, ...]:
+        """The LR in force per group: the effective LR where the method defines one."""
+        if self.effective_lr is not None:
+            return tuple(float(v) for v in self.effective_lr())
+        return current_lrs(self.optimizer)
