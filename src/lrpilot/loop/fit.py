@@ -1,0 +1,639 @@
+"""The training loop: :class:`Trainer` and its one-call form :func:`fit`.
+
+The loop is deliberately thin. It owns what every method shares: seeding, data checks, the
+forward/backward/step, evaluation, timing, telemetry, checkpoints and rollbacks, non-finite losses.
+Everything that decides an LR lives in the method's optimizer (step-level pilots) or in its
+:class:`~lrpilot.pilots.base.Pilot` (epoch-level pilots), which talks to the loop only through
+signals and :class:`~lrpilot.pilots.base.Decision` objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrpilot.loop.data import check_batch, split_batch
+from lrpilot.loop.history import DecisionRecord, EpochRecord, History
+from lrpilot.loop.metrics import Metric, get_metric, loss_metric
+from lrpilot.loop.seeding import capture_rng, restore_rng, seed_everything
+from lrpilot.pilots.base import (
+    TRAIN_EVAL_LOSS,
+    Decision,
+    EpochSignals,
+    MethodParts,
+    Pilot,
+    StepSignals,
+    set_lrs,
+)
+from lrpilot.registry import BuildContext, build_method, get_method
+
+__all__ = ["Trainer", "fit", "infer_task_kind"]
+
+log = logging.getLogger("lrpilot")
+
+# Losses whose inputs must have exactly the targets' shape: they broadcast silently otherwise.
+_SAME_SHAPE_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCEWithLogitsLoss, nn.BCELoss)
+
+#: Version of :meth:`Trainer.state_dict`.
+TRAINER_STATE_FORMAT = 1
+
+
+def infer_task_kind(loss_fn: Any) -> str:
+    """``classification``, ``binary`` or ``regression`` from the loss module's type (else ``unknown``)."""
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return "classification"
+    if isinstance(loss_fn, (nn.BCEWithLogitsLoss, nn.BCELoss)):
+        return "binary"
+    if isinstance(loss_fn, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)):
+        return "regression"
+    return "unknown"
+
+
+class Trainer:
+    """Trains ``model`` with one method for a budget of epochs, evaluating after every epoch.
+
+    Use :func:`fit` for the one-call form. A ``Trainer`` adds resumption: :meth:`run` can stop early
+    (``until_epoch``), :meth:`state_dict` snapshots everything (model, optimizer, pilot, RNG, tagged
+    checkpoints, telemetry) and :meth:`load_state_dict` on a fresh ``Trainer`` built with the same
+    arguments continues exactly as the uninterrupted run would have.
+
+    Args:
+        model: the network (moved to ``device``).
+        train_loader, val_loader: iterables of ``(inputs, targets)`` batches with a ``len``.
+        method: a registry name (``lrpilot list methods``), a :class:`Pilot` wrapping an optimizer, a
+            ``torch.optim.Optimizer`` over ``model``'s parameters, or :class:`MethodParts`.
+        epochs: the budget. Epochs that a pilot rolls back still count.
+        loss_fn: training loss ``loss_fn(outputs, targets)``; default cross-entropy.
+        metric: a :class:`Metric` or a name (``"accuracy"``, ``"binary-accuracy"``, ``"mae"``,
+            ``"mse"``); default accuracy with the default loss, else the validation loss.
+        seed: seeds Python, NumPy and torch before the method is built.
+        device: ``"cpu"``, ``"cuda"``, ... (default: where the model's parameters are).
+        param_groups: explicit param groups for registry methods (default: all parameters).
+        progress: show a progress bar; default when stderr is a terminal.
+        task_kind: ``classification``/``binary``/``regression``; default inferred from ``loss_fn``.
+        method_options: options of a registry method (see ``lrpilot list methods``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: Any,
+        val_loader: Any,
+        *,
+        method: str | Pilot | torch.optim.Optimizer | MethodParts = "sgd",
+        epochs: int = 10,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        metric: Metric | str | None = None,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        param_groups: list[dict[str, Any]] | None = None,
+        progress: bool | None = None,
+        task_kind: str | None = None,
+        method_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0):
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        seed_everything(seed)
+        if device is None:
+            first = next(model.parameters(), None)
+            device = first.device if first is not None else "cpu"
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        self.metric = _resolve_metric(metric, loss_fn, self.loss_fn)
+        self.task_kind = task_kind or infer_task_kind(self.loss_fn)
+        self.train_loader = _on_device(train_loader, self.device)
+        self.val_loader = _on_device(val_loader, self.device)
+        self.epochs = epochs
+        self.seed = seed
+        self.progress = sys.stderr.isatty() if progress is None else progress
+
+        steps_per_epoch = _length(self.train_loader, "train_loader")
+        if steps_per_epoch == 0:
+            raise ValueError("train_loader yields no batches: the training set is empty")
+        if _length(self.val_loader, "val_loader") == 0:
+            raise ValueError("val_loader yields no batches: the validation set is empty")
+        self._precheck()
+
+        ctx = BuildContext(
+            model=self.model,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            task_kind=self.task_kind,
+            loss_fn=self.loss_fn,
+            train_loader=self.train_loader,
+            val_loader=self.val_loader,
+            seed=seed,
+            device=self.device,
+            param_groups=param_groups,
+            metric=self.metric,
+        )
+        self.method_name, self.parts = _build_parts(method, ctx, dict(method_options or {}), self.model)
+        self.optimizer = self.parts.optimizer
+        self.pilot = self.parts.pilot
+        self._lr_per_step = _lr_moves_per_step(self.method_name, self.parts)
+        if self.pilot is not None:
+            self.pilot.attach(self.model)
+
+        self._initial_optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        self._checkpoints: dict[str, dict[str, Any]] = {}
+        self.history = History(metric_name=self.metric.name, higher_is_better=self.metric.higher_is_better)
+        self.epoch = 0  # epochs trained (the budget counter)
+        self.step = 0  # optimizer steps taken
+        self._wall_s = 0.0
+        self._train_s = 0.0
+        self._began = False
+        self._stopped = False
+        self._val_cursor = 0  # validation batches handed to step-level pilots so far
+        self._val_iter: Iterator[Any] | None = None
+        self._data_checked = False
+
+    # ------------------------------------------------------------------------------------------------
+    # public API
+    # ------------------------------------------------------------------------------------------------
+    def run(self, until_epoch: int | None = None) -> History:
+        """Train until the budget is spent, a pilot stops the run, or ``until_epoch`` epochs are done."""
+        stop_at = self.epochs if until_epoch is None else min(until_epoch, self.epochs)
+        bar = _progress_bar(self.progress, self.epochs, self.epoch, self.method_name)
+        try:
+            if not self._began:
+                self._begin()
+            while self.epoch < stop_at and not self._stopped:
+                record = self._run_epoch()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record.train_loss:.4g}", val=f"{record.val_metric:.4g}", lr=f"{record.lr[0]:.3g}")
+            if (self.epoch >= self.epochs or self._stopped) and not self.history.final and self.pilot is not None:
+                self._end()
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.history
+
+    def evaluate(self, loader: Any | None = None) -> tuple[float, float]:
+        """Mean loss and metric over ``loader`` (default: the validation loader) in evaluation mode."""
+        loader = self.val_loader if loader is None else loader
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, metric_sum, n = 0.0, 0.0, 0
+        try:
+            with torch.no_grad(), self._eval_context():
+                for batch in loader:
+                    x, y = split_batch(batch, where="the evaluation loader")
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    out = self.model(x)
+                    loss_sum += float(self.loss_fn(out, y)) * len(y)
+                    metric_sum += self.metric.batch_sum(out, y)
+                    n += len(y)
+        finally:
+            self.model.train(was_training)
+        if n == 0:
+            raise ValueError("the evaluation loader yielded no batches")
+        return loss_sum / n, metric_sum / n * self.metric.scale
+
+    def state_dict(self) -> dict[str, Any]:
+        """A deep snapshot of everything needed to continue this run identically."""
+        return copy.deepcopy(
+            {
+                "format": TRAINER_STATE_FORMAT,
+                "method": self.method_name,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "pilot": self.pilot.state_dict() if self.pilot is not None else None,
+                "rng": capture_rng(),
+                "epoch": self.epoch,
+                "step": self.step,
+                "wall_s": self._wall_s,
+                "train_s": self._train_s,
+                "began": self._began,
+                "stopped": self._stopped,
+                "val_cursor": self._val_cursor,
+                "checkpoints": self._checkpoints,
+                "initial_optimizer": self._initial_optimizer_state,
+                "history": self.history,
+            }
+        )
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (on a Trainer built with the same arguments)."""
+        if state.get("format") != TRAINER_STATE_FORMAT:
+            raise ValueError(f"trainer state format {state.get('format')!r} is not {TRAINER_STATE_FORMAT}")
+        if state["method"] != self.method_name:
+            raise ValueError(f"state was saved by method {state['method']!r}, this trainer runs {self.method_name!r}")
+        state = copy.deepcopy(dict(state))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.pilot is not None:
+            self.pilot.load_state_dict(state["pilot"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self._wall_s, self._train_s = state["wall_s"], state["train_s"]
+        self._began, self._stopped = state["began"], state["stopped"]
+        self._val_cursor = state["val_cursor"]
+        self._val_iter = None
+        self._checkpoints = state["checkpoints"]
+        self._initial_optimizer_state = state["initial_optimizer"]
+        self.history = state["history"]
+        restore_rng(state["rng"])
+
+    # ------------------------------------------------------------------------------------------------
+    # one epoch
+    # ------------------------------------------------------------------------------------------------
+    def _begin(self) -> None:
+        self._began = True
+        t0 = time.perf_counter()
+        val_loss, val_metric = self.evaluate()
+        eval_s = time.perf_counter() - t0
+        self.history.info["initial"] = {"val_loss": val_loss, "val_metric": val_metric}
+        decision = None
+        if self.pilot is not None:
+            extra = self._extra_signals()
+            signals = EpochSignals(
+                epoch=0, step=0, lr=self.parts.lrs(), train_loss=math.nan,
+                val_loss=val_loss, val_metric=val_metric, extra=extra,
+            )
+            decision = self.pilot.on_train_begin(signals)
+            if decision is not None:
+                self._apply(decision)
+        spent = time.perf_counter() - t0
+        self._wall_s += spent
+        self._train_s += spent - eval_s
+        if self._lr_per_step:
+            self.history.record_step_lr(0, self.parts.lrs())
+
+    def _end(self) -> None:
+        decision = self.pilot.on_train_end() if self.pilot is not None else None
+        if decision is not None:
+            self._apply(decision)
+            if decision.restore is not None:
+                val_loss, val_metric = self.evaluate()
+                self.history.final = {"val_loss": val_loss, "val_metric": val_metric, "reason": decision.reason}
+
+    def _run_epoch(self) -> EpochRecord:
+        t0 = time.perf_counter()
+        train_loss, nonfinite, lr_in_force = self._train_one_epoch()
+        self.epoch += 1
+        t_train = time.perf_counter()
+
+        weights_finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if weights_finite and not nonfinite:
+            val_loss, val_metric = self.evaluate()
+        else:
+            nonfinite = True
+            val_loss, val_metric = math.nan, math.nan
+        t_eval = time.perf_counter()
+
+        decision = None
+        extra: dict[str, Any] = {}
+        if self.pilot is not None:
+            extra = self._extra_signals() if not nonfinite else {name: math.nan for name in self.pilot.needs}
+            signals = EpochSignals(
+                epoch=self.epoch, step=self.step, lr=lr_in_force, train_loss=train_loss,
+                val_loss=val_loss, val_metric=val_metric, nonfinite=nonfinite, extra=extra,
+            )
+            decision = self.pilot.on_epoch_end(signals)
+        if nonfinite and (decision is None or decision.restore is None):
+            handled = self.pilot is not None and self.pilot.handles_nonfinite
+            reason = "nonfinite-unhandled" if handled else "nonfinite-loss"
+            decision = Decision(reason=reason, stop=True, info={"train_loss": train_loss})
+            self.history.status, self.history.status_reason = "diverged", "non-finite training loss"
+
+        record = EpochRecord(
+            epoch=self.epoch,
+            step=self.step,
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_metric=val_metric,
+            lr=list(lr_in_force),
+            wall_s=0.0,
+            train_s=0.0,
+            extra={k: v for k, v in extra.items() if isinstance(v, (int, float))},  # scalars only
+        )
+        if decision is not None:
+            self._apply(decision)
+        t_end = time.perf_counter()
+        self._wall_s += t_end - t0
+        self._train_s += (t_train - t0) + (t_end - t_eval)
+        record.wall_s, record.train_s = self._wall_s, self._train_s
+        self.history.epochs.append(record)
+        return record
+
+    def _train_one_epoch(self) -> tuple[float, bool, tuple[float, ...]]:
+        self.model.train()
+        _set_epoch(self.train_loader, self.epoch)
+        check = not self._data_checked
+        loss_sum, n, nonfinite = 0.0, 0, False
+        lr_in_force = self.parts.lrs()
+        for i, batch in enumerate(self.train_loader):
+            x, y = split_batch(batch, where="train_loader")
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if check:
+                check_batch(x, y, where=f"train_loader (batch {i})")
+            loss, stepped = self._train_step(x, y)
+            if stepped:
+                self.step += 1
+            if not math.isfinite(loss):
+                nonfinite = True
+                break
+            loss_sum += loss * len(y)
+            n += len(y)
+            if self.pilot is not None:
+                self.pilot.on_step_end(StepSignals(epoch=self.epoch, step=self.step, loss=loss))
+            lr_in_force = self.parts.lrs()
+            if self._lr_per_step:
+                self.history.record_step_lr(self.step, lr_in_force)
+        if n == 0 and not nonfinite:
+            raise ValueError("train_loader yielded no batches this epoch: the training set is empty")
+        self._data_checked = True
+        return (math.nan if nonfinite else loss_sum / n), nonfinite, lr_in_force
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
+        """One optimizer step; returns the mini-batch loss and whether a step was taken."""
+        kwargs = self._step_kwargs()
+        if self.parts.needs_closure:
+
+            def closure() -> torch.Tensor:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.loss_fn(self.model(x), y)
+                loss.backward()
+                return loss
+
+            loss = self.optimizer.step(closure, **kwargs)
+            return float(loss), True
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(x), y)
+        value = float(loss.detach())  # a CPU-GPU sync point, needed to catch a non-finite loss at once
+        if not math.isfinite(value):
+            return value, False  # never apply a non-finite gradient
+        loss.backward()
+        self.optimizer.step(**kwargs)
+        return value, True
+
+    # ------------------------------------------------------------------------------------------------
+    # signals
+    # ------------------------------------------------------------------------------------------------
+    def _step_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        for name in self.parts.step_kwargs:
+            if name == "val_closure":
+                kwargs[name] = self._val_closure()
+            else:
+                raise ValueError(f"method {self.method_name!r} asks for step signal {name!r}, which the loop does not provide")
+        return kwargs
+
+    def _val_closure(self) -> Callable[[], torch.Tensor]:
+        """A closure returning the loss on the next validation mini-batch (graph attached, no backward).
+
+        The batches cycle through ``val_loader`` in its order; the cursor is part of the trainer's state
+        so a resumed run hands out the same batches.
+        """
+        n_batches = len(self.val_loader)
+        if self._val_iter is None:
+            self._val_iter = _cycle(self.val_loader)
+            for _ in range(self._val_cursor % n_batches):
+                next(self._val_iter)
+        xv, yv = split_batch(next(self._val_iter), where="val_loader")
+        self._val_cursor += 1
+        xv, yv = xv.to(self.device, non_blocking=True), yv.to(self.device, non_blocking=True)
+
+        def val_closure() -> torch.Tensor:
+            return self.loss_fn(self.model(xv), yv)
+
+        return val_closure
+
+    def _extra_signals(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        needs = self.pilot.needs if self.pilot is not None else frozenset()
+        for name in needs:
+            if name == TRAIN_EVAL_LOSS:
+                extra[name] = self.evaluate(self.train_loader)[0]
+            else:
+                raise ValueError(f"pilot {type(self.pilot).__name__} needs signal {name!r}, which the loop does not provide")
+        return extra
+
+    # ------------------------------------------------------------------------------------------------
+    # decisions, checkpoints
+    # ------------------------------------------------------------------------------------------------
+    def _apply(self, decision: Decision) -> None:
+        if decision.restore is not None:
+            if decision.restore not in self._checkpoints:
+                raise KeyError(
+                    f"decision {decision.reason!r} restores checkpoint {decision.restore!r}, which was never saved "
+                    f"(saved: {sorted(self._checkpoints)})"
+                )
+            self._restore(self._checkpoints[decision.restore])
+        if decision.reset_optimizer:
+            lrs = [g["lr"] for g in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(copy.deepcopy(self._initial_optimizer_state))
+            set_lrs(self.optimizer, lrs)  # a reset clears the optimizer's state, not the LR
+        if decision.save is not None:
+            self._checkpoints[decision.save] = self._snapshot()
+        if decision.lr is not None:
+            set_lrs(self.optimizer, decision.lr)
+        if decision.stop:
+            self._stopped = True
+            if self.history.status == "completed":
+                self.history.status, self.history.status_reason = "stopped", decision.reason
+        record = DecisionRecord(
+            epoch=self.epoch,
+            step=self.step,
+            lr=list(self.parts.lrs()),
+            action=decision.action,
+            reason=decision.reason,
+            info=dict(decision.info),
+        )
+        self.history.decisions.append(record)
+        log.info("epoch %d step %d: %s (%s) lr=%s", record.epoch, record.step, record.action, record.reason, record.lr)
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The training state a rollback restores: model, optimizer and RNG (not the pilot)."""
+        return copy.deepcopy(
+            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": capture_rng()}
+        )
+
+    def _restore(self, snapshot: Mapping[str, Any]) -> None:
+        # Deep-copy again: load_state_dict keeps references to the tensors it is given, and the
+        # checkpoint must survive the training that follows.
+        snapshot = copy.deepcopy(snapshot)
+        self.model.load_state_dict(snapshot["model"])
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        restore_rng(snapshot["rng"])
+
+    def _eval_context(self) -> contextlib.AbstractContextManager[Any]:
+        return self.parts.eval_context() if self.parts.eval_context is not None else contextlib.nullcontext()
+
+    def _precheck(self) -> None:
+        """Run the model on the first training batch so bad data or shapes fail with a clear message."""
+        with torch.no_grad():
+            for where, loader in (("train_loader", self.train_loader), ("val_loader", self.val_loader)):
+                batch = next(iter(loader), None)
+                if batch is None:
+                    raise ValueError(f"{where} yields no batches: the dataset is empty")
+                x, y = split_batch(batch, where=where)
+                x, y = x.to(self.device), y.to(self.device)
+                check_batch(x, y, where=f"{where} (first batch)")
+                was_training = self.model.training
+                self.model.eval()
+                try:
+                    out = self.model(x)
+                except Exception as err:  # noqa: BLE001 - re-raised with context
+                    raise ValueError(
+                        f"the model failed on the first batch of {where} (inputs of shape {tuple(x.shape)}): {err}"
+                    ) from err
+                finally:
+                    self.model.train(was_training)
+                if isinstance(self.loss_fn, _SAME_SHAPE_LOSSES) and out.shape != y.shape:
+                    raise ValueError(
+                        f"model outputs have shape {tuple(out.shape)} but targets from {where} have shape "
+                        f"{tuple(y.shape)}; {type(self.loss_fn).__name__} needs them equal (reshape the targets "
+                        f"or the model's output)"
+                    )
+                try:
+                    value = self.loss_fn(out, y)
+                except Exception as err:  # noqa: BLE001 - re-raised with context
+                    raise ValueError(
+                        f"loss_fn failed on model outputs of shape {tuple(out.shape)} and targets of shape "
+                        f"{tuple(y.shape)} (dtype {y.dtype}) from {where}: {err}"
+                    ) from err
+                if value.ndim != 0:
+                    raise ValueError(f"loss_fn must return a scalar (mean over the batch), got shape {tuple(value.shape)}")
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Any,
+    val_loader: Any,
+    *,
+    method: str | Pilot | torch.optim.Optimizer | MethodParts = "sgd",
+    epochs: int = 10,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    metric: Metric | str | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
+    progress: bool | None = None,
+    task_kind: str | None = None,
+    **method_options: Any,
+) -> History:
+    """Train ``model`` with ``method`` for ``epochs`` and return its :class:`History`.
+
+    Example:
+        >>> import torch, lrpilot
+        >>> from lrpilot.loop.data import TensorLoader
+        >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+        >>> model = torch.nn.Linear(4, 3)
+        >>> hist = lrpilot.fit(model, TensorLoader(x, y, 16), TensorLoader(x, y, 64, shuffle=False),
+        ...                    method="sgd-cosine", epochs=3, lr=0.05, progress=False)
+        >>> len(hist.epochs)
+        3
+
+    See :class:`Trainer` for every argument; ``method_options`` are the registry method's options.
+    """
+    trainer = Trainer(
+        model,
+        train_loader,
+        val_loader,
+        method=method,
+        epochs=epochs,
+        loss_fn=loss_fn,
+        metric=metric,
+        seed=seed,
+        device=device,
+        param_groups=param_groups,
+        progress=progress,
+        task_kind=task_kind,
+        method_options=method_options,
+    )
+    return trainer.run()
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------
+def _resolve_metric(metric: Metric | str | None, user_loss: Any, loss_fn: Any) -> Metric:
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, str):
+        return get_metric(metric)
+    if metric is not None:
+        raise TypeError(f"metric must be a Metric or a name, got {type(metric).__name__}")
+    return get_metric("accuracy") if user_loss is None else loss_metric(loss_fn)
+
+
+def _build_parts(
+    method: Any, ctx: BuildContext, options: dict[str, Any], model: nn.Module
+) -> tuple[str, MethodParts]:
+    if isinstance(method, str):
+        return method, build_method(method, ctx, options)
+    if options:
+        raise TypeError(
+            f"method options ({', '.join(options)}) only apply to registry method names; "
+            f"configure the {type(method).__name__} object directly instead"
+        )
+    if isinstance(method, MethodParts):
+        parts = method
+    elif isinstance(method, Pilot):
+        parts = MethodParts(method.optimizer, method)
+    elif isinstance(method, torch.optim.Optimizer):
+        parts = MethodParts(method)
+    else:
+        raise TypeError(
+            "method must be a registry name, a Pilot, a torch.optim.Optimizer or MethodParts, "
+            f"got {type(method).__name__}"
+        )
+    model_params = {id(p) for p in model.parameters()}
+    for group in parts.optimizer.param_groups:
+        if any(id(p) not in model_params for p in group["params"]):
+            raise ValueError("the optimizer holds parameters that are not the model's: build it from model.parameters()")
+    return type(parts.pilot or parts.optimizer).__name__, parts
+
+
+def _lr_moves_per_step(method_name: str, parts: MethodParts) -> bool:
+    try:
+        return get_method(method_name).lr_granularity == "step"
+    except ValueError:
+        # A user object: per-step telemetry only if a pilot steps within epochs.
+        return parts.pilot is not None and type(parts.pilot).on_step_end is not Pilot.on_step_end
+
+
+def _length(loader: Any, name: str) -> int:
+    try:
+        return len(loader)
+    except TypeError:
+        raise TypeError(f"{name} must have a length (number of batches per epoch), e.g. a DataLoader") from None
+
+
+def _on_device(loader: Any, device: torch.device) -> Any:
+    """Move an in-memory loader's tensors to ``device`` once (other loaders are moved batch by batch)."""
+    to = getattr(loader, "to", None)
+    if callable(to) and hasattr(loader, "set_epoch") and hasattr(loader, "inputs"):
+        return to(device)
+    return loader
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if obj is not None and callable(getattr(obj, "set_epoch", None)):
+            obj.set_epoch(epoch)
+            return
+
+
+def _cycle(loader: Any) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="epoch", leave=False, dynamic_ncols=True)
