@@ -13,7 +13,7 @@ import lrpilot
 from lrpilot.loop.data import TensorLoader
 from lrpilot.loop.fit import Trainer
 from lrpilot.loop.history import RECORD_FORMAT, load_record, save_record
-from lrpilot.pilots.base import TRAIN_EVAL_LOSS, Decision, EpochSignals, Pilot
+from lrpilot.pilots.base import TRAIN_EVAL_LOSS, Decision, EpochSignals, MethodParts, Pilot
 from tests.conftest import TinyTask, blobs
 
 
@@ -302,3 +302,44 @@ def test_tensor_loader_order_is_a_function_of_seed_and_epoch():
     shards = [TensorLoader(x, y, 4, seed=3, rank=r, world_size=2) for r in range(2)]
     parts = [torch.cat([b for _, b in s]).tolist() for s in shards]
     assert len(parts[0]) == len(parts[1]) == 5 and sorted(parts[0] + parts[1]) == list(range(10))
+
+
+def test_trial_trains_a_copy_from_the_initial_weights_and_leaves_the_run_alone(tiny):
+    seen = {}
+
+    def build(ctx, lr):
+        before = [p.detach().clone() for p in ctx.model.parameters()]
+        rng = torch.get_rng_state().clone()
+        trial = ctx.trial("sgd", epochs=2, lr=0.5)
+        seen["trial_epochs"] = len(trial.history.epochs)
+        seen["model_untouched"] = all(torch.equal(a, b) for a, b in zip(before, ctx.model.parameters()))
+        seen["rng_untouched"] = torch.equal(rng, torch.get_rng_state())
+        seen["trial_moved"] = not all(torch.equal(a, b) for a, b in zip(before, trial.model.parameters()))
+        return MethodParts(torch.optim.SGD(ctx.params(), lr=lr))
+
+    from lrpilot.registry import _REGISTRY, MethodInfo
+
+    info = MethodInfo("trial-test-method", "test", "runs a trial first", build, {"lr": 0.1})
+    _REGISTRY[info.name] = info
+    try:
+        with_trial = lrpilot.fit(tiny.model(), tiny.train, tiny.val, method=info.name, epochs=2, progress=False)
+    finally:
+        del _REGISTRY[info.name]
+    plain = lrpilot.fit(tiny.model(), tiny.train, tiny.val, method="sgd", epochs=2, momentum=0.0, progress=False)
+    assert seen == {"trial_epochs": 2, "model_untouched": True, "rng_untouched": True, "trial_moved": True}
+    assert [e.train_loss for e in with_trial.epochs] == [e.train_loss for e in plain.epochs]
+
+
+def test_closure_methods_get_a_closure_that_can_skip_backward(tiny):
+    calls = []
+
+    class NeedsGraph(torch.optim.SGD):
+        def step(self, closure):
+            loss = closure(backward=False)
+            calls.append(loss.requires_grad)
+            return closure()  # the usual closure: zero_grad, backward
+
+    model = tiny.model()
+    parts = MethodParts(NeedsGraph(model.parameters(), lr=0.1), needs_closure=True)
+    hist = lrpilot.fit(model, tiny.train, tiny.val, method=parts, epochs=1, progress=False)
+    assert calls == [True] * 6 and hist.status == "completed"

@@ -75,10 +75,23 @@ class BuildContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     param_groups: list[dict[str, Any]] | None = None
     metric: Any = None
+    trial_runner: Callable[..., Any] | None = None  # set by the training loop, see trial()
 
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+    def trial(self, method: Any, *, epochs: int, seed: int | None = None, **options: Any) -> Any:
+        """Train a copy of the model, from its initial weights, with ``method`` for ``epochs`` on this
+        run's data, and return the finished :class:`~lrpilot.loop.fit.Trainer` (``.history``, ``.model``).
+
+        For methods that search or probe before training (an LR range test, a grid search). The run's
+        own model, optimizer and random state are left untouched; what the trials cost is the method's
+        to report (``MethodParts.info``) so the bench can charge it.
+        """
+        if self.trial_runner is None:
+            raise RuntimeError("trial runs need the training loop: build the method through lrpilot.fit or Trainer")
+        return self.trial_runner(method, epochs=epochs, seed=seed, **options)
 
     def params(self) -> list[dict[str, Any]] | Iterable[torch.nn.Parameter]:
         """The parameters to optimise: the user's param groups, or every trainable parameter."""

@@ -136,6 +136,7 @@ class Trainer:
             device=self.device,
             param_groups=param_groups,
             metric=self.metric,
+            trial_runner=self._trial,
         )
         self.method_name, self.parts = _build_parts(method, ctx, dict(method_options or {}), self.model)
         self.optimizer = self.parts.optimizer
@@ -199,6 +200,33 @@ class Trainer:
         if n == 0:
             raise ValueError("the evaluation loader yielded no batches")
         return loss_sum / n, metric_sum / n * self.metric.scale
+
+    def _trial(self, method: Any, *, epochs: int, seed: int | None = None, **options: Any) -> Trainer:
+        """Train a deep copy of the model as it is now (before training: its initial weights).
+
+        Runs on this trainer's data, loss and metric; the global RNG is restored afterwards so the
+        main run does not depend on how many trials ran before it.
+        """
+        rng = capture_rng()
+        try:
+            trainer = Trainer(
+                copy.deepcopy(self.model),
+                self.train_loader,
+                self.val_loader,
+                method=method,
+                epochs=epochs,
+                loss_fn=self.loss_fn,
+                metric=self.metric,
+                seed=self.seed if seed is None else seed,
+                device=self.device,
+                progress=False,
+                task_kind=self.task_kind,
+                method_options=options,
+            )
+            trainer.run()
+        finally:
+            restore_rng(rng)
+        return trainer
 
     def state_dict(self) -> dict[str, Any]:
         """A deep snapshot of everything needed to continue this run identically."""
@@ -360,14 +388,18 @@ class Trainer:
         kwargs = self._step_kwargs()
         if self.parts.needs_closure:
 
-            def closure() -> torch.Tensor:
+            def closure(*, backward: bool = True) -> torch.Tensor:
+                """The mini-batch loss; with ``backward=False`` the graph is returned un-differentiated
+                (for optimizers that need second derivatives, e.g. Hessian-vector products)."""
+                if not backward:
+                    return self.loss_fn(self.model(x), y)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.loss_fn(self.model(x), y)
                 loss.backward()
                 return loss
 
             loss = self.optimizer.step(closure, **kwargs)
-            return float(loss), True
+            return float(loss.detach()), True
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(x), y)
         value = float(loss.detach())  # a CPU-GPU sync point, needed to catch a non-finite loss at once
