@@ -37,13 +37,11 @@ def main() -> None:
         epochs = args.epochs
         record = run_task(name, "sgd", epochs=epochs, seed=0, progress=False)
         ep = record["epochs"]
-        later = ep[1:] if len(ep) > 1 else ep
         train = [b["train_s"] - a["train_s"] for a, b in zip(ep, ep[1:])] or [ep[0]["train_s"]]
         wall = [b["wall_s"] - a["wall_s"] for a, b in zip(ep, ep[1:])] or [ep[0]["wall_s"]]
         train_s = sum(train) / len(train)
         eval_s = sum(w - t for w, t in zip(wall, train)) / len(wall)
         steps = ep[0]["step"]
-        del later
         print(f"{name:<24} {steps:>8} {train_s:>10.3f} {eval_s:>8.3f} {load_s:>7.2f}")
 
 
