@@ -292,8 +292,8 @@ def mi_continuous_discrete(
         >>> import numpy as np
         >>> y = np.arange(1000) % 2
         >>> t = np.random.default_rng(0).normal(4.0 * y, 1.0)  # two classes 4 sd apart
-        >>> round(mi_continuous_discrete(t, y), 1)  # truth 0.633
-        0.6
+        >>> round(mi_continuous_discrete(t, y), 2)  # truth 0.633, sd ~0.01 over seeds
+        0.65
 
     References:
         Ross, PLoS ONE 9(2) e87357 (2014).
