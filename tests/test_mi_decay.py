@@ -435,3 +435,15 @@ def test_on_epoch_end_after_a_nonfinite_epoch_does_nothing(tiny):
                            val_metric=math.nan, nonfinite=True, extra={PROBE: math.nan})
     assert trainer.pilot.on_epoch_end(signals) is None
     assert trainer.pilot.records[-1]["nonfinite"] is True
+
+
+def test_non_finite_activations_stop_the_run_or_crash_the_trial(tiny):
+    for stop_on_crash, reason in ((False, "mi-nonfinite-activations"), (True, "rrt-crash")):
+        trainer = Trainer(tiny.model(), tiny.train, tiny.val, method="mi-decay", epochs=3, progress=False,
+                          method_options={**BOUNDS, "mi_samples": 50, "stop_on_crash": stop_on_crash})
+        trainer.run(until_epoch=1)
+        outputs = {"": torch.full((50, 3), math.inf)}
+        signals = EpochSignals(epoch=2, step=12, lr=(0.05,), train_loss=1.0, val_loss=1.0, val_metric=0.5,
+                               extra={PROBE: outputs})
+        decision = trainer.pilot.on_epoch_end(signals)
+        assert decision.stop and decision.reason == reason and decision.info["nonfinite_modules"] == [""]

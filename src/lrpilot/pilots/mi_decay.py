@@ -444,8 +444,17 @@ class MIDecayPilot(Pilot):
         start, time_decay: see :func:`mi_decay_lr`.
         k, mi_seed, mi_backend, device: the estimator's neighbours, jitter seed, backend and device.
         loss_fn: to report the loss on the subset.
-        stop_on_crash, crash_drop: range-test trials stop when every tracked attribute (subset accuracy
-            for classification, and ITY) drops below ``crash_drop`` times its best so far.
+        stop_on_crash, crash_drop: range-test trials stop when the subset's activations turn non-finite,
+            or when every attribute drops dramatically: the subset loss above its best / ``crash_drop``,
+            ITY and (classification) the subset accuracy below ``crash_drop`` x their best so far.
+        info: a dict shared with ``MethodParts.info``; the pilot adds the ``mi`` entry (IXY and friends).
+
+    Note:
+        Deviations from the paper, each measured or explained in ``docs/methods/mi-decay.md``: for
+        classification the ceiling defaults to H(Y) of the subset labels, not the KSG estimate of
+        I(X; Y), which on raw pixels falls below the ITY of an *untrained* network and would pin the LR
+        to LR_min from epoch 2 (``ceiling="ksg"`` restores it); ITY of a discrete Y uses Ross's k-NN
+        estimator (the KSG construction for discrete labels); the ITY/IXY ratio is clamped to [0, 1].
 
     Example:
         >>> import torch, lrpilot
