@@ -1,6 +1,7 @@
 """Speed of the k-NN MI estimators, and what MI costs per epoch of training. Ratios measured in one run.
 
-    PYTHONPATH=src python benchmarks/mi_speed.py [--threads 1] [--repeats 3] [--epochs 3] [--skip-train]
+    PYTHONPATH=src python benchmarks/mi_speed.py [--threads 1] [--repeats 3] [--epochs 3]
+                                                 [--skip-train | --skip-estimators]
 
 Part 1, estimators at n = 1000, k = 3: ours (dense Chebyshev matrix from SciPy's ``pdist``, and the
 torch backend) against a cKDTree implementation of the same estimator
@@ -119,10 +120,12 @@ def main(argv: Any = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--skip-train", action="store_true", help="estimators only")
+    parser.add_argument("--skip-estimators", action="store_true", help="the per-epoch overhead only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}")
-    bench_estimators(args.repeats)
+    if not args.skip_estimators:
+        bench_estimators(args.repeats)
     if not args.skip_train:
         bench_overhead(args.epochs)
 

@@ -94,5 +94,6 @@ def range_test_task(
         model, train_loader, val_loader, method=method, loss_fn=info.loss(), metric=info.build_metric(data),
         task_kind=info.kind, seed=seed, device=device, options=options,
     )
-    config = {"batch_size": batch_size, "device": str(device), "train_subset": train_subset, "method_options": resolved}
+    config = {"batch_size": batch_size, "device": str(device), "train_subset": train_subset,
+              "method_options": resolved}
     return {"task": task, "method": method, "seed": seed, "config": config, **report}

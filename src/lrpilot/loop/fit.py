@@ -450,9 +450,10 @@ class Trainer:
             if name == TRAIN_EVAL_LOSS:
                 extra[name] = self.evaluate(self.train_loader)[0]
             elif name == PROBE:
-                if self.pilot.probe is None:
+                probe = self.pilot.probe
+                if probe is None:
                     raise ValueError(f"pilot {type(self.pilot).__name__} needs signal 'probe' but sets no `probe`")
-                extra[name] = run_probe(self.model, self.pilot.probe, device=self.device, eval_context=self._eval_context)
+                extra[name] = run_probe(self.model, probe, device=self.device, eval_context=self._eval_context)
             else:
                 raise ValueError(f"pilot {type(self.pilot).__name__} needs signal {name!r}, which the loop does not provide")
         return extra

@@ -126,6 +126,8 @@ def mi_decay_lr(
     """
     if e < 1 or len(ity) < e:
         raise ValueError(f"epoch {e} needs ITY_0..ITY_{e - 1}, got {len(ity)} values")
+    require_in("start", start, _STARTS, method="mi-decay")
+    require_in("time_decay", time_decay, _TIME_DECAYS, method="mi-decay")
     if e == 1:
         ratio = mi_ratio(ity[0], ixy)
         new = lr_top if start == "top" else max(ratio * lr_max, lr_min)
@@ -134,12 +136,13 @@ def mi_decay_lr(
     d_p = 1.0 - ratio
     d_s = saturation(ity, e)
     if e == 2:
-        return max(d_p * lr_max, lr_min), {"rule": "performance", "d_p": d_p, "d_s": d_s, "ratio": ratio, "tau": 1.0}
-    tau = {"epsilon": 1.0 - epsilon / epochs, "epoch": 1.0 - e / epochs, "none": 1.0}[time_decay]
-    tau = max(tau, 0.0)
+        info = {"d_p": d_p, "d_s": d_s, "ratio": ratio, "tau": 1.0}
+        return max(d_p * lr_max, lr_min), {"rule": "performance", **info}
+    tau = max(0.0, {"epsilon": 1.0 - epsilon / epochs, "epoch": 1.0 - e / epochs, "none": 1.0}[time_decay])
+    info = {"d_p": d_p, "d_s": d_s, "ratio": ratio, "tau": tau}
     if d_s < epsilon:
-        return max(d_p * tau * lr_max, lr_min), {"rule": "saturated", "d_p": d_p, "d_s": d_s, "ratio": ratio, "tau": tau}
-    return lr, {"rule": "keep", "d_p": d_p, "d_s": d_s, "ratio": ratio, "tau": tau}
+        return max(d_p * tau * lr_max, lr_min), {"rule": "saturated", **info}
+    return lr, {"rule": "keep", **info}
 
 
 # ====================================================================================================
@@ -231,7 +234,8 @@ def _bounds_for(rows: list[dict[str, Any]], attribute: str, c1: float) -> dict[s
     final = [row[f"final_{attribute}"] for row in rows]
     init = [row[f"initial_{attribute}"] for row in rows]
     if any(v is None for v in final + init):
-        raise ValueError(f"range test: attribute {attribute!r} was not recorded for every LR (use 'ity' for regression)")
+        raise ValueError(
+            f"range test: attribute {attribute!r} was not recorded for every LR (use 'ity' for regression)")
     maxval = max(final)
     if not maxval > 0:
         raise ValueError(f"range test: the best final {attribute} is {maxval:.4g}; no candidate LR learned anything")
@@ -511,7 +515,8 @@ class MIDecayPilot(Pilot):
         self.binary = task_kind == "binary"
         self.ceiling = ("entropy" if self.classification else "ksg") if ceiling == "auto" else ceiling
         if self.ceiling == "entropy" and not self.classification:
-            raise ValueError("option ceiling='entropy' of method 'mi-decay' needs class labels; use 'ksg' for regression")
+            raise ValueError("option ceiling='entropy' of method 'mi-decay' needs class labels; use 'ksg' "
+                             "for regression")
         self.start = start
         self.time_decay = time_decay
         self.k = k
@@ -821,7 +826,8 @@ def _build(ctx: BuildContext, *, layerwise: bool, **o: Any) -> MethodParts:
     probe = sample_probe(ctx.train_loader, o["mi_samples"], mi_seed)
     kind = _task_kind(ctx, probe)
     if kind == "regression" and o["rrt_attribute"] in ("accuracy", "accuracy+ity"):
-        raise ValueError(f"option rrt_attribute of method {name!r} cannot be 'accuracy' on a regression task; use 'ity'")
+        raise ValueError(
+            f"option rrt_attribute of method {name!r} cannot be 'accuracy' on a regression task; use 'ity'")
     if kind == "regression" and o["ceiling"] == "entropy":
         raise ValueError(f"option ceiling of method {name!r} cannot be 'entropy' on a regression task; use 'ksg'")
 
@@ -858,7 +864,8 @@ def _build(ctx: BuildContext, *, layerwise: bool, **o: Any) -> MethodParts:
         info["range_test"] = result.to_dict(with_runs=False)
         info["search"] = _search_cost(result.runs, mi.get("ixy_s", 0.0))
     if bounds["lr_min"] > bounds["lr_max"]:
-        raise ValueError(f"method {name!r}: lr_min {bounds['lr_min']} > lr_max {bounds['lr_max']} after the range test")
+        raise ValueError(
+            f"method {name!r}: lr_min {bounds['lr_min']} > lr_max {bounds['lr_max']} after the range test")
 
     optimizer = torch.optim.SGD(groups, lr=bounds["lr_top"], **sgd)
     if modules is None:
