@@ -106,6 +106,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_range_test(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from lrpilot.bench.range_test import range_test_task
+
+    _check_device(args.device)
+    report = range_test_task(
+        args.task, method=args.method, seed=args.seed, device=args.device, batch_size=args.batch_size,
+        train_subset=args.train_subset, data_dir=args.data_dir, options=dict(args.option or []),
+    )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1, allow_nan=False))
+    rt, cost = report["range_test"], report["search"]
+    print(f"{'lr':>9} {'runs':>4} {'crash':>5} {'min d_s':>8} {'final ' + rt['attribute']:>14} {'d1n':>8} {'dnn':>8}")
+    for row in rt["table"]:
+        print(f"{row['lr']:>9.3g} {row['runs']:>4} {row['crashed']:>5} {row['min_d_s']:>8.4f} "
+              f"{_fmt(row['final_' + rt['attribute']]):>14} {_fmt(row['d1n']):>8} {_fmt(row['dnn']):>8}")
+    if rt["crashed"]:
+        print(f"crashed: {', '.join(f'{lr:g}' for lr in rt['crashed'])}")
+    print(
+        f"{args.task} seed={args.seed}: lr_min {rt['lr_min']:g}, lr_max {rt['lr_max']:g}, lr_top {rt['lr_top']:g}, "
+        f"epsilon {rt['epsilon']:.4g} ({cost['total_epochs']} epochs, {cost['total_steps']} steps, "
+        f"{cost['total_train_s']:.1f} s)" + (f" -> {args.out}" if args.out else "")
+    )
+    return 0
+
+
 def _key(value: float | None) -> float:
     return -math.inf if value is None or not math.isfinite(value) else value
 
@@ -143,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the run record (JSON) here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("range-test", help="the MI LR range test (Vasudevan 2020, Algorithm 2): LR bounds for mi-decay")
+    p.add_argument("--task", required=True, choices=task_names(), metavar="TASK", help="see `lrpilot list tasks`")
+    p.add_argument("--method", default="mi-decay", choices=["mi-decay", "mi-decay-layerwise"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--train-subset", type=int, help="train on the first N training samples")
+    p.add_argument("--data-dir", help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("-o", "--option", type=_parse_option, action="append", metavar="KEY=VALUE",
+                   help="a range-test option of mi-decay, e.g. -o rrt_trials=3 -o 'rrt_lrs=(0.01,0.1)' -o c2=0.01")
+    p.add_argument("--out", help="write the result (bounds, table D, every trial, cost) as JSON here")
+    p.set_defaults(func=cmd_range_test)
 
     p = sub.add_parser("demo", help="the main job: train a small task with a few methods, print a table")
     p.add_argument("--task", default="mnist1d-mlp", choices=task_names(), metavar="TASK")

@@ -24,8 +24,10 @@ from torch import nn
 from lrpilot.loop.data import check_batch, split_batch
 from lrpilot.loop.history import DecisionRecord, EpochRecord, History
 from lrpilot.loop.metrics import Metric, get_metric, loss_metric
+from lrpilot.loop.probe import run_probe
 from lrpilot.loop.seeding import capture_rng, restore_rng, seed_everything
 from lrpilot.pilots.base import (
+    PROBE,
     TRAIN_EVAL_LOSS,
     Decision,
     EpochSignals,
@@ -447,6 +449,11 @@ class Trainer:
         for name in needs:
             if name == TRAIN_EVAL_LOSS:
                 extra[name] = self.evaluate(self.train_loader)[0]
+            elif name == PROBE:
+                probe = self.pilot.probe
+                if probe is None:
+                    raise ValueError(f"pilot {type(self.pilot).__name__} needs signal 'probe' but sets no `probe`")
+                extra[name] = run_probe(self.model, probe, device=self.device, eval_context=self._eval_context)
             else:
                 raise ValueError(f"pilot {type(self.pilot).__name__} needs signal {name!r}, which the loop does not provide")
         return extra

@@ -29,7 +29,9 @@ __all__ = [
     "Decision",
     "EpochSignals",
     "MethodParts",
+    "PROBE",
     "Pilot",
+    "Probe",
     "StepSignals",
     "TRAIN_EVAL_LOSS",
     "current_lrs",
@@ -40,6 +42,27 @@ __all__ = [
 #: (AALR's J(theta)). Computing it costs a forward pass over the training data, so the loop only
 #: does it for pilots that list it in :attr:`Pilot.needs`.
 TRAIN_EVAL_LOSS = "train_eval_loss"
+
+#: Signal name: the outputs of chosen modules on the pilot's :attr:`Pilot.probe` inputs, as a dict
+#: ``{module name: tensor (n, ...)}`` (``""`` is the model's output), computed in evaluation mode with
+#: forward hooks before ``on_train_begin`` and after every epoch (e.g. the MI pilots' activations).
+PROBE = "probe"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Inputs the loop runs the model on for the :data:`PROBE` signal, and the modules it reports.
+
+    Args:
+        inputs: ``(n, ...)`` model inputs (moved to the model's device batch by batch).
+        modules: names from ``model.named_modules()`` whose outputs to return; ``""`` is the model's
+            own output.
+        batch_size: inputs per forward pass.
+    """
+
+    inputs: torch.Tensor
+    modules: tuple[str, ...] = ("",)
+    batch_size: int = 1000
 
 
 @dataclass(frozen=True)
@@ -173,10 +196,12 @@ class Pilot:
             (e.g. :data:`TRAIN_EVAL_LOSS`).
         handles_nonfinite: ``True`` if the pilot recovers from a non-finite loss itself (by a
             rollback). Otherwise the loop stops the run as diverged.
+        probe: what the loop evaluates for the :data:`PROBE` signal (needed when ``needs`` lists it).
     """
 
     needs: frozenset[str] = frozenset()
     handles_nonfinite: bool = False
+    probe: Probe | None = None
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
