@@ -331,6 +331,42 @@ def test_rthpo_approximate_hypergradient_matches_eq5(lr_update: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
+# SGD-HD keeps last step's gradient by reference when the loop hands out fresh .grad tensors
+# ------------------------------------------------------------------------------------------------------
+def _run_sgd_hd(set_to_none_per_step: list[bool]) -> tuple[list[float], torch.Tensor, SGDHD]:
+    prob = LeastSquares()
+    model = prob.model()
+    opt = SGDHD(model.parameters(), lr=0.01, beta=1e-3)
+    lrs = []
+    for t, set_to_none in enumerate(set_to_none_per_step):
+        x, y = prob.batch_at(t)
+        opt.zero_grad(set_to_none=set_to_none)
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs, flat(model.parameters()), opt
+
+
+def test_gradients_zeroed_in_place_give_the_same_trajectory() -> None:
+    fresh_lrs, fresh_w, fresh = _run_sgd_hd([True] * 20)
+    inplace_lrs, inplace_w, inplace = _run_sgd_hd([False] * 20)
+    assert fresh_lrs == inplace_lrs and torch.equal(fresh_w, inplace_w)
+    w = fresh.param_groups[0]["params"][0]
+    assert fresh.state[w]["direction"] is w.grad  # kept by reference: no copy of the gradient
+    w = inplace.param_groups[0]["params"][0]
+    assert inplace.state[w]["direction"] is not w.grad  # the loop reuses .grad: a copy of our own
+
+
+def test_a_loop_that_switches_to_in_place_zeroing_skips_one_hypergradient_never_a_wrong_one() -> None:
+    pattern = [True] * 10 + [False] * 10
+    lrs, _, opt = _run_sgd_hd(pattern)
+    reference, _, _ = _run_sgd_hd([False] * 20)
+    assert lrs[:10] == reference[:10]
+    assert lrs[10] == lrs[9]  # last step's gradient was overwritten in place: no hypergradient this step
+    assert opt.param_groups[0]["lr_skipped"] == 1 and lrs[11] != lrs[10]  # then copies, and moves again
+
+
+# ------------------------------------------------------------------------------------------------------
 # the safeguard
 # ------------------------------------------------------------------------------------------------------
 def test_overshooting_lr_is_clamped_at_min_lr_where_baydin_goes_negative() -> None:

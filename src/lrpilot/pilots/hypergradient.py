@@ -32,8 +32,11 @@ The module registers ``hd-train``, ``hd-val`` and ``rt-hpo`` at the bottom.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import types
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -176,6 +179,9 @@ class HypergradientSGD(torch.optim.Optimizer):
         self.needs_closure = horizon == "full"
         self.needs_val_closure = objective == "val"
         self._val_stream: _ValidationStream | None = None
+        # Not state: which .grad tensors the one-step horizon keeps by reference (see _keep_directions).
+        self._last_grad: dict[torch.Tensor, weakref.ref[torch.Tensor]] = {}
+        self._lent: dict[torch.Tensor, int | None] = {}
         if val_loader is not None:
             if objective != "val":
                 raise ValueError(f"{cls}: val_loader is only used with objective='val'")
@@ -210,6 +216,7 @@ class HypergradientSGD(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._last_grad, self._lent = {}, {}
         if _GLOBAL in self.state:
             self.state[_GLOBAL] = dict(self.state[_GLOBAL])  # type: ignore[index]
         self._add_counters()
@@ -257,21 +264,17 @@ class HypergradientSGD(torch.optim.Optimizer):
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             groups.append((group, params, grads))
 
-        first = glob["step"] == 0
-        if first:  # z_0 = 0: the hypergradient is 0, skip the validation pass
+        if glob["step"] == 0:  # z_0 = 0: the hypergradient is 0, skip the validation pass
             deltas = [0.0] * len(groups)
         else:
+            contracted = [grads for *_, grads in groups]
             if self.objective == "val":
-                all_params = [p for _, params, _ in groups for p in params]
-                val_grads = self._validation_gradient(val_closure, all_params)
-                it = iter(val_grads)
-                contracted = [[next(it) for _ in params] for _, params, _ in groups]
-            else:
-                contracted = [grads for _, _, grads in groups]
+                val_grads = iter(self._validation_gradient(val_closure, [p for _, ps, _ in groups for p in ps]))
+                contracted = [[next(val_grads) for _ in ps] for _, ps, _ in groups]
             ref = self.param_groups[0]["params"][0]
             dots = []
             for (_, params, _), gs in zip(groups, contracted):
-                prev = [self.state[p].get("direction") for p in params]
+                prev = [self._previous_direction(p) for p in params]
                 pairs = [(g, d) for g, d in zip(gs, prev) if d is not None]
                 dots.append(_dot([g for g, _ in pairs], [d for _, d in pairs], ref=ref))
             deltas = torch.stack(dots).tolist()  # the one sync point of the step
@@ -284,15 +287,40 @@ class HypergradientSGD(torch.optim.Optimizer):
                 if not math.isfinite(delta) and not _all_finite(grads):
                     continue  # never apply a non-finite gradient
                 directions = self._directions(group, params, grads)
+                self._keep_directions(params, directions, owned=directions is not grads or bool(group["weight_decay"]))
                 torch._foreach_add_(params, directions, alpha=-lr_step)
-                for p, d in zip(params, directions):
-                    state = self.state[p]
-                    if "direction" in state:
-                        state["direction"].copy_(d)
-                    else:
-                        state["direction"] = d.detach().clone()
         glob["step"] += 1
         return loss
+
+    def _keep_directions(self, params: list[torch.Tensor], directions: list[torch.Tensor], owned: bool) -> None:
+        """Keep d_t for the next step's hypergradient, without copying it when that is safe.
+
+        ``owned`` directions (momentum buffers, fresh tensors) are ours and kept by reference. The raw
+        ``.grad`` tensors of plain SGD are kept by reference too when the training loop hands out new
+        gradient tensors every step (``zero_grad(set_to_none=True)``, torch's default): then nothing
+        writes into last step's tensor. A loop that zeroes gradients in place reuses the tensor; that
+        shows as the same tensor two steps running, and we copy into a buffer of our own instead.
+        """
+        fresh = all(p in self._last_grad and self._last_grad[p]() is not p.grad for p in params)
+        for p, d in zip(params, directions):
+            state = self.state[p]
+            self._last_grad[p] = weakref.ref(p.grad)
+            if owned or fresh:
+                state["direction"] = d
+                self._lent[p] = d._version if d is p.grad else None
+            else:
+                if "direction" not in state or self._lent.get(p) is not None or state["direction"] is d:
+                    state["direction"] = torch.empty_like(d)
+                state["direction"].copy_(d)
+                self._lent[p] = None
+
+    def _previous_direction(self, p: torch.Tensor) -> torch.Tensor | None:
+        """d_{t-1} of ``p``; ``nan`` if a borrowed ``.grad`` was written into since (never silently wrong)."""
+        d = self.state[p].get("direction")
+        version = self._lent.get(p)
+        if d is not None and version is not None and d._version != version:
+            return torch.full_like(d, math.nan)  # the hypergradient is skipped, the LR kept
+        return d
 
     # -- RT-HPO (full tangent) -----------------------------------------------------------------------
     def _step_full(self, closure: Closure | None, val_closure: ValClosure | None) -> Any:
@@ -421,7 +449,7 @@ class HypergradientSGD(torch.optim.Optimizer):
         """The update direction d_t (the momentum buffers advance here)."""
         mu = group["momentum"]
         if mu == 0:
-            return list(grads)
+            return grads
         bufs = []
         for p, g in zip(params, grads):
             state = self.state[p]
@@ -645,11 +673,24 @@ class _ValidationStream:
             yield from self.loader
 
 
-def _loss_with_graph(closure: Closure, cls: str) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _code_takes_backward(code: types.CodeType) -> bool:
+    return "backward" in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+
+
+def _takes_backward(closure: Closure) -> bool:
+    """Whether the closure accepts ``backward=`` (a new closure every step: cached by its code object)."""
+    code = getattr(closure, "__code__", None)
+    if code is not None:
+        return _code_takes_backward(code)
     try:
-        takes_backward = "backward" in inspect.signature(closure).parameters
+        return "backward" in inspect.signature(closure).parameters
     except (TypeError, ValueError):  # builtins and some C callables have no signature
-        takes_backward = False
+        return False
+
+
+def _loss_with_graph(closure: Closure, cls: str) -> torch.Tensor:
+    takes_backward = _takes_backward(closure)
     with torch.enable_grad():
         loss = closure(backward=False) if takes_backward else closure()
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.requires_grad:
