@@ -82,7 +82,8 @@ def bench(model_name: str, rounds: int, steps: int) -> dict[str, list[float]]:
     sizes, batch = MODELS[model_name]
     g = torch.Generator().manual_seed(0)
     x, xv = torch.randn(batch, sizes[0], generator=g), torch.randn(batch, sizes[0], generator=g)
-    y, yv = torch.randint(0, sizes[-1], (batch,), generator=g), torch.randint(0, sizes[-1], (batch,), generator=g)
+    y = torch.randint(0, sizes[-1], (batch,), generator=g)
+    yv = torch.randint(0, sizes[-1], (batch,), generator=g)
     names = ["sgd", "hd-train", "hd-val", "rt-hpo", "rt-hpo-train"]
     steppers = {}
     for name in names:
@@ -111,7 +112,9 @@ def ratios(times: dict[str, list[float]], name: str) -> tuple[float, float, floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20)
@@ -122,13 +125,15 @@ def main() -> None:
     for model_name in args.models.split(","):
         cpu, wall = bench(model_name, args.rounds, args.steps)
         print(f"\n{model_name} (batch {MODELS[model_name][1]})")
-        print(f"{'method':<14} {'cpu ms':>7} {'x SGD':>6} {'(IQR)':>11} {'wall ms':>8} {'x SGD':>6} {'target':>7}")
+        print(f"{'method':<14} {'cpu ms':>7} {'x SGD':>6} {'(IQR)':>11} {'wall ms':>8} {'x SGD':>6} "
+              f"{'target':>7}")
         for name in cpu:
             c, c1, c3 = ratios(cpu, name)
             w, _, _ = ratios(wall, name)
             target = f"<= {TARGETS[name]}" if name in TARGETS else ""
-            print(f"{name:<14} {statistics.median(cpu[name]) * 1e3:>7.2f} {c:>6.2f} {f'{c1:.2f}-{c3:.2f}':>11} "
-                  f"{statistics.median(wall[name]) * 1e3:>8.2f} {w:>6.2f} {target:>7}")
+            cpu_ms, wall_ms = statistics.median(cpu[name]) * 1e3, statistics.median(wall[name]) * 1e3
+            print(f"{name:<14} {cpu_ms:>7.2f} {c:>6.2f} {f'{c1:.2f}-{c3:.2f}':>11} {wall_ms:>8.2f} {w:>6.2f} "
+                  f"{target:>7}")
 
 
 if __name__ == "__main__":

@@ -88,8 +88,8 @@ class HypergradientSGD(torch.optim.Optimizer):
     the tangent :math:`dw/d\eta^{(k)}` of *all* weights is carried for every group (exact forward mode:
     one Hessian-vector product per group and step, memory ``len(param_groups)`` times the weights).
 
-    **Safeguard** (the reference implementations have none; with a large :math:`\beta` their LR goes
-    negative, which is gradient *ascent*, or non-finite): the new LR is clipped to
+    **Safeguard** (Baydin et al.'s reference implementation has none; with a large :math:`\beta` its LR
+    goes negative, which is gradient *ascent*, or non-finite): the new LR is clipped to
     ``[min_lr, max_lr]`` (``group["lr_clamped"]`` counts how often), and a non-finite :math:`\Delta_t`
     leaves the LR unchanged (``group["lr_skipped"]``), resets a non-finite tangent to zero, and skips the
     weight update when the training gradient itself is not finite. ``group["hypergrad"]`` holds the last
@@ -115,7 +115,7 @@ class HypergradientSGD(torch.optim.Optimizer):
 
     References:
         Majumder, Donini & Chaudhari, *Learning the Learning Rate for Gradient Descent by Gradient
-        Descent*, AutoML workshop 2019, section 3. Baydin, Cornish, Martinez Rubio, Schmidt & Wood,
+        Descent* (``shared/papers/002``), section 3. Baydin, Cornish, Martinez Rubio, Schmidt & Wood,
         *Online Learning Rate Adaptation with Hypergradient Descent*, ICLR 2018. Pearlmutter, *Fast Exact
         Multiplication by the Hessian*, Neural Computation 1994.
     """
@@ -269,7 +269,8 @@ class HypergradientSGD(torch.optim.Optimizer):
         else:
             contracted = [grads for *_, grads in groups]
             if self.objective == "val":
-                val_grads = iter(self._validation_gradient(val_closure, [p for _, ps, _ in groups for p in ps]))
+                all_params = [p for _, ps, _ in groups for p in ps]
+                val_grads = iter(self._validation_gradient(val_closure, all_params))
                 contracted = [[next(val_grads) for _ in ps] for _, ps, _ in groups]
             ref = self.param_groups[0]["params"][0]
             dots = []
@@ -287,12 +288,15 @@ class HypergradientSGD(torch.optim.Optimizer):
                 if not math.isfinite(delta) and not _all_finite(grads):
                     continue  # never apply a non-finite gradient
                 directions = self._directions(group, params, grads)
-                self._keep_directions(params, directions, owned=directions is not grads or bool(group["weight_decay"]))
+                owned = directions is not grads or bool(group["weight_decay"])  # not the raw .grad tensors
+                self._keep_directions(params, directions, owned=owned)
                 torch._foreach_add_(params, directions, alpha=-lr_step)
         glob["step"] += 1
         return loss
 
-    def _keep_directions(self, params: list[torch.Tensor], directions: list[torch.Tensor], owned: bool) -> None:
+    def _keep_directions(
+        self, params: list[torch.Tensor], directions: list[torch.Tensor], *, owned: bool
+    ) -> None:
         """Keep d_t for the next step's hypergradient, without copying it when that is safe.
 
         ``owned`` directions (momentum buffers, fresh tensors) are ours and kept by reference. The raw
@@ -347,7 +351,7 @@ class HypergradientSGD(torch.optim.Optimizer):
         grads, hz = self._gradient_and_hvps(loss, params, tangents, first, cls)
 
         if first:
-            deltas = torch.zeros(n_groups, dtype=torch.float64, device=loss.device)
+            deltas = torch.zeros(n_groups, dtype=loss.dtype, device=loss.device)
         else:
             contracted = self._validation_gradient(val_closure, params) if self.objective == "val" else None
             with torch.no_grad():
@@ -364,7 +368,7 @@ class HypergradientSGD(torch.optim.Optimizer):
                 ref = self.param_groups[0]["params"][0]
                 deltas = -torch.stack([_dot(contracted, tangents[k], ref=ref) for k in range(n_groups)])
         # the one sync point of the step
-        values = torch.cat([loss.detach().reshape(1).double(), deltas.double()]).tolist()
+        values = torch.cat([loss.detach().reshape(1).to(deltas.dtype), deltas]).tolist()
         if not math.isfinite(values[0]):
             return loss  # a non-finite training loss: change nothing (the loop ends the epoch)
 
