@@ -103,19 +103,23 @@ def grad_at(fn, w: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------
 # SGD-HD (hd-train) against Baydin et al.'s update, transcribed from their SGDHD.step on flat vectors
 # ------------------------------------------------------------------------------------------------------
-def baydin_sgd_hd(w0, grad_fn, lr, beta, steps, momentum=0.0, nesterov=False):
-    """Baydin et al. 2018's SGD-HD (their reference `SGDHD.step`, weight decay 0): LR and weights per step."""
+def baydin_sgd_hd(w0, grad_fn, lr, beta, steps, momentum=0.0, nesterov=False, lr_first=True):
+    """Baydin et al. 2018's SGD-HD (their reference `SGDHD.step`, weight decay 0): LR and weights per step.
+
+    ``lr_first=False`` steps with the LR from before the update (the paper's eq. 2 read literally).
+    """
     w, grad_prev, buf = w0.clone(), torch.zeros_like(w0), None
     lrs, ws = [], []
     for t in range(steps):
         grad = grad_fn(w, t)
         h = torch.dot(grad, grad_prev)
+        lr_before = lr
         lr = lr + beta * float(h)
         if momentum != 0:
             buf = grad.clone() if buf is None else momentum * buf + grad
             grad = grad + momentum * buf if nesterov else buf
         grad_prev = grad
-        w = w - lr * grad
+        w = w - (lr if lr_first else lr_before) * grad
         lrs.append(lr)
         ws.append(w)
     return lrs, ws
@@ -160,6 +164,19 @@ def test_hd_train_matches_baydin_on_least_squares_minibatches(momentum: float, l
         assert opt.param_groups[0]["lr"] == pytest.approx(expected_lrs[t], rel=1e-9)
         torch.testing.assert_close(flat(model.parameters()), expected_ws[t], rtol=1e-9, atol=1e-12)
     assert min(expected_lrs) > 0 and abs(expected_lrs[-1] / lr - 1) > 1  # moved, safeguard idle
+
+
+def test_lr_update_after_step_steps_with_the_previous_lr() -> None:
+    model = Quadratic()
+    expected_lrs, expected_ws = baydin_sgd_hd(flat(model.parameters()), lambda w, t: model.a @ w - model.b,
+                                              lr=0.05, beta=2e-3, steps=50, lr_first=False)
+    opt = SGDHD(model.parameters(), lr=0.05, beta=2e-3, lr_update="after-step")
+    for t in range(50):
+        opt.zero_grad()
+        model.loss().backward()
+        opt.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected_lrs[t], rel=1e-10)
+        torch.testing.assert_close(model.w.detach(), expected_ws[t], rtol=1e-10, atol=1e-12)
 
 
 def test_hd_val_matches_its_definition_on_least_squares() -> None:
@@ -507,6 +524,16 @@ def test_rthpo_closure_that_calls_backward_is_explained() -> None:
 
     with pytest.raises(RuntimeError, match="called backward"):
         opt.step(closure)
+
+
+def test_rthpo_rejects_param_groups_added_after_the_first_step() -> None:
+    model = tiny_mlp()
+    opt = RTHPO(model[0].parameters(), objective="train")
+    x, y = mlp_data(0)
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    opt.add_param_group({"params": model[2].parameters()})
+    with pytest.raises(RuntimeError, match="param groups were added after the first step"):
+        opt.step(lambda: F.cross_entropy(model(x), y))
 
 
 def test_a_detached_validation_loss_is_rejected() -> None:
