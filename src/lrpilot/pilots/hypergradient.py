@@ -105,9 +105,9 @@ class HypergradientSGD(torch.optim.Optimizer):
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         weight_decay: L2 penalty :math:`\lambda`, part of the training objective (default 0).
         min_lr, max_lr: the LR is kept in ``[min_lr, max_lr]`` (default 0 and ``None``: no cap).
-        lr_update: ``"before-step"`` (default, Baydin's Algorithm 1: the step from :math:`w_t` uses the LR
-            just updated with :math:`\Delta_t`) or ``"after-step"`` (the literal indexing of the paper's
-            eq. 2: the step uses :math:`\eta_{t-1}`, then the LR moves).
+        lr_update: ``"before-step"`` (default, as Baydin et al.'s algorithm and code: the step from
+            :math:`w_t` uses the LR just updated with :math:`\Delta_t`) or ``"after-step"`` (the literal
+            indexing of the paper's eq. 2: the step uses :math:`\eta_{t-1}`, then the LR moves).
         val_loader, model, loss_fn: for ``objective="val"`` without a ``val_closure`` argument to
             :meth:`step`: validation batches ``(inputs, targets)`` are drawn from ``val_loader`` in turn
             (cycling) and the loss is ``loss_fn(model(inputs), targets)`` (default cross-entropy). The
