@@ -14,7 +14,7 @@ from lrpilot.loop.fit import Trainer, fit
 from lrpilot.loop.history import History, load_record, save_record
 from lrpilot.loop.metrics import Metric
 from lrpilot.pilots.base import Decision, EpochSignals, MethodParts, Pilot, StepSignals
-from lrpilot.pilots.hypergradient import RTHPO, SGDHD, SGDHDVal, HypergradientSGD
+from lrpilot.pilots.hypergradient import RTHPO, SGDHD, HypergradientSGD, SGDHDVal
 from lrpilot.registry import BuildContext, MethodInfo, get_method, list_methods, register
 
 __all__ = [
