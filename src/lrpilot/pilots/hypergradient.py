@@ -748,7 +748,7 @@ _HD_DEFAULTS: dict[str, Any] = {
     "max_lr": None,
     "lr_update": "before-step",
 }
-_PAPER = "Majumder, Donini & Chaudhari 2019 (shared/papers/002); Baydin et al. 2018"
+_PAPER = "Majumder, Donini & Chaudhari (shared/papers/002); Baydin et al. 2018"
 
 
 def _parts(opt: HypergradientSGD) -> MethodParts:
