@@ -38,7 +38,11 @@ __all__ = [
 ]
 
 # Modules that register methods, in the order `lrpilot list methods` shows them.
-_FAMILY_MODULES: tuple[str, ...] = ("lrpilot.baselines.torch_methods", "lrpilot.pilots.mi_decay")
+_FAMILY_MODULES: tuple[str, ...] = (
+    "lrpilot.baselines.torch_methods",
+    "lrpilot.pilots.mi_decay",
+    "lrpilot.pilots.hypergradient",
+)
 
 _REGISTRY: dict[str, MethodInfo] = {}
 _loaded = False

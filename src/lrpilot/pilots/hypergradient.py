@@ -1,0 +1,794 @@
+r"""Hypergradient LR pilots: SGD that learns its own LR by gradient descent, every step.
+
+Majumder, Donini & Chaudhari, *Learning the Learning Rate for Gradient Descent by Gradient Descent*
+(RT-HPO, ``shared/papers/002_d28fdd73ca38742b.txt``, section 3) update the LR of SGD with a
+hyper-learning rate :math:`\beta` (their eq. 2):
+
+.. math::
+    \eta_{t+1} = \eta_t + \beta\, \Delta\eta_t, \qquad -\Delta\eta_t = \frac{dE(w)}{d\eta}
+    \text{ (the hypergradient)},
+
+where :math:`E` is a performance metric: the validation loss, or the training loss itself. The three
+methods of the paper's Table 1 differ in how they estimate :math:`\Delta\eta_t`:
+
+* :class:`SGDHD`, **First-order (Train)** (Baydin et al. 2018, the paper's eq. 6):
+  :math:`\Delta\eta_t = \langle \nabla\ell(w_{t-1}; b_{t-1}), \nabla\ell(w_t; b_t)\rangle`; the LR grows
+  while consecutive gradients agree.
+* :class:`SGDHDVal`, **First-order (Val)**: the current training gradient replaced by the gradient of
+  the validation loss on a validation mini-batch, :math:`\nabla E(w_t; v_t)`.
+* :class:`RTHPO`: eq. 5. The tangent :math:`z_t = dw_t/d\eta` is carried forward through the SGD map
+  :math:`\Phi(w, \eta) = w - \eta\nabla\ell(w)` as :math:`z_{t+1} = A_t z_t + B_t` with
+  :math:`A_t z = z - \eta_t \nabla^2\ell(w_t; b_t)\, z` (one Hessian-vector product per step) and
+  :math:`B_t = -\nabla\ell(w_t; b_t)`; then :math:`\Delta\eta_t = -\langle\nabla E(w_t; v_t), z_t\rangle`.
+
+All three are one class, :class:`HypergradientSGD`, differing in two settings: the ``objective`` whose
+gradient is contracted (training mini-batch or validation mini-batch) and the ``horizon`` of the tangent
+(``"one-step"``: :math:`z_t = -d_{t-1}`, the last update direction, i.e. eq. 5 truncated to its last
+term with :math:`A = I`; ``"full"``: the whole recursion). The first-order rules are exactly the
+one-step truncation of RT-HPO, as the paper notes below eq. 6.
+
+The module registers ``hd-train``, ``hd-val`` and ``rt-hpo`` at the bottom.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import types
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrpilot.estimators.hvp import gradient_with_graph, hvp
+from lrpilot.pilots.base import MethodParts
+from lrpilot.registry import BuildContext, MethodInfo, register, require_in
+
+__all__ = ["RTHPO", "SGDHD", "HypergradientSGD", "SGDHDVal"]
+
+Closure = Callable[..., torch.Tensor]
+ValClosure = Callable[[], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_OBJECTIVES = ("train", "val")
+_HORIZONS = ("one-step", "full")
+_LR_UPDATES = ("before-step", "after-step")
+_GLOBAL = "hypergradient"  # key of the optimizer-wide state in ``self.state`` (saved by state_dict)
+
+
+class HypergradientSGD(torch.optim.Optimizer):
+    r"""SGD (optionally with momentum) whose LR follows its hypergradient, every step.
+
+    At step :math:`t`, with training gradient :math:`g_t = \nabla\ell(w_t; b_t) + \lambda w_t`, update
+    direction :math:`d_t` (:math:`g_t` for plain SGD) and tangent :math:`z_t \approx dw_t/d\eta`:
+
+    .. math::
+        \Delta_t = -\langle G_t, z_t\rangle, \qquad
+        \eta_t \leftarrow \operatorname{clip}_{[\eta_{\min}, \eta_{\max}]}(\eta_{t-1} + \beta\,\Delta_t),
+        \qquad w_{t+1} = w_t - \eta_t d_t,
+
+    with :math:`G_t = g_t` (``objective="train"``) or :math:`G_t = \nabla E(w_t; v_t)`, the gradient of
+    the validation loss on a validation mini-batch (``objective="val"``), and
+
+    * ``horizon="one-step"``: :math:`z_t = -d_{t-1}` (Baydin et al.'s hypergradient);
+    * ``horizon="full"``: :math:`z_{t+1} = z_t - \eta_t (H_t + \lambda I) z_t - d_t`, :math:`z_0 = 0`
+      (RT-HPO, eq. 5), with :math:`H_t z_t` a Hessian-vector product of the training mini-batch loss.
+
+    With momentum :math:`\mu` (torch's convention, :math:`v_{t+1} = \mu v_t + g_t`, :math:`d_t = v_{t+1}`,
+    or :math:`d_t = g_t + \mu v_{t+1}` with Nesterov) the tangent also carries the momentum state, as the
+    paper suggests (section 3.1): :math:`y_{t+1} = \mu y_t + (H_t + \lambda I) z_t` and the tangent of
+    :math:`d_t` (:math:`y_{t+1}`, or :math:`(H_t + \lambda I) z_t + \mu y_{t+1}`) replaces
+    :math:`(H_t + \lambda I) z_t` above.
+
+    **Param groups.** Every group has its own LR :math:`\eta^{(k)}` and its own hypergradient. For the
+    one-step horizon, :math:`\Delta^{(k)}` contracts over the group's parameters. For the full horizon
+    the tangent :math:`dw/d\eta^{(k)}` of *all* weights is carried for every group (exact forward mode:
+    one Hessian-vector product per group and step, memory ``len(param_groups)`` times the weights).
+
+    **Safeguard** (Baydin et al.'s reference implementation has none; with a large :math:`\beta` its LR
+    goes negative, which is gradient *ascent*, or non-finite): the new LR is clipped to
+    ``[min_lr, max_lr]`` (``group["lr_clamped"]`` counts how often), and a non-finite :math:`\Delta_t`
+    leaves the LR unchanged (``group["lr_skipped"]``), resets a non-finite tangent to zero, and skips the
+    weight update when the training gradient itself is not finite. ``group["hypergrad"]`` holds the last
+    hypergradient :math:`dE/d\eta = -\Delta_t` (``nan`` when skipped).
+
+    Args:
+        params: parameters or param groups.
+        lr: initial LR :math:`\bar\eta` (default 1e-3, Baydin et al. 2018, section 5).
+        beta: hyper-learning rate :math:`\beta` (default 1e-3, Baydin et al. 2018 for SGD-HD).
+        objective: ``"train"`` or ``"val"``: whose gradient :math:`G_t` is contracted with the tangent.
+        horizon: ``"one-step"`` or ``"full"`` (see above).
+        momentum: :math:`\mu` in [0, 1) (default 0: the paper's vanilla SGD).
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        weight_decay: L2 penalty :math:`\lambda`, part of the training objective (default 0).
+        min_lr, max_lr: the LR is kept in ``[min_lr, max_lr]`` (default 0 and ``None``: no cap).
+        lr_update: ``"before-step"`` (default, as Baydin et al.'s algorithm and code: the step from
+            :math:`w_t` uses the LR just updated with :math:`\Delta_t`) or ``"after-step"`` (the literal
+            indexing of the paper's eq. 2: the step uses :math:`\eta_{t-1}`, then the LR moves).
+        val_loader, model, loss_fn: for ``objective="val"`` without a ``val_closure`` argument to
+            :meth:`step`: validation batches ``(inputs, targets)`` are drawn from ``val_loader`` in turn
+            (cycling) and the loss is ``loss_fn(model(inputs), targets)`` (default cross-entropy). The
+            position in the loader is part of the state.
+
+    References:
+        Majumder, Donini & Chaudhari, *Learning the Learning Rate for Gradient Descent by Gradient
+        Descent* (``shared/papers/002``), section 3. Baydin, Cornish, Martinez Rubio, Schmidt & Wood,
+        *Online Learning Rate Adaptation with Hypergradient Descent*, ICLR 2018. Pearlmutter, *Fast Exact
+        Multiplication by the Hessian*, Neural Computation 1994.
+    """
+
+    #: keyword signals :meth:`step` needs from a training loop (the registry passes this on)
+    needs_val_closure: bool
+    needs_closure: bool
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        beta: float = 1e-3,
+        *,
+        objective: str = "train",
+        horizon: str = "one-step",
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        min_lr: float = 0.0,
+        max_lr: float | None = None,
+        lr_update: str = "before-step",
+        val_loader: Iterable[Any] | None = None,
+        model: nn.Module | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        cls = type(self).__name__
+        _check_number(cls, "beta", beta, "the hyper-learning rate, a finite number >= 0")
+        _check_number(cls, "weight_decay", weight_decay, "a finite number >= 0")
+        _check_number(cls, "min_lr", min_lr, "a finite number >= 0")
+        if max_lr is None:
+            max_lr = math.inf
+        if not _is_number(max_lr) or math.isnan(max_lr) or max_lr < min_lr:
+            raise ValueError(f"{cls}: max_lr must be a number >= min_lr ({min_lr}) or None, got {max_lr!r}")
+        if not _is_number(lr) or not math.isfinite(lr) or not min_lr <= lr <= max_lr:
+            raise ValueError(f"{cls}: lr must be a finite number in [min_lr, max_lr] = [{min_lr}, {max_lr}], "
+                             f"got {lr!r}")
+        if not _is_number(momentum) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"{cls}: momentum must be in [0, 1), got {momentum!r}")
+        if nesterov and momentum <= 0:
+            raise ValueError(f"{cls}: nesterov=True needs momentum > 0, got momentum={momentum!r}")
+        for name, value, choices in (
+            ("objective", objective, _OBJECTIVES),
+            ("horizon", horizon, _HORIZONS),
+            ("lr_update", lr_update, _LR_UPDATES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{cls}: {name} must be one of {list(choices)}, got {value!r}")
+        self.objective, self.horizon, self.lr_update = objective, horizon, lr_update
+        defaults = {
+            "lr": float(lr),
+            "beta": float(beta),
+            "momentum": float(momentum),
+            "nesterov": bool(nesterov),
+            "weight_decay": float(weight_decay),
+            "min_lr": float(min_lr),
+            "max_lr": float(max_lr),
+        }
+        super().__init__(params, defaults)
+        self._add_counters()
+        self.needs_closure = horizon == "full"
+        self.needs_val_closure = objective == "val"
+        self._val_stream: _ValidationStream | None = None
+        # Not state: which .grad tensors the one-step horizon keeps by reference (see _keep_directions).
+        self._last_grad: dict[torch.Tensor, weakref.ref[torch.Tensor]] = {}
+        self._lent: dict[torch.Tensor, int | None] = {}
+        if val_loader is not None:
+            if objective != "val":
+                raise ValueError(f"{cls}: val_loader is only used with objective='val'")
+            if model is None:
+                raise ValueError(f"{cls}: val_loader needs model= (the network to evaluate on it)")
+            self._val_stream = _ValidationStream(val_loader, model, loss_fn or nn.functional.cross_entropy)
+        elif model is not None or loss_fn is not None:
+            raise ValueError(f"{cls}: model= and loss_fn= are only used together with val_loader=")
+
+    # ------------------------------------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def _global(self) -> dict[str, Any]:
+        """Optimizer-wide counters: a non-parameter key of ``self.state``, which torch saves as is."""
+        state = self.state[_GLOBAL]  # type: ignore[index]
+        if not state:
+            state.update(step=0, val_cursor=0, tangent_groups=len(self.param_groups))
+        return state
+
+    def _add_counters(self) -> None:
+        for group in self.param_groups:  # checkpoints from before a counter existed still load
+            group.setdefault("hypergrad", 0.0)
+            group.setdefault("lr_clamped", 0)
+            group.setdefault("lr_skipped", 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if _GLOBAL in state["state"]:  # a copy: the live counters must not change a saved checkpoint
+            state["state"][_GLOBAL] = dict(state["state"][_GLOBAL])
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._last_grad, self._lent = {}, {}
+        if _GLOBAL in self.state:
+            self.state[_GLOBAL] = dict(self.state[_GLOBAL])  # type: ignore[index]
+        self._add_counters()
+
+    # ------------------------------------------------------------------------------------------------
+    # the step
+    # ------------------------------------------------------------------------------------------------
+    def step(  # type: ignore[override]
+        self, closure: Closure | None = None, *, val_closure: ValClosure | None = None, **_: Any
+    ) -> Any:
+        """One SGD step after one hypergradient update of every group's LR.
+
+        Args:
+            closure: for ``horizon="one-step"``, the usual optional closure (zero_grad, backward,
+                return the loss). For ``horizon="full"`` (RT-HPO) it is required and must return the
+                training mini-batch loss *with its graph* (no ``backward``): a closure with a
+                ``backward`` keyword (the lrpilot loop's) is called with ``backward=False``.
+            val_closure: for ``objective="val"``: returns the loss on the next validation mini-batch
+                with its graph attached (no ``backward``). Not needed when the optimizer was built with
+                ``val_loader``. Other keyword signals are ignored.
+
+        Returns:
+            The training loss returned by the closure, or ``None``.
+        """
+        if self.objective == "val" and val_closure is None and self._val_stream is None:
+            raise ValueError(self._missing_val_message())
+        if self.horizon == "full":
+            return self._step_full(closure, val_closure)
+        return self._step_one_step(closure, val_closure)
+
+    # -- first-order (one-step tangent): SGD-HD and First-order (Val) ----------------------------------
+    def _step_one_step(self, closure: Closure | None, val_closure: ValClosure | None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        glob = self._global
+        groups = []  # (group, params with a gradient, their gradients incl. weight decay)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if group["weight_decay"] and params:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            groups.append((group, params, grads))
+
+        if glob["step"] == 0:  # z_0 = 0: the hypergradient is 0, skip the validation pass
+            deltas = [0.0] * len(groups)
+        else:
+            contracted = [grads for *_, grads in groups]
+            if self.objective == "val":
+                all_params = [p for _, ps, _ in groups for p in ps]
+                val_grads = iter(self._validation_gradient(val_closure, all_params))
+                contracted = [[next(val_grads) for _ in ps] for _, ps, _ in groups]
+            ref = self.param_groups[0]["params"][0]
+            dots = []
+            for (_, params, _), gs in zip(groups, contracted):
+                prev = [self._previous_direction(p) for p in params]
+                pairs = [(g, d) for g, d in zip(gs, prev) if d is not None]
+                dots.append(_dot([g for g, _ in pairs], [d for _, d in pairs], ref=ref))
+            deltas = torch.stack(dots).tolist()  # the one sync point of the step
+
+        with torch.no_grad():
+            for (group, params, grads), delta in zip(groups, deltas):
+                lr_step = self._update_lr(group, delta)
+                if not params:
+                    continue
+                if not math.isfinite(delta) and not _all_finite(grads):
+                    continue  # never apply a non-finite gradient
+                directions = self._directions(group, params, grads)
+                owned = directions is not grads or bool(group["weight_decay"])  # not the raw .grad tensors
+                self._keep_directions(params, directions, owned=owned)
+                torch._foreach_add_(params, directions, alpha=-lr_step)
+        glob["step"] += 1
+        return loss
+
+    def _keep_directions(
+        self, params: list[torch.Tensor], directions: list[torch.Tensor], *, owned: bool
+    ) -> None:
+        """Keep d_t for the next step's hypergradient, without copying it when that is safe.
+
+        ``owned`` directions (momentum buffers, fresh tensors) are ours and kept by reference. The raw
+        ``.grad`` tensors of plain SGD are kept by reference too when the training loop hands out new
+        gradient tensors every step (``zero_grad(set_to_none=True)``, torch's default): then nothing
+        writes into last step's tensor. A loop that zeroes gradients in place reuses the tensor; that
+        shows as the same tensor two steps running, and we copy into a buffer of our own instead.
+        """
+        fresh = all(p in self._last_grad and self._last_grad[p]() is not p.grad for p in params)
+        for p, d in zip(params, directions):
+            state = self.state[p]
+            self._last_grad[p] = weakref.ref(p.grad)
+            if owned or fresh:
+                state["direction"] = d
+                self._lent[p] = d._version if d is p.grad else None
+            else:
+                if "direction" not in state or self._lent.get(p) is not None or state["direction"] is d:
+                    state["direction"] = torch.empty_like(d)
+                state["direction"].copy_(d)
+                self._lent[p] = None
+
+    def _previous_direction(self, p: torch.Tensor) -> torch.Tensor | None:
+        """d_{t-1} of ``p``; ``nan`` if a borrowed ``.grad`` was written into since (never silently wrong)."""
+        d = self.state[p].get("direction")
+        version = self._lent.get(p)
+        if d is not None and version is not None and d._version != version:
+            return torch.full_like(d, math.nan)  # the hypergradient is skipped, the LR kept
+        return d
+
+    # -- RT-HPO (full tangent) -----------------------------------------------------------------------
+    def _step_full(self, closure: Closure | None, val_closure: ValClosure | None) -> Any:
+        cls = type(self).__name__
+        if closure is None:
+            raise ValueError(
+                f"{cls}.step needs the training loss with its graph for the Hessian-vector product: pass a "
+                f"closure that returns it without calling backward, e.g. "
+                f"opt.step(lambda: loss_fn(model(x), y)); lrpilot's training loop does this itself"
+            )
+        loss = _loss_with_graph(closure, cls)
+        glob = self._global
+        n_groups = len(self.param_groups)
+        if glob["tangent_groups"] != n_groups:
+            raise RuntimeError(f"{cls}: param groups were added after the first step; build a new optimizer")
+        segments, params = [], []  # segments[k] = (group k, the slice of `params` it owns)
+        for group in self.param_groups:
+            start = len(params)
+            params += [p for p in group["params"] if p.requires_grad]
+            segments.append((group, slice(start, len(params))))
+        first = glob["step"] == 0  # z_0 = 0: no Hessian-vector product, no validation pass
+        # tangents[k][i] = d w_i / d eta_k, for every weight i and every group's LR k
+        tangents = [[self._state_tensor(p, "tangent")[k] for p in params] for k in range(n_groups)]
+        grads, hz = self._gradient_and_hvps(loss, params, tangents, first, cls)
+
+        if first:
+            deltas = torch.zeros(n_groups, dtype=loss.dtype, device=loss.device)
+        else:
+            contracted = self._validation_gradient(val_closure, params) if self.objective == "val" else None
+            with torch.no_grad():
+                for group, sl in segments:
+                    if group["weight_decay"]:  # the regularised objective's Hessian: H + lambda I
+                        for k in range(n_groups):
+                            torch._foreach_add_(hz[k][sl], tangents[k][sl], alpha=group["weight_decay"])
+                if contracted is None:  # objective "train": the gradient the step follows (with weight decay)
+                    contracted = [
+                        g.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else g
+                        for group, sl in segments
+                        for g, p in zip(grads[sl], params[sl])
+                    ]
+                ref = self.param_groups[0]["params"][0]
+                deltas = -torch.stack([_dot(contracted, tangents[k], ref=ref) for k in range(n_groups)])
+        # the one sync point of the step
+        values = torch.cat([loss.detach().reshape(1).to(deltas.dtype), deltas]).tolist()
+        if not math.isfinite(values[0]):
+            return loss  # a non-finite training loss: change nothing (the loop ends the epoch)
+
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.grad = g  # the training gradient, for anyone who inspects .grad after the step
+            lrs = []
+            for k, ((group, _), delta) in enumerate(zip(segments, values[1:])):
+                lrs.append(self._update_lr(group, delta))
+                if not math.isfinite(delta) and not first and self._reset_tangent_if_nonfinite(params, k):
+                    hz[k] = [torch.zeros_like(p) for p in params]
+            for own, ((group, sl), lr_step) in enumerate(zip(segments, lrs)):
+                ps, gs = params[sl], grads[sl]
+                if not ps:
+                    continue
+                if group["weight_decay"]:
+                    gs = torch._foreach_add(gs, ps, alpha=group["weight_decay"])
+                directions = self._directions(group, ps, gs)
+                # z_k <- z_k - eta (d d_t / d eta_k) - [k == own group] d_t, all at w_t
+                for k in range(n_groups):
+                    zs = tangents[k][sl]
+                    if not first:
+                        dz = self._tangent_directions(group, ps, hz[k][sl], k)
+                        torch._foreach_add_(zs, dz, alpha=-lr_step)
+                    if k == own:
+                        torch._foreach_sub_(zs, directions)
+                torch._foreach_add_(ps, directions, alpha=-lr_step)
+        glob["step"] += 1
+        return loss
+
+    def _gradient_and_hvps(
+        self,
+        loss: torch.Tensor,
+        params: list[torch.Tensor],
+        tangents: list[list[torch.Tensor]],
+        first: bool,
+        cls: str,
+    ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """The training gradient (detached) and H z_k for every tangent (none on the first step)."""
+        try:
+            with torch.enable_grad():
+                if first:
+                    raw = list(torch.autograd.grad(loss, params, allow_unused=True))
+                    hz: list[list[torch.Tensor]] = []
+                else:
+                    raw = gradient_with_graph(loss, params)
+                    last = len(tangents) - 1
+                    hz = [hvp(raw, params, zs, retain_graph=k < last) for k, zs in enumerate(tangents)]
+        except RuntimeError as err:
+            if "backward through the graph a second time" in str(err):
+                raise RuntimeError(
+                    f"{cls}.step: the closure called backward(), which frees the graph the Hessian-vector "
+                    f"product needs; return the loss without calling backward"
+                ) from err
+            raise
+        return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, raw)], hz
+
+    # ------------------------------------------------------------------------------------------------
+    # pieces
+    # ------------------------------------------------------------------------------------------------
+    def _update_lr(self, group: dict[str, Any], delta: float) -> float:
+        """Move the group's LR by ``beta * delta`` (safeguarded); return the LR this step applies."""
+        old = group["lr"]
+        if not math.isfinite(delta):
+            group["hypergrad"] = math.nan
+            group["lr_skipped"] += 1
+            return old
+        group["hypergrad"] = -delta
+        new = old + group["beta"] * delta
+        if not math.isfinite(new):
+            group["lr_skipped"] += 1
+            new = old
+        elif not group["min_lr"] <= new <= group["max_lr"]:
+            group["lr_clamped"] += 1
+            new = min(max(new, group["min_lr"]), group["max_lr"])
+        group["lr"] = new
+        return new if self.lr_update == "before-step" else old
+
+    def _directions(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """The update direction d_t (the momentum buffers advance here)."""
+        mu = group["momentum"]
+        if mu == 0:
+            return grads
+        bufs = []
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(state["momentum_buffer"])
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        if group["nesterov"]:
+            return torch._foreach_add(grads, bufs, alpha=mu)
+        return bufs
+
+    def _tangent_directions(
+        self, group: dict[str, Any], params: list[torch.Tensor], hz: list[torch.Tensor], k: int
+    ) -> list[torch.Tensor]:
+        """d(d_t)/d eta_k from (H + lambda I) z_k: the momentum tangents y_k advance here."""
+        mu = group["momentum"]
+        if mu == 0:
+            return hz
+        ys = [self._state_tensor(p, "tangent_momentum")[k] for p in params]
+        torch._foreach_mul_(ys, mu)
+        torch._foreach_add_(ys, hz)
+        if group["nesterov"]:
+            return torch._foreach_add(hz, ys, alpha=mu)
+        return ys
+
+    def _state_tensor(self, p: torch.Tensor, key: str) -> torch.Tensor:
+        """One tangent of ``p`` per group's LR (shape ``(len(param_groups), *p.shape)``), zeros at first."""
+        state = self.state[p]
+        if key not in state:
+            state[key] = torch.zeros((len(self.param_groups), *p.shape), dtype=p.dtype, device=p.device)
+        return state[key]
+
+    def _reset_tangent_if_nonfinite(self, params: list[torch.Tensor], k: int) -> bool:
+        """Zero the tangent of group k's LR if it has diverged (then the safeguard starts it afresh)."""
+        keys = ("tangent", "tangent_momentum")
+        stacks = [self.state[p][key] for p in params for key in keys if key in self.state[p]]
+        if _all_finite([t[k] for t in stacks]):
+            return False
+        for t in stacks:
+            t[k].zero_()
+        return True
+
+    def _validation_gradient(
+        self, val_closure: ValClosure | None, params: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """:math:`\\nabla E(w_t; v_t)` on the next validation mini-batch (``.grad`` is left alone)."""
+        cls = type(self).__name__
+        if val_closure is None:
+            if self._val_stream is None:
+                raise ValueError(self._missing_val_message())
+            glob = self._global
+            val_closure = self._val_stream.closure(glob["val_cursor"])
+            glob["val_cursor"] += 1
+        with torch.enable_grad():
+            value = val_closure()
+        if not isinstance(value, torch.Tensor) or value.ndim != 0 or not value.requires_grad:
+            raise ValueError(
+                f"{cls}: val_closure must return the scalar validation loss with its graph attached (not "
+                f"detached, not computed under torch.no_grad()), got {type(value).__name__}"
+                + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else "")
+            )
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    def _missing_val_message(self) -> str:
+        cls = type(self).__name__
+        return (
+            f"{cls}.step needs the validation loss: pass step(..., val_closure=...) where val_closure() "
+            f"returns loss_fn(model(x_val), y_val) on the next validation mini-batch (graph attached, no "
+            f"backward), or build {cls}(..., val_loader=..., model=..., loss_fn=...); lrpilot's training "
+            f"loop passes it itself"
+        )
+
+
+
+class SGDHD(HypergradientSGD):
+    r"""First-order (Train): SGD with hypergradient descent on its LR (Baydin et al. 2018, SGD-HD).
+
+    .. math::
+        \eta_t = \eta_{t-1} + \beta \langle g_{t-1}, g_t\rangle, \qquad w_{t+1} = w_t - \eta_t g_t
+
+    (:math:`g_{t-1}` is the previous update direction with momentum). The LR grows while consecutive
+    gradients agree and shrinks when they oppose. Costs one dot product and one copy of the gradient
+    per step.
+
+    Args:
+        params, lr, beta, momentum, nesterov, weight_decay, min_lr, max_lr, lr_update: see
+        :class:`HypergradientSGD` (defaults: ``lr=1e-3``, ``beta=1e-3``, Baydin et al. 2018, section 5).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = SGDHD(model.parameters(), lr=0.01, beta=1e-3)
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     model(torch.ones(8, 4)).pow(2).mean().backward()
+        ...     opt.step()
+        >>> opt.param_groups[0]["lr"] > 0.01  # the gradients agreed: the LR grew
+        True
+
+    Note:
+        Deviation from the reference implementation: it supports one param group and lets the LR go
+        negative or non-finite; here every group has its own LR and the safeguard of
+        :class:`HypergradientSGD` keeps it in ``[min_lr, max_lr]``.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, beta: float = 1e-3, **options: Any) -> None:
+        _reject(type(self).__name__, options, ("objective", "horizon", "val_loader", "model", "loss_fn"))
+        super().__init__(params, lr, beta, objective="train", horizon="one-step", **options)
+
+
+class SGDHDVal(HypergradientSGD):
+    r"""First-order (Val): SGD-HD with the current training gradient replaced by a validation gradient.
+
+    .. math::
+        \eta_t = \eta_{t-1} + \beta \langle g_{t-1}, \nabla E(w_t; v_t)\rangle, \qquad
+        w_{t+1} = w_t - \eta_t g_t
+
+    The LR grows while the last step also lowered the validation loss. Costs one forward and backward
+    pass on a validation mini-batch per step (the paper's Table 1: 2.3x First-order (Train)).
+
+    Args:
+        params, lr, beta, momentum, nesterov, weight_decay, min_lr, max_lr, lr_update, val_loader,
+        model, loss_fn: see :class:`HypergradientSGD`.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> xv, yv = torch.randn(16, 4), torch.randint(0, 2, (16,))
+        >>> loss_fn = torch.nn.functional.cross_entropy
+        >>> opt = SGDHDVal(model.parameters(), lr=0.01)
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     loss_fn(model(torch.randn(8, 4)), torch.randint(0, 2, (8,))).backward()
+        ...     opt.step(val_closure=lambda: loss_fn(model(xv), yv))
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, beta: float = 1e-3, **options: Any) -> None:
+        _reject(type(self).__name__, options, ("objective", "horizon"))
+        super().__init__(params, lr, beta, objective="val", horizon="one-step", **options)
+
+
+class RTHPO(HypergradientSGD):
+    r"""RT-HPO: SGD whose LR follows the approximate hypergradient of eq. 5 (forward-mode tangent).
+
+    .. math::
+        \Delta_t = -\langle \nabla E(w_t; v_t), z_t\rangle, \quad \eta_t = \eta_{t-1} + \beta\Delta_t, \quad
+        z_{t+1} = z_t - \eta_t \nabla^2\ell(w_t; b_t) z_t - \nabla\ell(w_t; b_t), \quad
+        w_{t+1} = w_t - \eta_t \nabla\ell(w_t; b_t)
+
+    with :math:`z_0 = 0`. The tangent :math:`z_t` is :math:`dw_t/d\eta` along the trajectory (each step's
+    Jacobian :math:`A_t` evaluated at the LR that step used); contracting it with the validation gradient
+    at the *current* weights is the paper's Approximation 2. Per step: the training loss graph, a
+    gradient with ``create_graph=True``, one Hessian-vector product (double backward), and a forward and
+    backward pass on a validation mini-batch.
+
+    Args:
+        params, lr, beta, momentum, nesterov, weight_decay, min_lr, max_lr, lr_update, val_loader,
+        model, loss_fn: see :class:`HypergradientSGD`.
+        objective: ``"val"`` (default, the paper's :math:`E`) or ``"train"`` (the paper's alternative
+            :math:`E = \ell(w; X_\text{train})`, estimated on the training mini-batch: no validation pass).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> loss_fn = torch.nn.functional.cross_entropy
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+        >>> xv, yv = torch.randn(16, 4), torch.randint(0, 2, (16,))
+        >>> opt = RTHPO(model.parameters(), lr=0.05, beta=1e-3)
+        >>> for _ in range(3):
+        ...     loss = opt.step(lambda: loss_fn(model(x), y), val_closure=lambda: loss_fn(model(xv), yv))
+
+    Note:
+        The paper's inner optimizer is vanilla SGD (the default). With ``momentum > 0`` the momentum
+        state is carried in the tangent (the extension the paper names in section 3.1).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        beta: float = 1e-3,
+        *,
+        objective: str = "val",
+        **options: Any,
+    ) -> None:
+        _reject(type(self).__name__, options, ("horizon",))
+        super().__init__(params, lr, beta, objective=objective, horizon="full", **options)
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------
+class _ValidationStream:
+    """Validation mini-batches from a loader in its order, cycling; ``cursor`` counts the batches drawn."""
+
+    def __init__(self, loader: Iterable[Any], model: nn.Module, loss_fn: LossFn) -> None:
+        try:
+            n = len(loader)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError("val_loader must have a length (batches per pass), e.g. a DataLoader") from None
+        if n == 0:
+            raise ValueError("val_loader yields no batches: the validation set is empty")
+        self.loader, self.model, self.loss_fn, self.n = loader, model, loss_fn, n
+        self._iter: Iterator[Any] | None = None
+        self._next = -1  # the cursor the live iterator would serve next
+
+    def closure(self, cursor: int) -> Callable[[], torch.Tensor]:
+        if self._iter is None or self._next != cursor:  # fresh, or resumed from a state_dict
+            self._iter = self._cycle()
+            for _ in range(cursor % self.n):
+                next(self._iter)
+        batch = next(self._iter)
+        self._next = cursor + 1
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(f"val_loader must yield (inputs, targets) pairs, got {type(batch).__name__}")
+        device = next(self.model.parameters()).device
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        return lambda: self.loss_fn(self.model(x), y)
+
+    def _cycle(self) -> Iterator[Any]:
+        while True:
+            yield from self.loader
+
+
+@functools.lru_cache(maxsize=64)
+def _code_takes_backward(code: types.CodeType) -> bool:
+    return "backward" in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+
+
+def _takes_backward(closure: Closure) -> bool:
+    """Whether the closure accepts ``backward=`` (a new closure every step: cached by its code object)."""
+    code = getattr(closure, "__code__", None)
+    if code is not None:
+        return _code_takes_backward(code)
+    try:
+        return "backward" in inspect.signature(closure).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return False
+
+
+def _loss_with_graph(closure: Closure, cls: str) -> torch.Tensor:
+    takes_backward = _takes_backward(closure)
+    with torch.enable_grad():
+        loss = closure(backward=False) if takes_backward else closure()
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.requires_grad:
+        raise ValueError(
+            f"{cls}: the closure must return the scalar training loss with its graph attached (no backward, "
+            f"not under torch.no_grad()), got {type(loss).__name__}"
+            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+        )
+    return loss
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, ref: torch.Tensor) -> torch.Tensor:
+    """sum_i <a_i, b_i> as a 0-d tensor (a Python loop over tensors, never over elements)."""
+    if not a:
+        return torch.zeros((), dtype=ref.dtype, device=ref.device)
+    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_number(cls: str, name: str, value: Any, what: str) -> None:
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{cls}: {name} must be {what}, got {value!r}")
+
+
+def _reject(cls: str, options: dict[str, Any], fixed: Sequence[str]) -> None:
+    for name in fixed:
+        if name in options:
+            raise TypeError(f"{cls} fixes {name}; use HypergradientSGD to choose it")
+
+
+# ----------------------------------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------------------------------
+#: The RT-HPO paper states no values for the initial LR or beta (Table 1 aggregates over grids it does
+#: not list). Its First-order (Train) baseline is Baydin et al. 2018, whose SGD-HD setting is
+#: alpha_0 = 1e-3 and beta = 1e-3 (section 5 and the authors' run.sh); we use it for all three methods.
+_HD_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "beta": 1e-3,
+    "momentum": 0.0,
+    "nesterov": False,
+    "weight_decay": 0.0,
+    "min_lr": 0.0,
+    "max_lr": None,
+    "lr_update": "before-step",
+}
+_PAPER = "Majumder, Donini & Chaudhari (shared/papers/002); Baydin et al. 2018"
+
+
+def _parts(opt: HypergradientSGD) -> MethodParts:
+    signals = frozenset({"val_closure"}) if opt.needs_val_closure else frozenset()
+    return MethodParts(opt, step_kwargs=signals, needs_closure=opt.needs_closure)
+
+
+def build_hd_train(ctx: BuildContext, **options: Any) -> MethodParts:
+    return _parts(SGDHD(ctx.params(), **options))
+
+
+def build_hd_val(ctx: BuildContext, **options: Any) -> MethodParts:
+    return _parts(SGDHDVal(ctx.params(), **options))
+
+
+def build_rt_hpo(ctx: BuildContext, objective: str, **options: Any) -> MethodParts:
+    require_in("objective", objective, _OBJECTIVES, method="rt-hpo")
+    return _parts(RTHPO(ctx.params(), objective=objective, **options))
+
+
+def _register_all() -> None:
+    tags = frozenset({"seed-method"})
+    test = {"lr": 0.05, "beta": 1e-3}
+    bad = (({"beta": -1.0}, r"beta"), ({"momentum": 1.5}, r"momentum"), ({"lr_update": "x"}, r"lr_update"))
+    common: dict[str, Any] = {
+        "lr_granularity": "step", "kind": "step-pilot", "tags": tags, "paper": _PAPER, "test_options": test
+    }
+    for info in (
+        MethodInfo("hd-train", "hypergradient",
+                   "First-order (Train): SGD-HD, LR += beta <g_prev, g> every step (Baydin et al. 2018)",
+                   build_hd_train, _HD_DEFAULTS, invalid_options=bad, **common),
+        MethodInfo("hd-val", "hypergradient",
+                   "First-order (Val): LR += beta <g_prev, validation gradient> every step",
+                   build_hd_val, _HD_DEFAULTS, invalid_options=bad, **common),
+        MethodInfo("rt-hpo", "hypergradient",
+                   "RT-HPO: LR follows the validation hypergradient, forward-mode tangent with HVPs (eq. 5)",
+                   build_rt_hpo, {**_HD_DEFAULTS, "objective": "val"},
+                   invalid_options=(*bad, ({"objective": "test"}, r"objective")), **common),
+    ):
+        register(info)
+
+
+_register_all()
