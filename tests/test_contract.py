@@ -121,3 +121,12 @@ def test_build_method_rejects_a_bad_factory_result() -> None:
             build_method(info.name, BuildContext(model=torch.nn.Linear(1, 1), epochs=1, steps_per_epoch=1))
     finally:
         del _REGISTRY[info.name]
+
+
+def test_listing_follows_the_family_modules_whatever_the_import_order():
+    from lrpilot.registry import _FAMILY_MODULES, _ORIGIN
+
+    names = [info.name for info in list_methods()]
+    assert names[0] == "sgd"  # baselines first, although `import lrpilot` imports some families earlier
+    ranks = [_FAMILY_MODULES.index(_ORIGIN[n]) for n in names if _ORIGIN.get(n) in _FAMILY_MODULES]
+    assert ranks == sorted(ranks)

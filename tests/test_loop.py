@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -343,3 +344,34 @@ def test_closure_methods_get_a_closure_that_can_skip_backward(tiny):
     parts = MethodParts(NeedsGraph(model.parameters(), lr=0.1), needs_closure=True)
     hist = lrpilot.fit(model, tiny.train, tiny.val, method=parts, epochs=1, progress=False)
     assert calls == [True] * 6 and hist.status == "completed"
+
+
+def test_val_closure_hands_out_training_sized_validation_batches_that_resume(tiny):
+    seen: list[list[float]] = []
+
+    class TakesVal(torch.optim.SGD):
+        def step(self, closure=None, *, val_closure):
+            loss = val_closure()
+            seen.append(loss.item())
+            return super().step()
+
+    def run(until=None, state=None):
+        model = tiny.model()
+        parts = MethodParts(TakesVal(model.parameters(), lr=0.05), step_kwargs=frozenset({"val_closure"}))
+        trainer = Trainer(model, tiny.train, tiny.val, method=parts, epochs=4, progress=False)
+        if state is not None:
+            trainer.load_state_dict(state)
+        trainer.run(until_epoch=until)
+        return trainer
+
+    run()
+    full = list(seen)
+    assert len(full) == 24
+    seen.clear()
+    first = run(until=2)
+    run(state=first.state_dict())
+    assert seen == full  # the same validation batches, in the same order, across the resume
+
+    trainer = Trainer(tiny.model(), tiny.train, tiny.val, method="sgd", epochs=1, progress=False)
+    sizes = [b[0].shape[0] for b in itertools.islice(trainer._val_batches(0), 4)]
+    assert sizes == [32, 32, 32, 32]  # the training batch size, not the validation loader's 96

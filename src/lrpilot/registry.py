@@ -16,6 +16,7 @@ import fnmatch
 import importlib
 import importlib.util
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -45,6 +46,7 @@ _FAMILY_MODULES: tuple[str, ...] = (
 )
 
 _REGISTRY: dict[str, MethodInfo] = {}
+_ORIGIN: dict[str, str] = {}  # method name -> module that registered it
 _loaded = False
 
 
@@ -172,7 +174,15 @@ def register(info: MethodInfo, *, replace: bool = False) -> MethodInfo:
     if info.name in _REGISTRY and not replace:
         raise ValueError(f"method {info.name!r} is already registered")
     _REGISTRY[info.name] = info
+    # Remember which module registered it, so listings follow _FAMILY_MODULES whatever the import
+    # order (``import lrpilot`` imports some families eagerly, before the lazy load).
+    _ORIGIN[info.name] = sys._getframe(1).f_globals.get("__name__", "")
     return info
+
+
+def _listing_key(name: str) -> int:
+    origin = _ORIGIN.get(name, "")
+    return _FAMILY_MODULES.index(origin) if origin in _FAMILY_MODULES else len(_FAMILY_MODULES)
 
 
 def _ensure_loaded() -> None:
@@ -188,9 +198,10 @@ def list_methods(pattern: str = "*", *, tags: Iterable[str] = (), available_only
     """Registered methods whose name matches the fnmatch ``pattern`` and that carry all ``tags``."""
     _ensure_loaded()
     wanted = set(tags)
+    ordered = sorted(_REGISTRY.values(), key=lambda info: _listing_key(info.name))  # stable sort
     return [
         info
-        for info in _REGISTRY.values()
+        for info in ordered
         if fnmatch.fnmatch(info.name, pattern)
         and wanted <= info.tags
         and (info.available or not available_only)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrpilot.loop.data import check_batch, split_batch
+from lrpilot.loop.data import TensorLoader, check_batch, split_batch
 from lrpilot.loop.history import DecisionRecord, EpochRecord, History
 from lrpilot.loop.metrics import Metric, get_metric, loss_metric
 from lrpilot.loop.probe import run_probe
@@ -426,14 +426,13 @@ class Trainer:
     def _val_closure(self) -> Callable[[], torch.Tensor]:
         """A closure returning the loss on the next validation mini-batch (graph attached, no backward).
 
-        The batches cycle through ``val_loader`` in its order; the cursor is part of the trainer's state
-        so a resumed run hands out the same batches.
+        For an in-memory validation set the mini-batches have the training batch size and are drawn
+        without replacement from a fresh permutation on every pass (seeded by the run's seed and the
+        pass number); a user's loader is cycled through as it is. The cursor is part of the trainer's
+        state, so a resumed run hands out the same batches.
         """
-        n_batches = len(self.val_loader)
         if self._val_iter is None:
-            self._val_iter = _cycle(self.val_loader)
-            for _ in range(self._val_cursor % n_batches):
-                next(self._val_iter)
+            self._val_iter = self._val_batches(self._val_cursor)
         xv, yv = split_batch(next(self._val_iter), where="val_loader")
         self._val_cursor += 1
         xv, yv = xv.to(self.device, non_blocking=True), yv.to(self.device, non_blocking=True)
@@ -442,6 +441,23 @@ class Trainer:
             return self.loss_fn(self.model(xv), yv)
 
         return val_closure
+
+    def _val_batches(self, start: int) -> Iterator[Any]:
+        """Validation mini-batches for step signals, from the ``start``-th one on."""
+        loader = self.val_loader
+        if isinstance(loader, TensorLoader):
+            loader = TensorLoader(
+                loader.inputs, loader.targets, _batch_size(self.train_loader, default=loader.batch_size),
+                shuffle=True, seed=self.seed + 7919,  # its own stream, apart from the training order
+            )
+        n_batches = len(loader)
+        epoch, skip = divmod(start, n_batches)
+        while True:
+            _set_epoch(loader, epoch)
+            for i, batch in enumerate(loader):
+                if i >= skip:
+                    yield batch
+            epoch, skip = epoch + 1, 0
 
     def _extra_signals(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -665,9 +681,9 @@ def _set_epoch(loader: Any, epoch: int) -> None:
             return
 
 
-def _cycle(loader: Any) -> Iterator[Any]:
-    while True:
-        yield from loader
+def _batch_size(loader: Any, default: int) -> int:
+    size = getattr(loader, "batch_size", None)
+    return size if isinstance(size, int) and size > 0 else default
 
 
 def _progress_bar(enabled: bool, total: int, initial: int, desc: str) -> Any:
