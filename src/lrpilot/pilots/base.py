@@ -212,8 +212,9 @@ class Pilot:
     def attach(self, model: torch.nn.Module) -> None:
         """Called once before training; a pilot may register forward hooks to observe activations."""
 
-    def on_train_begin(self, lr: tuple[float, ...]) -> Decision | None:
-        """Called once before the first epoch (not again on resume)."""
+    def on_train_begin(self, signals: EpochSignals) -> Decision | None:
+        """Called once before the first epoch (not again on resume), with ``epoch=0`` signals of the
+        initial model (``train_loss`` is ``nan``: nothing was trained yet)."""
         return None
 
     def on_step_end(self, signals: StepSignals) -> None:
