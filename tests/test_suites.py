@@ -172,3 +172,33 @@ def test_specs_round_trip_through_plain_dicts():
     spec = load_suite("quick").resolve().specs[0]
     again = RunSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert again.key == spec.key and again.label == spec.label and again.tags == spec.tags
+
+
+def test_cli_lists_suites(capsys):
+    from lrpilot.cli import main
+
+    assert main(["list", "suites"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{s.name}\t{s.description}" for s in list_suites()]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "nope"], "method 'nope' not in suite 'quick'"),
+        (["--tasks", "iris-softmax"], "task 'iris-softmax' not in suite 'quick'"),
+        (["--seeds", "0,x"], "--seeds takes comma-separated integers"),
+        (["--suite-typo"], None),
+    ],
+)
+def test_cli_bench_rejects_bad_subsets_in_one_line(argv, message, tmp_path, capsys):
+    from lrpilot.cli import main
+
+    if message is None:
+        with pytest.raises(SystemExit):
+            main(["bench", "--suite", "quick", "--out", str(tmp_path), *argv])
+        return
+    assert main(["bench", "--suite", "quick", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lrpilot: error:") and message in err and "Traceback" not in err
+    assert not (tmp_path / "bench.sqlite").exists()  # nothing written for a command that cannot run
