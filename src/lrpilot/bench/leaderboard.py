@@ -215,13 +215,13 @@ class Leaderboard:
             f"AlgoPerf benchmark score, r_max = {self.r_max:g} (1 = fastest to the target on every task)",
             "  score: training seconds to target (evaluation excluded), search before training charged; "
             "steps: the same in optimizer steps;",
-            "  free: tuned methods' search not charged; overhead: seconds per step / the reference's "
-            f"({self.reference or 'none'}), geometric mean over tasks",
+            "  score*, steps*: the same with tuned baselines' search not charged; overhead: seconds per step / the "
+            f"reference's ({self.reference or 'none'}), geometric mean over tasks",
         ]
         for task, why in self.unscored.items():
             lines.append(f"  not scored: {task} ({why})")
         width = max([len(lb) for lb in self.labels] + [6]) + 2
-        head = f"{'#':>3}  {'method':<{width}}{'score':>7}{'steps':>7}{'free':>7}{'free/st':>8}{'reached':>9}{'overhead':>10}"
+        head = f"{'#':>3}  {'method':<{width}}{'score':>7}{'steps':>7}{'score*':>8}{'steps*':>8}{'reached':>9}{'overhead':>10}"
         lines += ["", head, "-" * len(head)]
         n_cells = len(self.tasks)
         for i, label in enumerate(self.labels, 1):
@@ -229,7 +229,7 @@ class Leaderboard:
             tag = " (tuned)" if label in self.tuned else ""
             lines.append(
                 f"{i:>3}  {label + tag:<{width}}{self.scores['train_s'].get(label, 0.0):>7.3f}"
-                f"{self.scores['steps'].get(label, 0.0):>7.3f}{self.scores['train_s_free'].get(label, 0.0):>7.3f}"
+                f"{self.scores['steps'].get(label, 0.0):>7.3f}{self.scores['train_s_free'].get(label, 0.0):>8.3f}"
                 f"{self.scores['steps_free'].get(label, 0.0):>8.3f}{f'{reached}/{n_cells}':>9}{_x(self.overhead.get(label)):>10}"
             )
         if per_task:

@@ -146,10 +146,11 @@ def _clip_to_interesting(ax: Any, runs: Mapping[str, list[list[dict[str, Any]]]]
     finals = [v for v in finals if math.isfinite(v)]
     if not finals or target is None or not target.higher_is_better:
         return
-    low = min(np.percentile(finals, 25), target.value) 
+    low = min(float(np.percentile(finals, 25)), target.value)
     high = max(max(finals), target.value)
-    pad = 0.15 * (high - low) + 1e-3
-    ax.set_ylim(max(low - 2 * pad, 0.0), min(high + pad, 1.0 + 1e-3) if high <= 1 else high + pad)
+    span = max(high - low, 0.05 * abs(high) + 1e-6)
+    # Room below for the climb towards the target (a fifth of the scale for an accuracy), a little above.
+    ax.set_ylim(max(low - max(3 * span, 0.2 * abs(high)), 0.0), high + 0.15 * span)
 
 
 def _fig_lrs(task: str, runs: Mapping[str, dict[str, Any]], styles: Mapping[str, Mapping[str, Any]], path: Path) -> None:
