@@ -75,6 +75,7 @@ def test_calibrate_runs_writes_the_file_and_the_task_reads_it(tmp_path, monkeypa
         runs = [r for r in store.runs() if r["label"] == entry["from"]]
     assert entry["target"] == pytest.approx(float(np.median([r["best_val_metric"] for r in runs])))
     assert "AlgoPerf" in written["how"] and "fallback" in written["how"]
+    assert written["status"].startswith("FALLBACK for iris-softmax")
     assert load_targets(out)["iris-softmax"].value == entry["target"]
     # Calibrating again reuses the stored runs: nothing trains twice.
     calibrate(tasks=["iris-softmax"], seeds=[0, 1, 2], store_dir=tmp_path / "store", targets_path=out,
@@ -86,6 +87,8 @@ def test_calibrate_runs_writes_the_file_and_the_task_reads_it(tmp_path, monkeypa
 def test_shipped_targets_say_how_they_were_set():
     data = json.loads(default_targets_path().read_text())
     assert "AlgoPerf" in data["how"]
+    if any(e["fallback"] for e in data["tasks"].values()):
+        assert data["status"].startswith("FALLBACK")
     for task, entry in data["tasks"].items():
         assert get_task(task).target == entry["target"]
         assert {"metric", "higher_is_better", "from", "seeds", "fallback", "methods"} <= set(entry)

@@ -81,8 +81,8 @@ def calibration_plan(
         if not methods:
             fallback = True
             methods = list(FALLBACK_METHODS)
-            log.warning("no method tagged 'tuned' is registered: calibrating from %s at its default LR (fallback)",
-                        ", ".join(methods))  # fmt: skip
+            log.warning("no method tagged 'tuned' is registered: calibrating from %s at their default LRs (fallback)",
+                        " and ".join(methods))  # fmt: skip
     if tasks is None:
         tasks = [t for t in task_names() if task_problem(t, data_dir) is None]
     suite = Suite.from_json(
@@ -156,8 +156,16 @@ def calibrate(
     current: dict[str, Any] = {}
     if path.exists():
         current = json.loads(path.read_text())
-    data = {"format": TARGETS_FORMAT, "how": HOW, "tasks": {**current.get("tasks", {}), **computed}}
-    data["tasks"] = dict(sorted(data["tasks"].items()))
+    tasks = dict(sorted({**current.get("tasks", {}), **computed}.items()))
+    data: dict[str, Any] = {"format": TARGETS_FORMAT, "how": HOW}
+    fallback_tasks = [t for t, e in tasks.items() if e.get("fallback")]
+    if fallback_tasks:
+        data["status"] = (
+            f"FALLBACK for {', '.join(fallback_tasks)}: no method tagged `tuned` was registered when these targets "
+            "were set, so they come from sgd-cosine and adam at their default LRs. Recalibrate (`lrpilot calibrate`) "
+            "once the tuned baselines (sgd-cosine-tuned, adam-cosine-tuned) are registered."
+        )
+    data["tasks"] = tasks
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
