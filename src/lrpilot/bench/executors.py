@@ -47,8 +47,9 @@ class Outcome:
     Attributes:
         key: the run's key.
         status: ``"ok"`` (``record`` holds the run record) or ``"failed"`` (``error``, ``traceback``).
-        started_at, finished_at: Unix times, measured by the worker (they include process start-up).
-        worker: where it ran (host, pid, threads, executor).
+        started_at, finished_at: Unix times, measured by the worker (after its process started).
+        worker: where it ran (host, pid, threads, executor) and its CPU seconds (``cpu_s``: the run's;
+            ``process_cpu_s``: the worker process's, start-up included).
     """
 
     key: str
@@ -78,8 +79,15 @@ def execute_run(spec: RunSpec, *, threads: int | None = None, imports: Sequence[
         imports: modules to import first (plug-ins that register methods or tasks).
         executor: the executor's name, recorded with the worker.
     """
-    started = time.time()
+    started, cpu0 = time.time(), time.process_time()
     worker = {"host": socket.gethostname(), "pid": os.getpid(), "threads": threads, "executor": executor}
+
+    def finish() -> dict[str, Any]:
+        # CPU seconds hardly depend on the machine's load, unlike wall seconds: `cpu_s` is the run's own,
+        # `process_cpu_s` the whole process's (in a fresh worker: interpreter start-up and imports included).
+        cpu = time.process_time()
+        return {**worker, "cpu_s": round(cpu - cpu0, 3), "process_cpu_s": round(cpu, 3)}
+
     try:
         import torch
 
@@ -101,11 +109,11 @@ def execute_run(spec: RunSpec, *, threads: int | None = None, imports: Sequence[
             progress=False,
             method_options=dict(spec.method_options),
         )
-        return Outcome(spec.key, "ok", record=record, started_at=started, finished_at=time.time(), worker=worker)
+        return Outcome(spec.key, "ok", record=record, started_at=started, finished_at=time.time(), worker=finish())
     except Exception as err:  # noqa: BLE001 - a failing run is recorded, never stops the bench
         return Outcome(
             spec.key, "failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(),
-            started_at=started, finished_at=time.time(), worker=worker,
+            started_at=started, finished_at=time.time(), worker=finish(),
         )  # fmt: skip
 
 

@@ -428,13 +428,18 @@ def _page(out: Path, board: Leaderboard, info: Mapping[str, Any], targets: Mappi
 
     # Where and how long.
     parts.append("<h2>Runs</h2>")
-    per_label: dict[str, list[float]] = defaultdict(list)
+    per_label: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in latest.values():
         if r.get("run_s"):
-            per_label[r["label"]].append(r["run_s"])
-    rows = [[_e(lb), str(len(v)), f"{np.median(v):.1f}", f"{sum(v):.1f}"] for lb, v in sorted(per_label.items(), key=lambda kv: -sum(kv[1]))]
-    parts.append("<p>Worker seconds per run (training, evaluation, search and data loading; the interpreter's start-up excluded):</p>")
-    parts.append(_table(["method", "runs", "median s", "total s"], rows))
+            cpu = r["worker"].get("process_cpu_s") or r["worker"].get("cpu_s") or math.nan
+            per_label[r["label"]].append((r["run_s"], cpu))
+    rows = [[_e(lb), str(len(v)), f"{np.median([w for w, _ in v]):.1f}", f"{sum(w for w, _ in v):.1f}",
+             f"{np.median([c for _, c in v]):.1f}", f"{sum(c for _, c in v):.1f}"]
+            for lb, v in sorted(per_label.items(), key=lambda kv: -sum(w for w, _ in kv[1]))]  # fmt: skip
+    parts.append("<p>Seconds per run: wall seconds in the worker (training, evaluation, search, data loading) and "
+                 "CPU seconds of the worker process (its start-up and imports included for a fresh process; CPU "
+                 "seconds hardly depend on the machine's load, wall seconds do):</p>")  # fmt: skip
+    parts.append(_table(["method", "runs", "median wall s", "total wall s", "median CPU s", "total CPU s"], rows))
     inv_rows = []
     for inv in invocations:
         took = "" if inv["finished_at"] is None else f"{inv['finished_at'] - inv['started_at']:.1f}"
