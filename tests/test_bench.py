@@ -225,6 +225,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
                                  "methods": ["sgd", "sgd-step", "adam"]}))  # fmt: skip
     out, db = tmp_path / "out", tmp_path / "out" / "bench.sqlite"
     rng = random.Random(0)
+    kills = 0
     for _ in range(6):
         proc = subprocess.Popen(_cli(out, suite, 2), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(2.0, 8.0))
@@ -232,9 +233,14 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
             break
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        kills += 1
     done = subprocess.run(_cli(out, suite, 2), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     runs = _check_complete(out, 12, epochs)
+    with Store.open(out) as store:
+        interrupted = [i for i in store.invocations() if i["finished_at"] is None]
+    assert kills >= 2 and len(interrupted) >= 2, (kills, interrupted)
+    assert len({r["invocation"] for r in runs.values()}) >= 2  # the runs were stored by several invocations
     reference = tmp_path / "ref"
     run_bench(plan_of(json.loads(suite.read_text())), reference, executor=InlineExecutor(), progress=False)
     assert {k: r["metrics"] for k, r in _check_complete(reference, 12, epochs).items()} == {k: r["metrics"] for k, r in runs.items()}
