@@ -244,3 +244,13 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
     reference = tmp_path / "ref"
     run_bench(plan_of(json.loads(suite.read_text())), reference, executor=InlineExecutor(), progress=False)
     assert {k: r["metrics"] for k, r in _check_complete(reference, 12, epochs).items()} == {k: r["metrics"] for k, r in runs.items()}
+
+
+def test_public_names_of_the_bench_package():
+    import lrpilot.bench as pkg
+
+    for name in pkg.__all__:
+        assert callable(getattr(pkg, name)), name
+    assert pkg.bench is bench and pkg.calibrate_targets.__module__ == "lrpilot.bench.calibrate"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pkg.nope  # noqa: B018
