@@ -202,3 +202,22 @@ def test_cli_bench_rejects_bad_subsets_in_one_line(argv, message, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("lrpilot: error:") and message in err and "Traceback" not in err
     assert not (tmp_path / "bench.sqlite").exists()  # nothing written for a command that cannot run
+
+
+def test_demo_is_the_quick_bench(tmp_path, monkeypatch, capsys):
+    from lrpilot.bench import runner
+    from lrpilot.bench.leaderboard import build_leaderboard
+    from lrpilot.cli import main
+
+    calls = []
+
+    def fake_bench(suite, out, **kwargs):
+        calls.append((suite, out, kwargs))
+        result = runner.BenchResult(out=tmp_path, planned=0, reused=0, executor="fake")
+        return runner.SuiteRun(result, build_leaderboard([], {}), tmp_path / "report.html")
+
+    monkeypatch.setattr(runner, "bench", fake_bench)
+    assert main(["demo", "--out", str(tmp_path), "--workers", "1"]) == 0
+    (suite, out, kwargs), = calls
+    assert (suite, out, kwargs["workers"], kwargs["methods"], kwargs["seeds"]) == ("quick", str(tmp_path), 1, None, None)
+    assert f"report:  {tmp_path / 'report.html'}" in capsys.readouterr().out
