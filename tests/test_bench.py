@@ -254,3 +254,13 @@ def test_public_names_of_the_bench_package():
     assert pkg.bench is bench and pkg.calibrate_targets.__module__ == "lrpilot.bench.calibrate"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         pkg.nope  # noqa: B018
+
+
+def test_progress_lines_when_not_a_terminal_and_silence_when_asked(tmp_path, capsys):
+    plan = plan_of({"seeds": [0, 1], "tasks": [{"name": "iris-softmax", "epochs": 2}], "methods": ["sgd"]})
+    run_bench(plan, tmp_path / "a", executor=InlineExecutor(), progress=False)
+    assert capsys.readouterr().err == ""
+    run_bench(plan, tmp_path / "b", executor=InlineExecutor(), progress=None)  # stderr is captured: not a tty
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("]")[0] for line in lines] == ["[1/2", "[2/2"]
+    assert "iris-softmax sgd seed=0: completed, best accuracy" in lines[0]

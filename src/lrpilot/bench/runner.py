@@ -79,8 +79,8 @@ def run_bench(
         workers: runs at a time for the default executor (default: the cores available, at most the
             number of runs to do).
         retry_failed: run again the runs stored as failed (default: keep them).
-        progress: a progress bar over runs (default: when stderr is a terminal; otherwise one line
-            per finished run).
+        progress: ``True``: a progress bar over runs; ``False``: silent; ``None`` (default): a bar when
+            stderr is a terminal, otherwise one line per finished run.
         argv: the command line, recorded with the invocation.
     """
     out = Path(out)
@@ -126,9 +126,10 @@ class _Progress:
 
     def __init__(self, total: int, enabled: bool | None) -> None:
         self.total, self.done = total, 0
-        self.tty = sys.stderr.isatty() if enabled is None else enabled
+        # None: a bar on a terminal, lines elsewhere; True: a bar; False: nothing.
+        self.lines = enabled is None and not sys.stderr.isatty()
         self.bar: Any = None
-        if self.tty and total:
+        if (enabled or (enabled is None and not self.lines)) and total:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, unit="run", desc="bench", dynamic_ncols=True, file=sys.stderr)
@@ -139,7 +140,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(f"failed={failures} last: {line}"[:90], refresh=False)
             self.bar.update(1)
-        elif self.total:
+        elif self.lines:
             print(f"[{self.done}/{self.total}] {line}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
