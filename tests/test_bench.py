@@ -226,9 +226,14 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
     out, db = tmp_path / "out", tmp_path / "out" / "bench.sqlite"
     rng = random.Random(0)
     kills = 0
-    for _ in range(6):
+    for _ in range(5):
+        # Each round: wait for one more stored run, then kill at a random moment after it (mid-run,
+        # mid-spawn, or while the next run is being written).
+        stored = _stored(db)
         proc = subprocess.Popen(_cli(out, suite, 2), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(2.0, 8.0))
+        while _stored(db) <= stored and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 3.0))
         if proc.poll() is not None:
             break
         os.kill(proc.pid, signal.SIGKILL)
