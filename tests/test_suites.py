@@ -220,4 +220,5 @@ def test_demo_is_the_quick_bench(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--out", str(tmp_path), "--workers", "1"]) == 0
     (suite, out, kwargs), = calls
     assert (suite, out, kwargs["workers"], kwargs["methods"], kwargs["seeds"]) == ("quick", str(tmp_path), 1, None, None)
+    assert kwargs["argv"] == ["lrpilot", "demo", "--out", str(tmp_path), "--workers", "1"]  # recorded in the store
     assert f"report:  {tmp_path / 'report.html'}" in capsys.readouterr().out

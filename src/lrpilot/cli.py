@@ -131,7 +131,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=args.device,
         data_dir=args.data_dir,
         report=not args.no_report,
-        argv=["lrpilot", *sys.argv[1:]],
+        argv=getattr(args, "argv", None),
     )
     print(done.leaderboard.to_text())
     print(f"\n{done.result.summary()}")
@@ -299,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = ["lrpilot", *(sys.argv[1:] if argv is None else argv)]  # recorded with a bench invocation
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
