@@ -27,9 +27,11 @@ from lrpilot.cli import main
 
 HERE = Path(__file__).parent
 COMPACT = HERE / "fixtures" / "algoperf_v05" / "evaluations.csv.gz"
-RAW = Path(os.environ.get("LRPILOT_ALGOPERF_LOGS", HERE.parent.parent / "shared" / "fixtures" / "algoperf_v05"))
-if not RAW.exists():
-    RAW = Path("/work/shared/fixtures/algoperf_v05")
+# The raw logs: $LRPILOT_ALGOPERF_LOGS, else ../shared beside the checkout (worktrees live one level deeper).
+_CANDIDATES = ([Path(os.environ["LRPILOT_ALGOPERF_LOGS"])] if "LRPILOT_ALGOPERF_LOGS" in os.environ else
+               [HERE.parent.parent / "shared" / "fixtures" / "algoperf_v05",
+                HERE.parent.parent.parent / "shared" / "fixtures" / "algoperf_v05"])  # fmt: skip
+RAW = next((p for p in _CANDIDATES if p.exists()), _CANDIDATES[0])
 
 #: The published AlgoPerf v0.5 self-tuning leaderboard (every row).
 PUBLISHED = {
