@@ -9,6 +9,7 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 EXTRAS      ?= peers,report,ray,dev
 DEMO_OUT    ?= runs/demo
+DEMO_ARGS   ?=
 PYTEST_ARGS ?=
 
 BIN   := $(VENV)/bin
@@ -26,8 +27,10 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# The quick suite: runs (resumably) into $(DEMO_OUT)/bench.sqlite, prints the leaderboard and the path of
+# $(DEMO_OUT)/report.html. DEMO_ARGS adds bench options, e.g. DEMO_ARGS='--workers 1 --seeds 0,1,2'.
 demo: setup
-	$(BIN)/lrpilot demo --out $(DEMO_OUT)
+	$(BIN)/lrpilot bench --suite quick --out $(DEMO_OUT) $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

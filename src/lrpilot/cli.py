@@ -47,7 +47,12 @@ def _check_device(device: str) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    if args.what == "tasks":
+    if args.what == "suites":
+        from lrpilot.bench.suites import list_suites
+
+        for suite in list_suites():
+            print(f"{suite.name}\t{suite.description}")
+    elif args.what == "tasks":
         from lrpilot.bench.tasks import list_tasks
 
         for task in list_tasks():
@@ -89,20 +94,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Interim main job: one small task, a few methods, a comparison table."""
-    from lrpilot.bench.tasks import run_task
+def _names(text: str | None) -> list[str] | None:
+    """``a,b,c`` -> ``["a", "b", "c"]`` (``None`` stays ``None``)."""
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"expected a comma-separated list, got {text!r}")
+    return names
 
-    rows = []
-    for method in args.methods.split(","):
-        record = run_task(args.task, method, seed=args.seed, progress=False)
-        s = record["summary"]
-        rows.append((method, s["best_val_metric"], s["final_val_metric"], s["epochs"], s["wall_s"], s["status"]))
-        print(f"  {method:<12} done in {s['wall_s']:.1f} s", file=sys.stderr)
-    print(f"\n{args.task}, seed {args.seed} (validation accuracy)")
-    print(f"{'method':<12} {'best':>7} {'final':>7} {'epochs':>6} {'wall_s':>7}  status")
-    for method, best, final, epochs, wall, status in sorted(rows, key=lambda r: -_key(r[1])):
-        print(f"{method:<12} {_fmt(best):>7} {_fmt(final):>7} {epochs:>6} {wall:>7.1f}  {status}")
+
+def _seeds(text: str | None) -> list[int] | None:
+    names = _names(text)
+    if names is None:
+        return None
+    try:
+        return [int(s) for s in names]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, got {text!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lrpilot.bench.runner import bench
+
+    _check_device(args.device)
+    done = bench(
+        args.suite,
+        args.out,
+        methods=_names(args.methods),
+        tasks=_names(args.tasks),
+        seeds=_seeds(args.seeds),
+        workers=args.workers,
+        retry_failed=args.retry_failed,
+        timeout=args.timeout,
+        imports=args.imports or (),
+        device=args.device,
+        data_dir=args.data_dir,
+        report=not args.no_report,
+        argv=getattr(args, "argv", None),
+    )
+    print(done.leaderboard.to_text())
+    print(f"\n{done.result.summary()}")
+    for spec, error in done.result.failed:
+        print(f"  failed: {spec.describe()}: {error.splitlines()[0] if error else ''}")
+    print(f"results: {done.result.out / 'bench.sqlite'}")
+    if done.report is not None:
+        print(f"report:  {done.report}")
     return 0
 
 
@@ -135,8 +172,71 @@ def cmd_range_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def _key(value: float | None) -> float:
-    return -math.inf if value is None or not math.isfinite(value) else value
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The quick suite (``lrpilot bench --suite quick``)."""
+    args.suite, args.methods, args.tasks, args.seeds = "quick", None, None, None
+    args.retry_failed, args.timeout, args.imports, args.no_report = False, None, None, False
+    args.device, args.data_dir = "cpu", None
+    return cmd_bench(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lrpilot.bench.leaderboard import leaderboard_from_store, load_targets
+    from lrpilot.bench.report import write_report
+    from lrpilot.bench.store import Store
+
+    targets = load_targets(args.targets) if args.targets else None
+    path = write_report(args.dir, targets=targets, reference=args.reference, everything=args.all)
+    with Store.open(args.dir) as store:
+        info = store.invocations()[-1]["suite_info"] if store.invocations() else {}
+        board = leaderboard_from_store(store, targets, reference=args.reference or info.get("reference", "sgd"),
+                                       suite=info.get("name", ""), keys=None if args.all else store.plan_keys())  # fmt: skip
+    print(board.to_text())
+    print(f"\nreport: {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lrpilot.bench.store import DB_NAME, Store
+
+    if not (Path(args.dir) / DB_NAME).exists():
+        raise FileNotFoundError(f"{args.dir}: no {DB_NAME} here")
+    with Store.open(args.dir) as store:
+        for path in store.export_csv(args.to or Path(args.dir) / "csv"):
+            print(path)
+    return 0
+
+
+def cmd_score_algoperf(args: argparse.Namespace) -> int:
+    from lrpilot.bench.algoperf import Workloads, read_evaluations, score_evaluations, thin_for_scoring, write_compact
+
+    workloads = Workloads.from_files(args.workloads, args.held_out) if args.workloads else Workloads.v05()
+    evaluations = read_evaluations(args.path, workloads)
+    result = score_evaluations(evaluations, workloads)
+    print(result.to_text())
+    if args.write_compact:
+        path = write_compact(thin_for_scoring(evaluations, workloads), args.write_compact)
+        print(f"compact copy: {path}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from lrpilot.bench.calibrate import calibrate, default_targets_path, describe_targets
+
+    data = calibrate(
+        tasks=_names(args.tasks),
+        seeds=_seeds(args.seeds) or (0, 1, 2),
+        methods=_names(args.methods),
+        store_dir=args.store,
+        targets_path=args.out,
+        workers=args.workers,
+        data_dir=args.data_dir,
+    )
+    print(describe_targets(data))
+    print(f"targets: {args.out or default_targets_path()}")
+    return 0
 
 
 def _fmt(value: float | None) -> str:
@@ -153,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every decision")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list", help="list tasks or methods, one per line: name<TAB>description")
-    p.add_argument("what", choices=["tasks", "methods"])
+    p = sub.add_parser("list", help="list tasks, methods or suites, one per line: name<TAB>description")
+    p.add_argument("what", choices=["tasks", "methods", "suites"])
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("train", help="train one method on one task and write its run record")
@@ -186,18 +286,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result (bounds, table D, every trial, cost) as JSON here")
     p.set_defaults(func=cmd_range_test)
 
-    p = sub.add_parser("demo", help="the main job: train a small task with a few methods, print a table")
-    p.add_argument("--task", default="mnist1d-mlp", choices=task_names(), metavar="TASK")
-    p.add_argument("--methods", default="sgd,sgd-cosine,onecycle,adam,plateau")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output folder (unused until the bench lands)")
+    p = sub.add_parser("bench", help="run a suite (resumable), print the leaderboard, write DIR/report.html")
+    p.add_argument("--suite", required=True, help="a shipped suite (`lrpilot list suites`) or a suite .json file")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: bench.sqlite, report.html, figures/, logs/")
+    p.add_argument("--workers", type=int, help="runs at a time (default: the cores available)")
+    p.add_argument("--methods", help="comma-separated methods (labels or registry names) of the suite to run")
+    p.add_argument("--tasks", help="comma-separated tasks of the suite to run")
+    p.add_argument("--seeds", help="comma-separated seeds (replace the suite's)")
+    p.add_argument("--retry-failed", action="store_true", help="run again the runs stored as failed")
+    p.add_argument("--timeout", type=float, metavar="S", help="kill a run after S seconds and record it as failed")
+    p.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                   help="a module registering extra methods or tasks, imported here and in every worker (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--data-dir", help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the quick suite: same as `lrpilot bench --suite quick --out DIR`")
+    p.add_argument("--out", default="runs/demo", metavar="DIR")
+    p.add_argument("--workers", type=int, help="runs at a time (default: the cores available)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="write DIR/report.html from a bench's results store and print the leaderboard")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--targets", help="a targets.json to score against (default: the shipped one)")
+    p.add_argument("--reference", help="the method overheads are measured against (default: the suite's, sgd)")
+    p.add_argument("--all", action="store_true", help="every run in the store, not only the latest bench's plan")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="export a bench's results store as CSV files (one per table)")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--to", metavar="FOLDER", help="where the CSV files go (default DIR/csv)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("score-algoperf", help="score AlgoPerf's own logs (a log folder or a compact CSV)")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--workloads", help="AlgoPerf's workload_targets_*.json (default: v0.5, shipped)")
+    p.add_argument("--held-out", help="held-out workloads list (JSON), with --workloads")
+    p.add_argument("--write-compact", metavar="CSV[.gz]", help="also write the evaluations scoring needs as a compact CSV")
+    p.set_defaults(func=cmd_score_algoperf)
+
+    p = sub.add_parser("calibrate", help="set each task's validation target the AlgoPerf way (tuned baselines)")
+    p.add_argument("--tasks", help="comma-separated tasks (default: every task whose data is here)")
+    p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--methods", help="comma-separated methods (default: those tagged `tuned`, else sgd-cosine)")
+    p.add_argument("--store", default="runs/calibrate", metavar="DIR", help="results store of the calibration runs")
+    p.add_argument("--out", help="targets file to write (default: the one lrpilot ships)")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = ["lrpilot", *(sys.argv[1:] if argv is None else argv)]  # recorded with a bench invocation
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

@@ -1,0 +1,74 @@
+"""Fake methods for the bench tests, registered by ``register_fakes()``.
+
+Bench workers import this module (``--import tests.bench_plugin`` / ``imports=``), which registers them
+there. In the test process they are registered only inside a fixture and removed afterwards, so the
+registry-generated contract tests never see them (``test-crash`` would end the test process).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from lrpilot.pilots.base import MethodParts
+from lrpilot.registry import _REGISTRY, BuildContext, MethodInfo, register
+
+#: What ``fake-tuned`` reports its (pretend) grid search cost: fixed numbers the tests can check.
+FAKE_SEARCH = {"grid": [0.01, 0.1], "chosen": 0.1, "runs": 2, "total_epochs": 4, "total_steps": 100, "total_train_s": 5.0}
+
+
+def _sgd(ctx: BuildContext, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(ctx.params(), lr=lr, momentum=0.9)
+
+
+def build_tuned(ctx: BuildContext, lr: float) -> MethodParts:
+    return MethodParts(_sgd(ctx, lr), info={"search": dict(FAKE_SEARCH)})
+
+
+def build_raise(ctx: BuildContext, lr: float) -> MethodParts:
+    raise RuntimeError("this method always fails to build")
+
+
+def build_crash(ctx: BuildContext, lr: float) -> MethodParts:
+    os._exit(3)  # a worker dying without a word (segfault, OOM kill)
+
+
+class _SlowSGD(torch.optim.SGD):
+    def __init__(self, params: Any, lr: float, sleep: float) -> None:
+        super().__init__(params, lr=lr)
+        self.sleep = sleep
+
+    def step(self, closure: Any = None) -> Any:  # noqa: D102
+        time.sleep(self.sleep)
+        return super().step(closure)
+
+
+def build_sleep(ctx: BuildContext, lr: float, sleep: float) -> MethodParts:
+    return MethodParts(_SlowSGD(ctx.params(), lr=lr, sleep=sleep))
+
+
+FAKES = (
+    MethodInfo("fake-tuned", "test", "SGD pretending to have run a 2-point LR grid", build_tuned, {"lr": 0.1},
+               tags=frozenset({"tuned"})),
+    MethodInfo("fake-raise", "test", "raises while being built", build_raise, {"lr": 0.1}),
+    MethodInfo("fake-crash", "test", "kills its process while being built", build_crash, {"lr": 0.1}),
+    MethodInfo("fake-sleep", "test", "SGD sleeping before every step", build_sleep, {"lr": 0.1, "sleep": 0.2}),
+)  # fmt: skip
+
+
+def register_fakes() -> None:
+    for info in FAKES:
+        register(info, replace=True)
+
+
+def unregister_fakes() -> None:
+    for info in FAKES:
+        _REGISTRY.pop(info.name, None)
+
+
+# Importing the module registers the fakes (what a bench worker's `--import` needs). Test modules must
+# import it only inside a fixture that unregisters them again, never at their top (collection time).
+register_fakes()

@@ -1,0 +1,218 @@
+"""AlgoPerf scoring rules on hand-made tables and hand-made run records, with values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lrpilot.bench.leaderboard import RunResult, Target, build_leaderboard
+from lrpilot.bench.scoring import (
+    benchmark_scores,
+    cut_slow,
+    median_time,
+    performance_profiles,
+    performance_ratios,
+    taus,
+    time_to_target,
+)
+
+INF = math.inf
+
+
+# ----------------------------------------------------------------------------------------------------
+# rule by rule
+# ----------------------------------------------------------------------------------------------------
+def test_time_to_target_is_the_first_evaluation_reaching_it():
+    values = [0.5, 0.8, 0.7, 0.9, 0.95]
+    times = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert time_to_target(values, times, 0.8, higher_is_better=True) == 2.0  # >= counts, later ones ignored
+    assert time_to_target(values, times, 0.91, higher_is_better=True) == 5.0
+    assert time_to_target(values, times, 0.99, higher_is_better=True) == INF
+    losses = [3.0, 2.0, float("nan"), 0.5, None]
+    assert time_to_target(losses, times, 0.5, higher_is_better=False) == 4.0  # <= for loss-like metrics
+    assert time_to_target(losses, times, 0.1, higher_is_better=False) == INF  # NaN / None never reach
+    with pytest.raises(ValueError, match="same length"):
+        time_to_target([1.0], [1.0, 2.0], 0.5, higher_is_better=True)
+
+
+def test_median_follows_numpy_with_infinities():
+    assert median_time([3.0, 1.0, 2.0]) == 2.0
+    assert median_time([1.0, 3.0]) == 2.0  # mean of the middle two
+    assert median_time([1.0, 2.0, INF]) == 2.0  # one seed never reaching does not sink a method
+    assert median_time([1.0, INF]) == INF  # ... but half of them does
+    assert median_time([]) == INF
+    with pytest.raises(ValueError, match="NaN"):
+        median_time([1.0, float("nan")])
+
+
+def test_cut_slow_drops_times_beyond_r_max_of_the_fastest():
+    times = {"a": {"t": 10.0}, "b": {"t": 40.0}, "c": {"t": 40.001}, "d": {}}
+    cut = cut_slow(times, 4.0)
+    assert cut == {"a": {"t": 10.0}, "b": {"t": 40.0}, "c": {"t": INF}, "d": {"t": INF}}  # missing task = never
+    with pytest.raises(ValueError, match="r_max"):
+        cut_slow(times, 1.0)
+
+
+def test_ratios_with_ties_and_an_unsolved_task():
+    times = {"a": {"t1": 5.0, "t2": INF}, "b": {"t1": 5.0, "t2": INF}, "c": {"t1": 10.0, "t2": INF}}
+    r = performance_ratios(times)
+    assert r["a"]["t1"] == r["b"]["t1"] == 1.0  # a tie: both are fastest
+    assert r["c"]["t1"] == 2.0
+    assert all(r[s]["t2"] == INF for s in "abc")  # nobody reached t2: nobody gets credit for it
+
+
+def test_profile_is_the_fraction_of_tasks_within_tau():
+    times = {"a": {"t1": 1.0, "t2": 1.0}, "b": {"t1": 2.0, "t2": 3.0}}
+    grid, rho = performance_profiles(times, num_points=7)  # tau = 1, 1.5, ..., 4
+    np.testing.assert_allclose(grid, [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
+    np.testing.assert_allclose(rho["a"], [1.0] * 7)
+    np.testing.assert_allclose(rho["b"], [0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0])
+
+
+def test_score_of_a_method_fastest_everywhere_is_one_and_of_a_method_never_there_zero():
+    times = {
+        "fast": {"t1": 1.0, "t2": 10.0, "t3": 100.0},
+        "slow": {"t1": 2.0, "t2": 20.0, "t3": 200.0},
+        "never": {"t1": INF, "t2": INF, "t3": INF},
+        "too-slow": {"t1": 4.5, "t2": 45.0, "t3": 450.0},
+    }
+    s = benchmark_scores(times)
+    assert s["fast"] == pytest.approx(1.0, abs=1e-12)
+    assert s["never"] == 0.0
+    assert s["too-slow"] == 0.0  # every time beyond 4x the fastest
+    # slow: ratio 2 on every task, rho = 1 from tau >= 2 on: area (4 - 2) / 3, less the grid's
+    # trapezoid at the step (the step falls between two of the 100 points).
+    t = taus()
+    first = np.searchsorted(t, 2.0)
+    expected = (np.trapezoid if hasattr(np, "trapezoid") else np.trapz)((t >= 2.0).astype(float), t) / 3
+    assert s["slow"] == pytest.approx(expected, abs=1e-12)
+    assert s["slow"] == pytest.approx((4 - t[first]) / 3 + 0.5 * (t[first] - t[first - 1]) / 3, abs=1e-12)
+
+
+def test_ties_give_equal_scores():
+    times = {"a": {"t1": 3.0, "t2": 6.0}, "b": {"t1": 3.0, "t2": 6.0}, "c": {"t1": 4.0, "t2": 5.0}}
+    s = benchmark_scores(times)
+    assert s["a"] == s["b"]
+    assert s["a"] < 1.0 and s["c"] < 1.0  # each fastest on one task only
+
+
+def test_docstring_example_value_by_hand():
+    # b: t1 ratio 2 (counts for tau >= 2), t2 never: rho = 0.5 from tau = 2 on -> about (4 - 2) / 3 * 0.5.
+    s = benchmark_scores({"a": {"t1": 10.0, "t2": 20.0}, "b": {"t1": 20.0, "t2": INF}})
+    assert s["a"] == pytest.approx(1.0)
+    assert s["b"] == pytest.approx(1 / 3, abs=0.01)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the bench's leaderboard on hand-made runs
+# ----------------------------------------------------------------------------------------------------
+def run(task, label, seed, metrics, *, secs_per_epoch=1.0, steps_per_epoch=10, search=(0, 0.0), tuned=False,
+        status="completed") -> RunResult:  # fmt: skip
+    evals = tuple(((i + 1) * steps_per_epoch, (i + 1) * secs_per_epoch, m) for i, m in enumerate(metrics))
+    finite = [m for m in metrics if m is not None and math.isfinite(m)]
+    return RunResult(task, label, seed, status, evals, best=max(finite, default=None), final=metrics[-1],
+                     steps=len(metrics) * steps_per_epoch, train_s=len(metrics) * secs_per_epoch,
+                     search_steps=search[0], search_train_s=search[1], tuned=tuned, higher_is_better=True)  # fmt: skip
+
+
+TARGETS = {"t1": Target("t1", 0.9, "accuracy"), "t2": Target("t2", 0.8, "accuracy")}
+
+
+def test_targets_never_reached_score_zero_and_show_as_inf():
+    results = [run("t1", "sgd", 0, [0.5, 0.9]), run("t1", "bad", 0, [0.1, 0.2]),
+               run("t2", "sgd", 0, [0.8, 0.8]), run("t2", "bad", 0, [0.3, 0.4])]  # fmt: skip
+    board = build_leaderboard(results, TARGETS)
+    assert board.labels == ["sgd", "bad"]
+    assert board.scores["train_s"] == {"sgd": pytest.approx(1.0), "bad": 0.0}
+    assert board.cell("bad", "t1").times["train_s"] == INF
+    assert board.cell("sgd", "t1").times == {"train_s": 2.0, "steps": 20.0, "train_s_free": 2.0, "steps_free": 20.0}
+    assert board.cell("sgd", "t2").times["steps"] == 10.0
+    text = board.to_text()
+    assert "bad" in text and "-" in text
+
+
+def test_a_method_faster_than_all_others_on_every_task_scores_one():
+    results = []
+    for task in ("t1", "t2"):
+        for seed in (0, 1, 2):
+            results += [run(task, "fast", seed, [0.95, 0.95]), run(task, "mid", seed, [0.5, 0.95]),
+                        run(task, "slowest", seed, [0.1, 0.2, 0.5, 0.95])]  # fmt: skip
+    board = build_leaderboard(results, TARGETS)
+    assert board.labels == ["fast", "mid", "slowest"]
+    assert board.scores["train_s"]["fast"] == pytest.approx(1.0)
+    assert board.scores["steps"]["fast"] == pytest.approx(1.0)
+    assert board.scores["train_s"]["fast"] > board.scores["train_s"]["mid"] > board.scores["train_s"]["slowest"] > 0
+    assert board.cell("slowest", "t1").times["steps"] == 40.0  # exactly 4x: still counts (<= r_max)
+    assert board.cell("fast", "t1").seeds == [0, 1, 2]
+
+
+def test_median_over_seeds_and_failed_runs_count_as_never():
+    results = [run("t1", "m", 0, [0.9]), run("t1", "m", 1, [0.1, 0.9]), RunResult.failed("t1", "m", 2),
+               run("t1", "other", 0, [0.1, 0.1, 0.9])]  # fmt: skip
+    board = build_leaderboard(results, {"t1": TARGETS["t1"]})
+    cell = board.cell("m", "t1")
+    assert cell.times["train_s"] == 2.0  # median of (1, 2, inf)
+    assert (cell.failed, cell.reached, cell.seeds) == (1, 2, [0, 1, 2])
+    assert cell.best == pytest.approx(0.9)
+
+
+def test_ties_between_methods_share_the_rank_score():
+    results = [run("t1", "a", 0, [0.95]), run("t1", "b", 0, [0.95]), run("t1", "c", 0, [0.5, 0.95])]
+    board = build_leaderboard(results, {"t1": TARGETS["t1"]})
+    assert board.scores["train_s"]["a"] == board.scores["train_s"]["b"] == pytest.approx(1.0)
+    assert board.labels[:2] == ["a", "b"]  # ties broken by name, for a stable table
+
+
+def test_tuned_baselines_are_scored_with_and_without_their_search():
+    results = [run("t1", "sgd", 0, [0.5, 0.5, 0.95]),  # 3 s, 30 steps
+               run("t1", "tuned", 0, [0.95], search=(50, 4.0), tuned=True),  # 1 s + 4 s, 10 + 50 steps
+               run("t1", "self", 0, [0.95], search=(50, 4.0))]  # searches, but is not a tuned baseline  # fmt: skip
+    board = build_leaderboard(results, {"t1": TARGETS["t1"]})
+    tuned = board.cell("tuned", "t1").times
+    assert tuned == {"train_s": 5.0, "steps": 60.0, "train_s_free": 1.0, "steps_free": 10.0}
+    assert board.cell("self", "t1").times["train_s_free"] == 5.0  # a method's own search is always charged
+    assert board.tuned == {"tuned"}
+    assert board.scores["train_s"]["sgd"] == pytest.approx(1.0)  # 3 s beats 5 s when tuning is charged
+    assert board.scores["train_s_free"]["tuned"] == pytest.approx(1.0)  # ... and loses when it is free
+    assert board.scores["train_s_free"]["sgd"] < 1.0
+    assert "(tuned)" in board.to_text()
+
+
+def test_overhead_per_step_against_the_reference():
+    results = [run("t1", "sgd", 0, [0.95] * 4, secs_per_epoch=1.0), run("t1", "heavy", 0, [0.95] * 4, secs_per_epoch=3.0),
+               run("t2", "sgd", 0, [0.95] * 4, secs_per_epoch=2.0), run("t2", "heavy", 0, [0.95] * 4, secs_per_epoch=2.0 * 1.5)]  # fmt: skip
+    board = build_leaderboard(results, TARGETS, reference="sgd")
+    assert board.cell("heavy", "t1").overhead == pytest.approx(3.0)
+    assert board.cell("heavy", "t2").overhead == pytest.approx(1.5)
+    assert board.overhead["heavy"] == pytest.approx(math.sqrt(3.0 * 1.5))  # geometric mean
+    assert board.overhead["sgd"] == pytest.approx(1.0)
+    assert build_leaderboard(results, TARGETS, reference="absent").overhead["heavy"] is None
+
+
+def test_task_without_target_is_shown_but_not_scored():
+    results = [run("t1", "a", 0, [0.95]), run("nope", "a", 0, [0.5])]
+    board = build_leaderboard(results, {"t1": TARGETS["t1"]})
+    assert board.tasks == ["t1"] and "nope" in board.unscored
+    assert board.scores["train_s"]["a"] == pytest.approx(1.0)
+    assert "not scored: nope" in board.to_text()
+
+
+def test_loss_like_targets_are_reached_from_above():
+    results = [RunResult("r", "m", 0, "completed", ((10, 1.0, 50.0), (20, 2.0, 40.0)), higher_is_better=False)]
+    board = build_leaderboard(results, {"r": Target("r", 45.0, "mae", higher_is_better=False)})
+    assert board.cell("m", "r").times["steps"] == 20.0
+
+
+def test_from_record_reads_the_run_record_contract():
+    record = {
+        "task": "t1", "method": "fake-tuned", "seed": 3, "metric": {"name": "accuracy", "higher_is_better": True},
+        "epochs": [{"epoch": 1, "step": 5, "train_s": 0.5, "val_metric": 0.5}, {"epoch": 2, "step": 10, "train_s": 1.0, "val_metric": 0.92}],
+        "summary": {"best_val_metric": 0.92, "final_val_metric": 0.92, "steps": 10, "train_s": 1.0, "status": "completed"},
+        "info": {"method": {"search": {"grid": [0.1, 1.0], "chosen": 0.1, "runs": 2, "total_epochs": 4, "total_steps": 20,
+                                       "total_train_s": 2.5}}},
+    }  # fmt: skip
+    r = RunResult.from_record(record, tags=["tuned", "baseline"])
+    assert (r.label, r.seed, r.tuned, r.search_steps, r.search_train_s) == ("fake-tuned", 3, True, 20.0, 2.5)
+    assert r.time_to(TARGETS["t1"]) == (10.0, 1.0)
