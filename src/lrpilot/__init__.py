@@ -14,6 +14,7 @@ from lrpilot.loop.fit import Trainer, fit
 from lrpilot.loop.history import History, load_record, save_record
 from lrpilot.loop.metrics import Metric
 from lrpilot.pilots.base import Decision, EpochSignals, MethodParts, Pilot, StepSignals
+from lrpilot.pilots.hyperreg import HyperRegularization
 from lrpilot.registry import BuildContext, MethodInfo, get_method, list_methods, register
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "Decision",
     "EpochSignals",
     "History",
+    "HyperRegularization",
     "LARS",
     "Metric",
     "MethodInfo",

@@ -38,7 +38,10 @@ __all__ = [
 ]
 
 # Modules that register methods, in the order `lrpilot list methods` shows them.
-_FAMILY_MODULES: tuple[str, ...] = ("lrpilot.baselines.torch_methods",)
+_FAMILY_MODULES: tuple[str, ...] = (
+    "lrpilot.baselines.torch_methods",
+    "lrpilot.pilots.hyperreg",
+)
 
 _REGISTRY: dict[str, MethodInfo] = {}
 _loaded = False
