@@ -73,16 +73,26 @@ def lambertw(x: torch.Tensor, *, iterations: int = ITERATIONS) -> torch.Tensor:
     return torch.where(x < -_INV_E, torch.full_like(w, math.nan), w)
 
 
-def lambertw_nonneg(x: torch.Tensor, *, iterations: int = ITERATIONS) -> torch.Tensor:
-    """:func:`lambertw` for finite ``x >= 0`` only, in fewer tensor operations (an optimizer's hot path).
+def lambertw_nonneg(x: torch.Tensor, *, iterations: int | None = None) -> torch.Tensor:
+    """:func:`lambertw` for finite ``x >= 0`` only, in a third of the tensor passes (an optimizer's hot path).
 
+    Winitzki's guess, then Newton's method on ``w + log(w) = log(x)``, which for ``x > 0`` is as well
+    conditioned as the problem and costs six in-place passes per step:
+    ``w <- w (1 + log(x / w)) / (1 + w)``. Quadratic: 2 % -> 1e-4 -> 3e-9 -> 4e-16, so three steps
+    in float64 and two in lower precisions (2.5e-7, the float32 rounding of the formula).
     Negative, ``inf`` or ``nan`` inputs give unspecified results; ``W(0) = 0`` exactly.
     """
     _check_float(x)
+    steps = (3 if x.dtype == torch.float64 else 2) if iterations is None else iterations
     tiny = torch.finfo(x.dtype).tiny
-    xs = x.clamp(min=tiny)  # keeps the guess > 0 for the correction's division
+    xs = x.clamp(min=tiny)  # keeps the guess > 0 for the log
     lg = torch.log1p(xs)
-    w = _fsc(xs, lg * (1 - torch.log1p(lg) / (2 + lg)), iterations)
+    w = torch.log1p(lg).div_(lg + 2).neg_().add_(1).mul_(lg)  # l (1 - log(1 + l) / (2 + l))
+    t = torch.empty_like(w)
+    for _ in range(steps):
+        torch.div(xs, w, out=t).log_().add_(1).mul_(w)  # w (1 + log(x / w))
+        t.div_(w.add_(1))
+        w, t = t, w  # two buffers for all the steps: fresh temporaries cost as much as the arithmetic
     return torch.where(x >= tiny, w, x)  # W(x) = x to rounding for zero and subnormals
 
 

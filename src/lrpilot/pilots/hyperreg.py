@@ -284,9 +284,11 @@ def clipped_growth(a: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
     div = get_divergence(group["divergence"])
     if algorithm != 1 and group["pole"] == "report":
         delta = div.approx_raw(a)
+    elif clip is not None:
+        a = a.clamp_(max=_threshold(div.name, algorithm, float(clip)))
+        # below the threshold, Algorithm 2 is below its pole: the raw closed form needs no pole test
+        delta = div.exact(a) if algorithm == 1 else div.approx_raw(a)
     else:
-        if clip is not None:
-            a = a.clamp_(max=_threshold(div.name, algorithm, float(clip)))
         delta = growth(a, div, algorithm)
     if clip is not None:
         # Also absorbs the last-bit rounding of the rule at the threshold: beta_{t+1} <= c beta_t exactly.
