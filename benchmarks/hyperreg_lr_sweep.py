@@ -4,7 +4,8 @@
         --out runs/hyperreg_sweep.jsonl [--epochs 5] [--train-subset 10000] [--lrs 1e-4,...,1e3]
 
 Every variant (the twelve ``hyperreg-*``, ``adagrad-diag``, ``wngrad``, the unfixed pole of reverse KL
-and Hellinger 2/3 as the report's code had it, with and without growth clipping) and constant-LR SGD
+and Hellinger 2/3 as the report's code had it, reverse KL 2/3 without growth clipping, with our pole and
+with the report's, as its MNIST code ran) and constant-LR SGD
 (no momentum) at every initial LR, on ``fmnist-mlp500-sigmoid`` (the report's 784-500-10 sigmoid MLP,
 on Fashion-MNIST), L2 1e-4 as in the report, seed 0. One JSON line per run goes to ``--out``; a run
 already there is not repeated (so an interrupted sweep resumes). The table printed at the end (and by
@@ -47,6 +48,8 @@ def variants() -> list[tuple[str, str, dict[str, Any]]]:
         for alg in (2, 3):
             rows.append((f"hyperreg-{div}-{alg} pole=report", f"hyperreg-{div}-{alg}",
                          {"weight_decay": L2, "pole": "report"}))
+    for alg in (2, 3):
+        rows.append((f"hyperreg-rkl-{alg} no clip", f"hyperreg-rkl-{alg}", {"weight_decay": L2, "growth_clip": None}))
     for alg in (2, 3):
         rows.append((f"hyperreg-rkl-{alg} pole=report, no clip", f"hyperreg-rkl-{alg}",
                      {"weight_decay": L2, "pole": "report", "growth_clip": None}))
@@ -109,6 +112,25 @@ def table(done: dict[str, dict[str, Any]], lrs: tuple[float, ...], what: str = "
     return "\n".join(lines)
 
 
+def merged_table(runs: list[dict[str, dict[str, Any]]], lrs: tuple[float, ...]) -> str:
+    """Median [min, max] of the final training loss over several sweeps (seeds); a diverged run is inf."""
+    lines = ["| variant | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for label, _, _ in variants():
+        cells = []
+        for lr in lrs:
+            rows = [r[key(label, lr)] for r in runs if key(label, lr) in r]
+            if not rows:
+                cells.append("-")
+                continue
+            losses = sorted(math.inf if (row["status"] == "diverged" or not math.isfinite(row["train_loss"]))
+                            else row["train_loss"] for row in rows)
+            med = losses[len(losses) // 2]
+            fmt = lambda v: "div" if math.isinf(v) else f"{v:.3g}"  # noqa: E731
+            cells.append(f"{fmt(med)} [{fmt(losses[0])}, {fmt(losses[-1])}]" if len(losses) > 1 else fmt(med))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/hyperreg_sweep.jsonl"))
@@ -118,7 +140,13 @@ def main() -> None:
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LRS))
     parser.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="print the median [min, max] training loss over these result files (seeds) and exit")
     args = parser.parse_args()
+    if args.merge:
+        runs = [load(path) for path in args.merge]
+        print(merged_table(runs, tuple(float(v) for v in args.lrs.split(","))))
+        return
     torch.set_num_threads(1)
     lrs = tuple(float(v) for v in args.lrs.split(","))
     args.out.parent.mkdir(parents=True, exist_ok=True)

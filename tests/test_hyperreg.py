@@ -300,6 +300,10 @@ def test_without_clipping_the_report_pole_ascends_and_ours_freezes_the_coordinat
     ours.step()
     assert ours.state[y]["beta"][0] == math.inf and y[0] == 0  # LR 0: the coordinate stops
     assert ours.state[y]["beta"][1] == pytest.approx(1 / (1 - 0.25))
+    for g in (0.0, 0.3):  # and stays stopped, without inf * 0 = nan, whatever the next gradient
+        y.grad = torch.tensor([g, 0.1], dtype=F64)
+        ours.step()
+        assert ours.state[y]["beta"][0] == math.inf and y[0] == 0 and torch.all(torch.isfinite(y))
 
 
 @pytest.mark.parametrize("divergence", ALL_DIVERGENCES)

@@ -311,27 +311,29 @@ def _hyperreg_update(
     """One step for parameters of one device and dtype (``betas`` from :meth:`HyperRegularization._betas`)."""
     scope = group["scope"]
     if scope == "coordinate":
-        ratios = torch._foreach_div(beta_grads, betas)
-        a = torch.cat([r.reshape(-1) for r in ratios]).square_()
+        scaled = torch._foreach_div(beta_grads, betas)
+        a = torch.cat([v.reshape(-1) for v in scaled]).square_()
     else:
         norms = torch.stack(torch._foreach_norm(beta_grads))
         if scope == "tensor":
             a = (norms / torch.stack(betas)).square_()
         else:
             a = (norms.square().sum() / betas[0].square()).reshape(1)
-    delta = clipped_growth(a, group)
+    # beta <- beta * u with u = 1 + delta: the product form keeps beta = +inf (the unclipped pole) at +inf
+    # where beta + beta * delta would give inf * 0 = nan once delta is 0.
+    ratio = clipped_growth(a, group).add_(1.0)
     if scope == "coordinate":
-        deltas = [d.view_as(b) for d, b in zip(delta.split([b.numel() for b in betas]), betas)]
+        ratios = [r.view_as(b) for r, b in zip(ratio.split([b.numel() for b in betas]), betas)]
         unique_betas = betas
     elif scope == "tensor":
-        deltas, unique_betas = list(delta.unbind()), betas
+        ratios, unique_betas = list(ratio.unbind()), betas
     else:
-        deltas, unique_betas = [delta[0]], betas[:1]
+        ratios, unique_betas = [ratio[0]], betas[:1]
 
     lagged = group["algorithm"] == 3
     if lagged:
         _descend(params, step_grads, betas, scope)
-    torch._foreach_addcmul_(unique_betas, unique_betas, deltas)  # beta <- beta (1 + delta)
+    torch._foreach_mul_(unique_betas, ratios)  # beta <- beta (1 + delta)
     if not lagged:
         _descend(params, step_grads, betas, scope)
 
