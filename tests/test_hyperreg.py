@@ -110,6 +110,31 @@ def test_each_rule_matches_the_slow_bracketing_reference(divergence, algorithm):
     assert torch.allclose(fast, slow, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("algorithm", [1, 2])
+@pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
+def test_in_place_ratio_forms_give_one_plus_the_growth_to_a_few_ulps(divergence, algorithm, dtype):
+    """The optimizer's hot path computes u = 1 + delta in place; it must agree with the accurate rules."""
+    div = DIVERGENCES[divergence]
+    a = solvable(random_a(), divergence, algorithm)
+    if dtype == torch.float32:
+        a = a[a < 1e30]
+    if algorithm != 1:
+        a = a[a < min(div.pole, 80.0) * (1 - 1e-6)]  # exp(a) within float32, the pole kept at a distance
+    expected = 1 + growth(a, divergence, algorithm)
+    work = a.to(dtype)
+    ratio = (div.exact_ratio_ if algorithm == 1 else div.approx_ratio_)(work.clone())
+    assert ratio.dtype == dtype
+    ulps = 16 if algorithm == 1 else 4  # Algorithm 2 near its pole: 1/(1 - a) amplifies a's rounding
+    eps = torch.finfo(dtype).eps
+    # rounding amplified by the problem itself: exp(w) turns w's rounding into ln(u) ulps of u, and
+    # Algorithm 2 near its pole 1/(1 - a) turns a's rounding into a/(1 - a) ulps
+    cond = torch.log(expected).clamp(min=1.0)
+    if algorithm != 1 and div.pole < math.inf:
+        cond = cond * (a / (1 - a)).clamp(min=1.0)
+    assert torch.all((ratio.double() - expected).abs() <= ulps * eps * expected * cond), divergence
+
+
 @pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
 def test_exact_rule_maximises_the_max_min_objective(divergence):
     """beta_{t+1} maximises J(beta) = -g^2/(2 beta) - eta phi(beta/eta)/2 with eta = beta_t (the derivation)."""

@@ -96,6 +96,21 @@ def lambertw_nonneg(x: torch.Tensor, *, iterations: int | None = None) -> torch.
     return torch.where(x >= tiny, w, x)  # W(x) = x to rounding for zero and subnormals
 
 
+def _lambertw_nonneg_(x: torch.Tensor, *, iterations: int | None = None) -> torch.Tensor:
+    """:func:`lambertw_nonneg` that may overwrite ``x`` (three temporaries instead of five); returns
+    ``W(x)``, with ``W(0) = W(tiny)`` (the smallest normal number) instead of 0."""
+    steps = (3 if x.dtype == torch.float64 else 2) if iterations is None else iterations
+    x.clamp_(min=torch.finfo(x.dtype).tiny)
+    lg = torch.log1p(x)
+    w = torch.add(lg, 2.0).reciprocal_().mul_(torch.log1p(lg)).neg_().add_(1.0).mul_(lg)  # Winitzki
+    t = lg  # its buffer serves as Newton's scratch
+    for _ in range(steps):
+        torch.div(x, w, out=t).log_().add_(1.0).mul_(w)
+        t.div_(w.add_(1.0))
+        w, t = t, w
+    return w
+
+
 def _fsc(x: torch.Tensor, w: torch.Tensor, iterations: int) -> torch.Tensor:
     """Fritsch-Shafer-Crowley corrections of a guess ``w`` of ``W(x)`` (fourth order)."""
     for _ in range(iterations):

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lrpilot.estimators.lambertw import lambertw_nonneg
+from lrpilot.estimators.lambertw import _lambertw_nonneg_, lambertw_nonneg
 
 __all__ = [
     "DIVERGENCES",
@@ -78,7 +78,15 @@ class PhiDivergence:
             :math:`a \\ge` ``pole``.
         approx_raw: Algorithm 2's closed form evaluated everywhere, past the pole included (negative or
             ``nan`` there): what the reproducibility report's code computed.
+        exact_ratio_: Algorithm 1 as the growth *ratio* :math:`u = 1 + \\delta`, computed in place: it
+            may overwrite its argument, and returns it or another tensor (the optimizer's hot path).
+        approx_ratio_: Algorithm 2's ratio in place, for :math:`a` below the pole only.
         pole: :math:`\\sup_u \\phi'(u)` (``inf`` when :math:`\\phi'` is unbounded).
+
+    The ratio forms give :math:`u` to a few units in the last place, which is all
+    :math:`\\beta_{t+1} = \\beta_t u` can use, with few passes and no temporaries where the formula allows
+    (on a CPU a fresh temporary costs as much as the arithmetic); the :math:`\\delta` forms keep
+    :math:`\\delta`'s own relative accuracy for tiny :math:`a`, which the tests check against the equations.
     """
 
     name: str
@@ -89,6 +97,8 @@ class PhiDivergence:
     exact: Rule
     approx: Rule
     approx_raw: Rule
+    exact_ratio_: Rule
+    approx_ratio_: Rule
     pole: float = math.inf
 
 
@@ -135,6 +145,40 @@ def _quartic_growth(a: torch.Tensor) -> torch.Tensor:
     return e
 
 
+def _cubic_ratio_(b: torch.Tensor) -> torch.Tensor:
+    """In place: ``u = 1/3 + (2/3) cosh(arcosh(1 + z) / 3)``, ``z = 27 b / 2``, the root > 1 of
+    ``u^3 - u^2 = b``, with ``arcosh(1 + z) = log1p(z + sqrt(z) sqrt(2 + z))`` (torch's ``acosh`` is
+    ten times slower than ``log1p`` on CPUs)."""
+    z = b.mul_(13.5)
+    t = torch.add(z, 2.0).sqrt_().mul_(torch.sqrt(z))
+    return t.add_(z).log1p_().mul_(1.0 / 3).cosh_().mul_(2.0 / 3).add_(1.0 / 3)
+
+
+def _quartic_ratio_(a: torch.Tensor) -> torch.Tensor:
+    """``u = (1 + e)^2`` with ``e (1 + e)^3 = a`` (:func:`_quartic_growth`), with five work buffers."""
+    steps = 3 if a.dtype == torch.float64 else 2
+    e = torch.mul(a, 3.0).add_(1.0).reciprocal_().mul_(a)
+    p = torch.sqrt(a).sqrt_().sub_(1.0)
+    torch.maximum(e, p, out=e)
+    r, h, h1 = (torch.empty_like(a) for _ in range(3))
+    for _ in range(steps):
+        torch.add(e, 1.0, out=p)
+        torch.mul(p, p, out=r).square_()
+        torch.div(a, r, out=r)  # r = a / p^4
+        torch.addcmul(e, r, p, value=-1.0, out=h)  # h(e)
+        torch.mul(r, 3.0, out=h1).add_(1.0)  # h'(e)
+        r.mul_(h).div_(p).mul_(6.0).addcmul_(h1, h1)  # Halley's denominator, in r's buffer
+        e.sub_(h.mul_(h1).div_(r))
+    return e.add_(1.0).square_()
+
+
+def _kl_ratio_(a: torch.Tensor) -> torch.Tensor:
+    """In place: ``u = exp(W(2a) / 2) = sqrt(2a / W(2a))`` (``W e^W = x``; a square root is cheaper)."""
+    x = a.mul_(2.0)
+    w = _lambertw_nonneg_(x)  # clamps x at the smallest normal number: x / w = 1 there
+    return torch.div(x, w, out=w).sqrt_()
+
+
 def _beyond(pole: float, a: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` where ``a < pole``, ``+inf`` elsewhere (the maximiser past Algorithm 2's pole)."""
     return torch.where(a < pole, value, torch.full_like(value, math.inf))
@@ -170,6 +214,8 @@ DIVERGENCES: dict[str, PhiDivergence] = {
             exact=lambda a: torch.expm1(lambertw_nonneg(2 * a).mul_(0.5)),
             approx=torch.expm1,
             approx_raw=torch.expm1,
+            exact_ratio_=_kl_ratio_,
+            approx_ratio_=torch.exp_,
         ),
         PhiDivergence(
             "rkl", "u - 1 - ln u (reverse Kullback-Leibler)",
@@ -180,6 +226,8 @@ DIVERGENCES: dict[str, PhiDivergence] = {
             exact=lambda a: 2 * a / (1 + torch.sqrt(1 + 4 * a)),
             approx=lambda a: _beyond(1.0, a, _rkl_approx_raw(a)),
             approx_raw=_rkl_approx_raw,
+            exact_ratio_=lambda a: a.mul_(4.0).add_(1.0).sqrt_().add_(1.0).mul_(0.5),
+            approx_ratio_=lambda a: a.neg_().add_(1.0).reciprocal_(),
             pole=1.0,
         ),
         PhiDivergence(
@@ -190,6 +238,8 @@ DIVERGENCES: dict[str, PhiDivergence] = {
             exact=lambda a: (lambda e: e * (2 + e))(_quartic_growth(a)),  # u = (1 + e)^2
             approx=lambda a: _beyond(1.0, a, _hellinger_approx_raw(a)),
             approx_raw=_hellinger_approx_raw,
+            exact_ratio_=_quartic_ratio_,
+            approx_ratio_=lambda a: a.neg_().add_(1.0).square_().reciprocal_(),
             pole=1.0,
         ),
         PhiDivergence(
@@ -200,6 +250,8 @@ DIVERGENCES: dict[str, PhiDivergence] = {
             exact=lambda a: _cubic_growth(a / 2),
             approx=lambda a: a / 2,
             approx_raw=lambda a: a / 2,
+            exact_ratio_=lambda a: _cubic_ratio_(a.mul_(0.5)),
+            approx_ratio_=lambda a: a.mul_(0.5).add_(1.0),
         ),
         PhiDivergence(
             "half-chi2", "(u - 1)^2 / 2 (half Pearson chi-square; WNGrad)",
@@ -209,6 +261,8 @@ DIVERGENCES: dict[str, PhiDivergence] = {
             exact=_cubic_growth,
             approx=lambda a: a,
             approx_raw=lambda a: a,
+            exact_ratio_=_cubic_ratio_,
+            approx_ratio_=lambda a: a.add_(1.0),
         ),
         PhiDivergence(
             "neyman-chi2", "(u - 1)^2 / u (Neyman chi-square; AdaGrad)",
@@ -219,6 +273,8 @@ DIVERGENCES: dict[str, PhiDivergence] = {
             exact=lambda a: a / (1 + torch.sqrt(1 + a)),
             approx=lambda a: _beyond(1.0, a, _neyman_approx_raw(a)),
             approx_raw=_neyman_approx_raw,
+            exact_ratio_=lambda a: a.add_(1.0).sqrt_(),
+            approx_ratio_=lambda a: a.neg_().add_(1.0).rsqrt_(),
             pole=1.0,
         ),
     )

@@ -270,30 +270,33 @@ def _buckets(params: list[torch.Tensor]) -> list[list[int]]:
     return list(buckets.values())
 
 
-def clipped_growth(a: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-    r"""The clipped growth :math:`\delta = \beta_{t+1}/\beta_t - 1 \in [0, c - 1]` for a flat tensor ``a``.
+def growth_ratio_(a: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    r"""The clipped growth ratio :math:`u = \beta_{t+1}/\beta_t \in [1, c]` for a flat tensor ``a``
+    (which it may overwrite).
 
     With clipping, ``a`` is first clipped at the threshold where the rule reaches :math:`c`
     (:func:`~lrpilot.estimators.phi_divergence.growth_threshold`): the rules increase with ``a``, so this
     is the same clip, and it keeps every rule on a bounded range: KL's ``exp`` cannot overflow and
-    Algorithm 2 never reaches its pole, whose :math:`+\infty` becomes :math:`c - 1` exactly as the
-    ``"infinite"`` reading says. ``pole="report"`` evaluates the raw closed form instead (negative past
-    the pole), then clips.
+    Algorithm 2 never reaches its pole, whose :math:`+\infty` becomes :math:`c` exactly as the
+    ``"infinite"`` reading says. On that range the in-place ratio forms apply. ``pole="report"``
+    evaluates the raw closed form instead (negative past the pole), then clips; without clipping the
+    pole gives :math:`u = +\infty`.
     """
     algorithm, clip = group["algorithm"], group["growth_clip"]
     div = get_divergence(group["divergence"])
     if algorithm != 1 and group["pole"] == "report":
-        delta = div.approx_raw(a)
+        u = div.approx_raw(a).add_(1.0)
     elif clip is not None:
         a = a.clamp_(max=_threshold(div.name, algorithm, float(clip)))
-        # below the threshold, Algorithm 2 is below its pole: the raw closed form needs no pole test
-        delta = div.exact(a) if algorithm == 1 else div.approx_raw(a)
+        u = div.exact_ratio_(a) if algorithm == 1 else div.approx_ratio_(a)
+    elif algorithm == 1:
+        u = div.exact_ratio_(a)  # no pole
     else:
-        delta = growth(a, div, algorithm)
+        u = growth(a, div, algorithm).add_(1.0)  # +inf past the pole
     if clip is not None:
         # Also absorbs the last-bit rounding of the rule at the threshold: beta_{t+1} <= c beta_t exactly.
-        delta = delta.clamp_(min=0.0, max=clip - 1.0)
-    return delta
+        u = u.clamp_(min=1.0, max=float(clip))
+    return u
 
 
 @functools.lru_cache(maxsize=64)
@@ -311,17 +314,22 @@ def _hyperreg_update(
     """One step for parameters of one device and dtype (``betas`` from :meth:`HyperRegularization._betas`)."""
     scope = group["scope"]
     if scope == "coordinate":
-        scaled = torch._foreach_div(beta_grads, betas)
-        a = torch.cat([v.reshape(-1) for v in scaled]).square_()
+        # a = (g / beta)^2 of every coordinate in one flat tensor, so that the rule is a few whole-tensor
+        # passes whatever the number of parameters, and in place: no per-tensor temporaries.
+        a = torch.empty(sum(b.numel() for b in betas), dtype=betas[0].dtype, device=betas[0].device)
+        views = [v.view_as(b) for v, b in zip(a.split([b.numel() for b in betas]), betas)]
+        torch._foreach_copy_(views, beta_grads)
+        torch._foreach_div_(views, betas)
+        a.square_()
     else:
         norms = torch.stack(torch._foreach_norm(beta_grads))
         if scope == "tensor":
             a = (norms / torch.stack(betas)).square_()
         else:
             a = (norms.square().sum() / betas[0].square()).reshape(1)
-    # beta <- beta * u with u = 1 + delta: the product form keeps beta = +inf (the unclipped pole) at +inf
-    # where beta + beta * delta would give inf * 0 = nan once delta is 0.
-    ratio = clipped_growth(a, group).add_(1.0)
+    # beta <- beta * u: the product form keeps beta = +inf (the unclipped pole) at +inf where
+    # beta + beta * delta would give inf * 0 = nan once delta is 0.
+    ratio = growth_ratio_(a, group)
     if scope == "coordinate":
         ratios = [r.view_as(b) for r, b in zip(ratio.split([b.numel() for b in betas]), betas)]
         unique_betas = betas
@@ -333,7 +341,7 @@ def _hyperreg_update(
     lagged = group["algorithm"] == 3
     if lagged:
         _descend(params, step_grads, betas, scope)
-    torch._foreach_mul_(unique_betas, ratios)  # beta <- beta (1 + delta)
+    torch._foreach_mul_(unique_betas, ratios)  # beta <- beta u
     if not lagged:
         _descend(params, step_grads, betas, scope)
 
