@@ -25,7 +25,7 @@ from lrpilot.estimators.phi_divergence import (
 )
 from lrpilot.pilots.hyperreg import HyperRegularization
 from lrpilot.registry import get_method
-from tests.conftest import TinyTask
+from tests.conftest import TinyTask, needs_fmnist
 
 F64 = torch.float64
 PAPER_DIVERGENCES = ("kl", "rkl", "hellinger", "chi2")
@@ -541,6 +541,7 @@ def test_bad_options_raise_errors_naming_them(options, pattern):
     opt = HyperRegularization([x], lr=0.1)
     with pytest.raises(ValueError, match=pattern):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], **options})
+    assert len(opt.param_groups) == 1  # the bad group was not added
 
 
 def test_registry_names_and_lr_telemetry_through_the_loop():
@@ -563,3 +564,20 @@ def test_the_report_task_is_registered_with_its_network():
     assert [(m.in_features, m.out_features) for m in linears] == [(784, 500), (500, 10)]
     assert any(isinstance(m, torch.nn.Sigmoid) for m in model.modules())
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_report_network_pole_fix_removes_the_divergence_the_report_saw():
+    """On the report's network at LR 10 (the report's summed-gradient LR 0.08, where its RKL2/RKL3 gave
+    NaN): the report's unclipped raw pole diverges in the first epoch; ours trains."""
+    from lrpilot.bench.tasks import run_task
+
+    def final(**options):
+        record = run_task("fmnist-mlp500-sigmoid", "hyperreg-rkl-2", epochs=1, train_subset=2000, progress=False,
+                          method_options={"lr": 10.0, "weight_decay": 1e-4, **options})
+        return record["summary"]["status"], record["epochs"][-1]["train_loss"]
+
+    assert final(pole="report", growth_clip=None)[0] == "diverged"
+    status, loss = final()
+    assert status == "completed" and math.isfinite(loss)

@@ -63,8 +63,8 @@ class HyperRegularization(torch.optim.Optimizer):
             (default 2.0, the report's "growth clipping"); ``None`` disables clipping (both bounds).
         warmup_steps: steps of plain SGD at ``warmup_lr`` before the rules start, :math:`\beta`
             frozen at :math:`\beta_0` meanwhile (the report's "starting point" fix; default 0).
-        warmup_lr: the LR of the warm-up steps (default ``None``: ``lr``).
         weight_decay: L2 coefficient added to the gradient (default 0).
+        warmup_lr: the LR of the warm-up steps (default ``None``: ``lr``).
         wd_in_beta: the :math:`\beta` rule sees the L2 term too, i.e. the gradient of the regularised
             objective (default ``True``, the report's MNIST code); ``False`` feeds it the raw gradient
             (the report's CIFAR code).
@@ -89,7 +89,7 @@ class HyperRegularization(torch.optim.Optimizer):
     .. note::
         Deviations from the reproducibility report's code: the pole is ``"infinite"`` by default
         (``pole="report"`` restores theirs); Algorithm 1 uses closed forms and a fixed number of
-        Halley/FSC steps instead of ``scipy.optimize.fsolve``; Algorithm 3 steps with :math:`\beta_t`
+        Newton/Halley steps instead of ``scipy.optimize.fsolve``; Algorithm 3 steps with :math:`\beta_t`
         (their RKL3 stepped with :math:`\beta_{t+1}`, i.e. was RKL2); the gradient is whatever the loss
         gives (the report's MNIST code summed the batch; a sum is a mean with ``lr`` times the batch
         size).
@@ -107,9 +107,9 @@ class HyperRegularization(torch.optim.Optimizer):
         algorithm: int = 1,
         growth_clip: float | None = 2.0,
         warmup_steps: int = 0,
-        warmup_lr: float | None = None,
         weight_decay: float = 0.0,
         *,
+        warmup_lr: float | None = None,
         wd_in_beta: bool = True,
         pole: str = "infinite",
         scope: str = "coordinate",
@@ -124,8 +124,9 @@ class HyperRegularization(torch.optim.Optimizer):
         self._mean_lr_cache: tuple[tuple[int, ...], list[float]] | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # checked before torch appends the group, so a bad one leaves the optimizer as it was
+        _check_options({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
-        _check_options(self.param_groups[-1])
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -141,6 +142,10 @@ class HyperRegularization(torch.optim.Optimizer):
             for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("HyperRegularization does not support sparse gradients")
+            buckets = _buckets(params)
+            if group["scope"] == "global" and len(buckets) > 1:
+                raise RuntimeError("HyperRegularization: scope='global' needs every parameter of a group on one device "
+                                   "and dtype; put the others in their own param group")
             grads = [p.grad for p in params]
             if group["weight_decay"] != 0:
                 decayed = torch._foreach_add(grads, params, alpha=group["weight_decay"])
@@ -153,10 +158,6 @@ class HyperRegularization(torch.optim.Optimizer):
                 warmup_lr = group["lr"] if group["warmup_lr"] is None else group["warmup_lr"]
                 torch._foreach_add_(params, decayed, alpha=-warmup_lr)
                 continue
-            buckets = _buckets(params)
-            if group["scope"] == "global" and len(buckets) > 1:
-                raise RuntimeError("HyperRegularization: scope='global' needs every parameter of a group on one device "
-                                   "and dtype; put the others in their own param group")
             for idx in buckets:
                 ps = [params[i] for i in idx]
                 _hyperreg_update(
