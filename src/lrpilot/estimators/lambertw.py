@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from lrpilot.estimators import scratch
+
 __all__ = ["lambertw", "lambertw_nonneg", "lambertw_reference"]
 
 _INV_E = math.exp(-1.0)
@@ -97,13 +99,14 @@ def lambertw_nonneg(x: torch.Tensor, *, iterations: int | None = None) -> torch.
 
 
 def _lambertw_nonneg_(x: torch.Tensor, *, iterations: int | None = None) -> torch.Tensor:
-    """:func:`lambertw_nonneg` that may overwrite ``x`` (three temporaries instead of five); returns
-    ``W(x)``, with ``W(0) = W(tiny)`` (the smallest normal number) instead of 0."""
+    """:func:`lambertw_nonneg` that may overwrite ``x``, with three temporaries from
+    :func:`lrpilot.estimators.scratch.empty_like`; returns ``W(x)``, with ``W(0) = W(tiny)`` (the
+    smallest normal number) instead of 0."""
     steps = (3 if x.dtype == torch.float64 else 2) if iterations is None else iterations
     x.clamp_(min=torch.finfo(x.dtype).tiny)
-    lg = torch.log1p(x)
-    w = torch.add(lg, 2.0).reciprocal_().mul_(torch.log1p(lg)).neg_().add_(1.0).mul_(lg)  # Winitzki
-    t = lg  # its buffer serves as Newton's scratch
+    lg = torch.log1p(x, out=scratch.empty_like(x))
+    t = torch.log1p(lg, out=scratch.empty_like(x))
+    w = torch.add(lg, 2.0, out=scratch.empty_like(x)).reciprocal_().mul_(t).neg_().add_(1.0).mul_(lg)  # Winitzki
     for _ in range(steps):
         torch.div(x, w, out=t).log_().add_(1.0).mul_(w)
         t.div_(w.add_(1.0))

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lrpilot.estimators import scratch
 from lrpilot.estimators.lambertw import _lambertw_nonneg_, lambertw_nonneg
 
 __all__ = [
@@ -150,17 +151,18 @@ def _cubic_ratio_(b: torch.Tensor) -> torch.Tensor:
     ``u^3 - u^2 = b``, with ``arcosh(1 + z) = log1p(z + sqrt(z) sqrt(2 + z))`` (torch's ``acosh`` is
     ten times slower than ``log1p`` on CPUs)."""
     z = b.mul_(13.5)
-    t = torch.add(z, 2.0).sqrt_().mul_(torch.sqrt(z))
+    t = torch.add(z, 2.0, out=scratch.empty_like(z)).sqrt_().mul_(torch.sqrt(z, out=scratch.empty_like(z)))
     return t.add_(z).log1p_().mul_(1.0 / 3).cosh_().mul_(2.0 / 3).add_(1.0 / 3)
 
 
 def _quartic_ratio_(a: torch.Tensor) -> torch.Tensor:
-    """``u = (1 + e)^2`` with ``e (1 + e)^3 = a`` (:func:`_quartic_growth`), with five work buffers."""
+    """``u = (1 + e)^2`` with ``e (1 + e)^3 = a`` (:func:`_quartic_growth`), with five work buffers from
+    :func:`lrpilot.estimators.scratch.empty_like`."""
     steps = 3 if a.dtype == torch.float64 else 2
-    e = torch.mul(a, 3.0).add_(1.0).reciprocal_().mul_(a)
-    p = torch.sqrt(a).sqrt_().sub_(1.0)
+    e = torch.mul(a, 3.0, out=scratch.empty_like(a)).add_(1.0).reciprocal_().mul_(a)
+    p = torch.sqrt(a, out=scratch.empty_like(a)).sqrt_().sub_(1.0)
     torch.maximum(e, p, out=e)
-    r, h, h1 = (torch.empty_like(a) for _ in range(3))
+    r, h, h1 = (scratch.empty_like(a) for _ in range(3))
     for _ in range(steps):
         torch.add(e, 1.0, out=p)
         torch.mul(p, p, out=r).square_()

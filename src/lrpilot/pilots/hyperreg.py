@@ -12,6 +12,7 @@ two special cases the paper re-derives: ``adagrad-diag`` and ``wngrad``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterable
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lrpilot.estimators import scratch
 from lrpilot.estimators.phi_divergence import DIVERGENCES, get_divergence, growth, growth_threshold
 from lrpilot.pilots.base import MethodParts
 from lrpilot.registry import BuildContext, MethodInfo, register
@@ -160,15 +162,25 @@ class HyperRegularization(torch.optim.Optimizer):
                 continue
             for idx in buckets:
                 ps = [params[i] for i in idx]
-                _hyperreg_update(
-                    ps,
-                    [decayed[i] for i in idx],
-                    [decayed[i] for i in idx] if group["wd_in_beta"] else [grads[i] for i in idx],
-                    self._betas(group, ps),
-                    group,
-                )
+                # CPU temporaries come from a pool kept across steps (see lrpilot.estimators.scratch)
+                pool = self._scratch_pool() if ps[0].device.type == "cpu" else None
+                with scratch.reuse(pool) if pool is not None else contextlib.nullcontext():
+                    _hyperreg_update(
+                        ps,
+                        [decayed[i] for i in idx],
+                        [decayed[i] for i in idx] if group["wd_in_beta"] else [grads[i] for i in idx],
+                        self._betas(group, ps),
+                        group,
+                    )
         self._mean_lr_cache = None
         return loss
+
+    def _scratch_pool(self) -> scratch.Pool:
+        """Work buffers of the rules, kept between steps; not state (``copy``/``pickle`` drop it)."""
+        pool = self.__dict__.get("_scratch")
+        if pool is None:
+            pool = self.__dict__["_scratch"] = scratch.Pool()
+        return pool
 
     def _betas(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
         """The beta of each parameter (created at 1/lr on first use), one entry per parameter."""
@@ -201,8 +213,9 @@ class HyperRegularization(torch.optim.Optimizer):
         over :math:`\beta`, cached until the next step.
         """
         key = tuple(g["step"] for g in self.param_groups)
-        if self._mean_lr_cache is not None and self._mean_lr_cache[0] == key:
-            return list(self._mean_lr_cache[1])
+        cached = self.__dict__.get("_mean_lr_cache")  # absent after copy.deepcopy / unpickling
+        if cached is not None and cached[0] == key:
+            return list(cached[1])
         values = []
         for group in self.param_groups:
             if group["step"] < group["warmup_steps"]:  # the next step is a warm-up step
@@ -317,7 +330,7 @@ def _hyperreg_update(
     if scope == "coordinate":
         # a = (g / beta)^2 of every coordinate in one flat tensor, so that the rule is a few whole-tensor
         # passes whatever the number of parameters, and in place: no per-tensor temporaries.
-        a = torch.empty(sum(b.numel() for b in betas), dtype=betas[0].dtype, device=betas[0].device)
+        a = scratch.empty((sum(b.numel() for b in betas),), dtype=betas[0].dtype, device=betas[0].device)
         views = [v.view_as(b) for v, b in zip(a.split([b.numel() for b in betas]), betas)]
         torch._foreach_copy_(views, beta_grads)
         torch._foreach_div_(views, betas)
