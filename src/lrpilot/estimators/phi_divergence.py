@@ -14,9 +14,10 @@ with :math:`a = g_t^2/\beta_t^2` (for a block of coordinates sharing one :math:`
 :math:`a = \lVert g\rVert^2/\beta_t^2`). Algorithm 1 solves it exactly; Algorithm 2 replaces
 :math:`\beta_{t+1}` by :math:`\beta_t` on the right, :math:`\phi'(u) = a`.
 
-Everything here is written in the *growth* :math:`\delta = u - 1 \ge 0` rather than in :math:`u`,
-because :math:`\delta` is tiny for small gradients (:math:`\delta \approx a/\phi''(1)`) and would be lost
-to rounding in :math:`u`; :math:`\beta_{t+1} = \beta_t + \beta_t\delta`.
+The rules are written in the *growth* :math:`\delta = u - 1 \ge 0`, because :math:`\delta` is tiny for
+small gradients (:math:`\delta \approx a/\phi''(1)`) and would be lost to rounding in :math:`u`; each
+also has an in-place form for :math:`u` itself (``exact_ratio_``, ``approx_ratio_``), accurate to a few
+ulps of :math:`u`, which is all :math:`\beta_{t+1} = \beta_t u` can use: the optimizer's hot path.
 
 =============  ===========================  ==============================  ==========  ===========
 name           :math:`\phi(u)`              Algorithm 1 (exact) solves      Algorithm 2 :math:`\phi''(1)`
@@ -120,29 +121,31 @@ def _cubic_growth(b: torch.Tensor) -> torch.Tensor:
     return x.sinh_().square_().mul_(4.0 / 3)
 
 
-def _quartic_growth(a: torch.Tensor) -> torch.Tensor:
+def _quartic_root(a: torch.Tensor) -> torch.Tensor:
     r"""The root :math:`e \ge 0` of :math:`e (1 + e)^3 = a` (Hellinger, :math:`s = \sqrt{u} = 1 + e`).
 
     Ferrari's closed form cancels catastrophically at both ends (small and large :math:`a`), so this is
     Halley's method on :math:`h(e) = e - a/(1 + e)^3` (increasing, concave) from
     :math:`\max(a/(1 + 3a), a^{1/4} - 1)`, which has the right first terms at both ends. Three steps
     reach the float64 rounding error for every :math:`a` in :math:`[0, 10^{300}]`; two leave < 2e-7,
-    below float32 rounding, so lower precisions take two.
+    below float32 rounding, so lower precisions take two. ``a`` is only read; the five work buffers
+    come from :func:`lrpilot.estimators.scratch.empty_like` and the passes are in place, because the
+    rule runs on every coordinate at every optimizer step.
     """
     steps = 3 if a.dtype == torch.float64 else 2
-    e = torch.maximum(a / (3 * a + 1), torch.sqrt(torch.sqrt(a)).sub_(1))
-    # Work buffers reused across steps, in-place passes: the rule runs on every coordinate at every
-    # optimizer step, and on a CPU fresh temporaries cost as much as the arithmetic.
-    p, r, h, h1, den = (torch.empty_like(a) for _ in range(5))
+    e = torch.mul(a, 3.0, out=scratch.empty_like(a)).add_(1.0).reciprocal_().mul_(a)
+    p = torch.sqrt(a, out=scratch.empty_like(a)).sqrt_().sub_(1.0)
+    torch.maximum(e, p, out=e)
+    r, h, h1 = (scratch.empty_like(a) for _ in range(3))
     for _ in range(steps):
         torch.add(e, 1.0, out=p)
         torch.mul(p, p, out=r).square_()
         torch.div(a, r, out=r)  # r = a / p^4
         torch.addcmul(e, r, p, value=-1.0, out=h)  # h(e) = e - a/p^3
         torch.mul(r, 3.0, out=h1).add_(1.0)  # h'(e) = 1 + 3a/p^4
-        # Halley: e - h h' / (h'^2 - h h''/2), with h'' = -12 r / p
-        torch.mul(h, r, out=den).div_(p).mul_(6.0).addcmul_(h1, h1)
-        e.sub_(h.mul_(h1).div_(den))
+        # Halley: e - h h' / (h'^2 - h h''/2), with h'' = -12 r / p; the denominator goes in r's buffer
+        r.mul_(h).div_(p).mul_(6.0).addcmul_(h1, h1)
+        e.sub_(h.mul_(h1).div_(r))
     return e
 
 
@@ -153,25 +156,6 @@ def _cubic_ratio_(b: torch.Tensor) -> torch.Tensor:
     z = b.mul_(13.5)
     t = torch.add(z, 2.0, out=scratch.empty_like(z)).sqrt_().mul_(torch.sqrt(z, out=scratch.empty_like(z)))
     return t.add_(z).log1p_().mul_(1.0 / 3).cosh_().mul_(2.0 / 3).add_(1.0 / 3)
-
-
-def _quartic_ratio_(a: torch.Tensor) -> torch.Tensor:
-    """``u = (1 + e)^2`` with ``e (1 + e)^3 = a`` (:func:`_quartic_growth`), with five work buffers from
-    :func:`lrpilot.estimators.scratch.empty_like`."""
-    steps = 3 if a.dtype == torch.float64 else 2
-    e = torch.mul(a, 3.0, out=scratch.empty_like(a)).add_(1.0).reciprocal_().mul_(a)
-    p = torch.sqrt(a, out=scratch.empty_like(a)).sqrt_().sub_(1.0)
-    torch.maximum(e, p, out=e)
-    r, h, h1 = (scratch.empty_like(a) for _ in range(3))
-    for _ in range(steps):
-        torch.add(e, 1.0, out=p)
-        torch.mul(p, p, out=r).square_()
-        torch.div(a, r, out=r)  # r = a / p^4
-        torch.addcmul(e, r, p, value=-1.0, out=h)  # h(e)
-        torch.mul(r, 3.0, out=h1).add_(1.0)  # h'(e)
-        r.mul_(h).div_(p).mul_(6.0).addcmul_(h1, h1)  # Halley's denominator, in r's buffer
-        e.sub_(h.mul_(h1).div_(r))
-    return e.add_(1.0).square_()
 
 
 def _kl_ratio_(a: torch.Tensor) -> torch.Tensor:
@@ -237,10 +221,10 @@ DIVERGENCES: dict[str, PhiDivergence] = {
             phi=lambda u: (torch.sqrt(u) - 1) ** 2,
             phi_prime=_hellinger_phi_prime,
             curvature=0.5,
-            exact=lambda a: (lambda e: e * (2 + e))(_quartic_growth(a)),  # u = (1 + e)^2
+            exact=lambda a: (lambda e: e * (2 + e))(_quartic_root(a)),  # u = (1 + e)^2
             approx=lambda a: _beyond(1.0, a, _hellinger_approx_raw(a)),
             approx_raw=_hellinger_approx_raw,
-            exact_ratio_=_quartic_ratio_,
+            exact_ratio_=lambda a: _quartic_root(a).add_(1.0).square_(),
             approx_ratio_=lambda a: a.neg_().add_(1.0).square_().reciprocal_(),
             pole=1.0,
         ),
