@@ -15,6 +15,7 @@ from lrpilot.loop.history import History, load_record, save_record
 from lrpilot.loop.metrics import Metric
 from lrpilot.pilots.base import Decision, EpochSignals, MethodParts, Pilot, StepSignals
 from lrpilot.pilots.hypergradient import RTHPO, SGDHD, HypergradientSGD, SGDHDVal
+from lrpilot.pilots.hyperreg import HyperRegularization
 from lrpilot.registry import BuildContext, MethodInfo, get_method, list_methods, register
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "EpochSignals",
     "History",
     "HypergradientSGD",
+    "HyperRegularization",
     "LARS",
     "Metric",
     "MethodInfo",

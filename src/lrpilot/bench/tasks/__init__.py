@@ -156,6 +156,9 @@ def _register_builtin() -> None:
                  _mnist1d, MNIST1DConvNet, ce, "accuracy", 30, 100, m1d),
         TaskInfo("fmnist-mlp", "Fashion-MNIST, MLP 784-512-256-10 (ReLU)", "classification", load_fmnist,
                  partial(MLP, (784, 512, 256, 10)), ce, "accuracy", 10, 128, fm, fmnist),
+        TaskInfo("fmnist-mlp500-sigmoid", "Fashion-MNIST, MLP 784-500-10 (sigmoid), the hyper-regularization "
+                 "report's MNIST network", "classification", load_fmnist,
+                 partial(MLP, (784, 500, 10), activation=nn.Sigmoid), ce, "accuracy", 10, 128, fm, fmnist),
         TaskInfo("fmnist-lenet", "Fashion-MNIST, LeNet-5", "classification", load_fmnist, LeNet5, ce, "accuracy",
                  10, 128, fm, fmnist),
         TaskInfo("fmnist-resnet20", "Fashion-MNIST, ResNet-20 (He et al. 2016)", "classification", load_fmnist,
