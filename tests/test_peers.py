@@ -350,3 +350,19 @@ def test_peer_reaches_its_measured_accuracy_on_the_full_mnist1d_budget(name):
     record = _mnist1d(name, epochs=30)
     assert record["summary"]["best_val_metric"] >= FULL[name]
 
+
+
+@pytest.mark.parametrize("name", ["dog", "ldog"])
+def test_dog_state_stays_on_the_parameters_device_after_loading(name):
+    # The package moves rbar, G and eta to the CPU in load_state_dict (a GPU run would then mix devices
+    # after a resume or rollback); ours keeps them with the parameters. On a CPU-only machine this checks
+    # the state round trip and the devices; the GPU path itself is untested here.
+    trainer = _trainer(name, epochs=1)
+    trainer.run()
+    state = copy.deepcopy(trainer.optimizer.state_dict())
+    trainer.optimizer.load_state_dict(state)
+    group = trainer.optimizer.param_groups[0]
+    device = group["params"][0].device
+    assert group["rbar"].device == device and group["G"].device == device
+    assert all(e.device == device for e in group["eta"])
+    assert type(trainer.optimizer).__name__ == ("LDoG" if name == "ldog" else "DoG")

@@ -52,10 +52,13 @@ def test_rule_on_a_scripted_loss_sequence():
     assert step(2, 2.2) == [("safety-net-rollback", "exploding", (0.05,))]
     assert step(3, 0.5) == [("safety-net-checkpoint", None, None)]
     assert net.threshold() == pytest.approx(1.0)  # now the doubling clause binds
-    assert step(4, 1.01) == [("safety-net-rollback", "exploding", (0.025,))]
-    assert step(5, math.nan) == [("safety-net-rollback", "nonfinite", (0.0125,))]
+    assert step(4, 0.7) == []  # worse than the checkpoint but not diverged: keep the best checkpoint
+    assert net.threshold() == pytest.approx(1.0)  # still measured from the checkpoint's 0.5
+    assert step(5, 1.01) == [("safety-net-rollback", "exploding", (0.025,))]
+    assert step(6, 0.5) == [("safety-net-checkpoint", None, None)]  # as good as the checkpoint
+    assert step(7, math.nan) == [("safety-net-rollback", "nonfinite", (0.0125,))]
     assert net.rollbacks == 3 and net.scale == 0.125 and not net.handles_nonfinite
-    assert step(6, math.inf) == []  # out of rollbacks: stand aside (the loop stops the run)
+    assert step(8, math.inf) == []  # out of rollbacks: stand aside (the loop stops the run)
 
 
 def test_a_loss_near_zero_does_not_explode_by_doubling():
@@ -284,3 +287,11 @@ def test_cli_flag_turns_the_net_on_and_reports_rollbacks(tmp_path, capsys):
     rollbacks = sum(d["reason"] == "safety-net-rollback" for d in record["decisions"])
     assert rollbacks > 0 and f"{rollbacks} rollbacks" in printed
     assert record["config"]["safety_net"] == {}
+
+
+def test_a_state_saved_with_the_net_does_not_load_without_it():
+    first = _run("sgd-cosine", bad_steps=[], epochs=2, until=1)
+    state = first.state_dict()
+    plain = _run("sgd-cosine", bad_steps=[], epochs=2, safety_net=None, until=0)
+    with pytest.raises(ValueError, match="saved with pilot SafetyNet, this trainer has SchedulePilot.*same safety_net"):
+        plain.load_state_dict(state)

@@ -14,6 +14,7 @@ from lrpilot.loop.fit import Trainer, fit
 from lrpilot.loop.history import History, load_record, save_record
 from lrpilot.loop.metrics import Metric
 from lrpilot.pilots.base import Decision, EpochSignals, MethodParts, Pilot, StepSignals
+from lrpilot.pilots.safety_net import SafetyNet
 from lrpilot.registry import BuildContext, MethodInfo, get_method, list_methods, register
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "MethodInfo",
     "MethodParts",
     "Pilot",
+    "SafetyNet",
     "StepSignals",
     "TensorLoader",
     "Trainer",

@@ -43,6 +43,7 @@ raises :class:`~lrpilot.registry.MissingExtraError` naming ``pip install 'lrpilo
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import logging
@@ -395,20 +396,45 @@ def build_schedulefree_adamw(
     return _schedulefree_parts(ctx, opt, bn_refresh_batches, "schedulefree-adamw")
 
 
+@functools.cache
+def _dog_class(layerwise: bool) -> type:
+    """The package's ``DoG``/``LDoG`` with ``load_state_dict`` keeping the state on the parameters' device.
+
+    The package's ``load_state_dict`` moves every tensor of a param group except ``init_buffer`` to the
+    CPU, so on a GPU the first step after a resume or a rollback mixes devices (``G += ...`` on a CPU
+    tensor; L-DoG's per-tensor ``rbar`` in ``torch.maximum``). Moving ``rbar``, ``G`` and ``eta`` back
+    to the parameters' device fixes it; on the CPU it changes nothing.
+    """
+    from dog import DoG, LDoG
+
+    base = LDoG if layerwise else DoG
+
+    class DeviceSafe(base):  # type: ignore[misc, valid-type]
+        def load_state_dict(self, state_dict: dict) -> None:
+            super().load_state_dict(state_dict)
+            for group in self.param_groups:
+                device = group["params"][0].device
+                for key in ("rbar", "G"):
+                    if isinstance(group.get(key), torch.Tensor):
+                        group[key] = group[key].to(device)
+                if isinstance(group.get("eta"), list):
+                    group["eta"] = [e.to(device) if isinstance(e, torch.Tensor) else e for e in group["eta"]]
+
+    DeviceSafe.__name__ = DeviceSafe.__qualname__ = base.__name__
+    return DeviceSafe
+
+
 def _build_dog(
     ctx: BuildContext, lr: float, reps_rel: float | None, weight_decay: float, eps: float, init_eta: float | None,
     average: bool, gamma: float, *, layerwise: bool,
 ) -> MethodParts:
-    from dog import DoG, LDoG
-
     method = "ldog" if layerwise else "dog"
     require_positive("gamma", gamma, method=method, allow_zero=True)
     if not isinstance(average, bool):
         raise ValueError(f"option average of method {method!r} must be True or False, got {average!r}")
     if reps_rel is None:  # the README: 1e-6, or 1e-4 for models with batch normalisation
         reps_rel = 1e-4 if has_batchnorm(ctx.model) else 1e-6
-    cls = LDoG if layerwise else DoG
-    opt = cls(ctx.params(), reps_rel=reps_rel, lr=lr, weight_decay=weight_decay, eps=eps, init_eta=init_eta)
+    opt = _dog_class(layerwise)(ctx.params(), reps_rel=reps_rel, lr=lr, weight_decay=weight_decay, eps=eps, init_eta=init_eta)
     effective = partial(dog_lr, opt)
     if not average:
         return MethodParts(opt, effective_lr=effective)

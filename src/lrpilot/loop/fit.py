@@ -245,6 +245,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "pilot": self.pilot.state_dict() if self.pilot is not None else None,
+                "pilot_type": type(self.pilot).__name__ if self.pilot is not None else None,
                 "extra_state": self._extra_state(),
                 "rng": capture_rng(),
                 "epoch": self.epoch,
@@ -266,6 +267,12 @@ class Trainer:
             raise ValueError(f"trainer state format {state.get('format')!r} is not {TRAINER_STATE_FORMAT}")
         if state["method"] != self.method_name:
             raise ValueError(f"state was saved by method {state['method']!r}, this trainer runs {self.method_name!r}")
+        pilot_type = type(self.pilot).__name__ if self.pilot is not None else None
+        if state.get("pilot_type", pilot_type) != pilot_type:
+            raise ValueError(
+                f"state was saved with pilot {state['pilot_type']}, this trainer has {pilot_type}: build it with the "
+                "same method and the same safety_net"
+            )
         state = copy.deepcopy(dict(state))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -8,8 +8,8 @@ decisions. The loop only chooses the wrapper (``Trainer(..., safety_net=True)``)
 about safety nets.
 
 The rule, after every epoch with mean training loss ``L`` (``L_0``: the validation loss before training,
-standing in for the untrained model's loss; ``L_ref``: the training loss of the last good epoch, ``L_0``
-until there is one)::
+standing in for the untrained model's loss; ``L_ref``: the training loss of the checkpoint, ``L_0`` for
+the initial one)::
 
     diverged   <=>  L (or the weights) not finite   or   L > threshold
     threshold   =   min(explode_factor * max(L_ref, floor * L_0),  initial_factor * L_0)
@@ -21,8 +21,11 @@ huge spike, then the ReLUs are dead and the loss sits near its starting value, w
 fires. ``floor`` keeps a loss near zero from "exploding" by a harmless doubling. Measured on MNIST-1D
 (``docs/methods/peers.md``): no healthy run of the registry has an epoch above ``1.0 * L_0``.
 
-* a good epoch is checkpointed (model, optimizer, the method's extra state, RNG; and, here, the inner
-  pilot's state) under the tag ``"safety-net"``;
+* an epoch that did not diverge and did not raise the training loss above ``L_ref`` is checkpointed
+  (model, optimizer, the method's extra state, RNG; and, here, the inner pilot's state) under the tag
+  ``"safety-net"``: the checkpoint is the best state so far, as in AALR, not merely the last one (a
+  network can die in an epoch whose loss rises by only a third, as Prodigy's does on MNIST-1D with
+  ``d_coef=100``; the last state would then be a dead one);
 * a diverged epoch restores that checkpoint and multiplies the LR scale ``s`` by ``factor`` (default 1/2).
 
 **How the halving takes effect and persists, whoever owns the LR.** The net keeps one scale ``s`` and
@@ -71,7 +74,7 @@ CHECKPOINT_TAG = "safety-net"
 
 
 class SafetyNet(Pilot):
-    """Wraps a method's pilot: checkpoints every good epoch; on divergence rolls back and scales the LR.
+    """Wraps a method's pilot: checkpoints the best epoch; on divergence rolls back to it and scales the LR.
 
     Args:
         optimizer: the method's optimizer.
@@ -150,14 +153,16 @@ class SafetyNet(Pilot):
         why = self.diverged(signals.train_loss, signals.nonfinite)
         decisions = self._call_inner("on_epoch_end", signals)
         if any(d.restore is not None for d in decisions):
-            # The method rolls back by itself (e.g. AALR): let it, and checkpoint what it restores.
+            # The method rolls back by itself (e.g. AALR): let it, and checkpoint what it restores. That
+            # state's loss is unknown here: measure from the untrained model's until the next best epoch.
+            self.ref_loss = self.initial_loss
             return decisions + [self._save(decisions)]
         if why is not None and self.rollbacks < self.max_rollbacks:
             return [self._rollback(why, signals.train_loss)]  # the inner pilot is rewound: drop its answer
-        if why is None:
+        if why is None and not signals.train_loss > self.ref_loss:  # no worse than the checkpoint: the new best
             self.ref_loss = signals.train_loss
             return decisions + [self._save(decisions)]
-        return decisions  # out of rollbacks: stand aside
+        return decisions  # worse but not diverged (keep the checkpoint), or out of rollbacks (stand aside)
 
     def on_train_end(self) -> list[Decision]:  # type: ignore[override]
         return self._call_inner("on_train_end", None)
