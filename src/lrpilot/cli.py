@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--option", type=_parse_option, action="append", metavar="KEY=VALUE",
                    help="a method option, e.g. -o momentum=0.0 (repeatable)")
     p.add_argument("--safety-net", action="store_true",
-                   help="checkpoint every good epoch; on a non-finite or exploding loss roll back and halve the LR")
+                   help="checkpoint the best epoch; on a non-finite or exploding loss roll back to it and halve the LR")
     p.add_argument("--out", help="write the run record (JSON) here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

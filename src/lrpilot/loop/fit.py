@@ -82,7 +82,7 @@ class Trainer:
         task_kind: ``classification``/``binary``/``regression``; default inferred from ``loss_fn``.
         method_options: options of a registry method (see ``lrpilot list methods``).
         safety_net: wrap the method's pilot in a :class:`~lrpilot.pilots.safety_net.SafetyNet`, which
-            checkpoints every good epoch and, on a non-finite or exploding training loss, rolls back and
+            checkpoints the best epoch and, on a non-finite or exploding training loss, rolls back and
             halves the LR: ``True`` for its defaults, or a dict of its options. Default off.
     """
 

@@ -1,4 +1,4 @@
-"""A safety net for any method: roll back to the last good epoch and halve the LR when training diverges.
+"""A safety net for any method: roll back to the best epoch and halve the LR when training diverges.
 
 AALR (Algorithm 1, the "NaN handling" of phase 2) rolls back to its last checkpoint and halves its LR when
 the loss becomes non-finite. :class:`SafetyNet` generalises that rule to every method of the registry by
