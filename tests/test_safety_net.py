@@ -12,7 +12,7 @@ from torch import nn
 
 import lrpilot
 from lrpilot.loop.fit import Trainer
-from lrpilot.pilots.base import Decision, EpochSignals, Pilot
+from lrpilot.pilots.base import TRAIN_EVAL_LOSS, Decision, EpochSignals, Pilot
 from lrpilot.pilots.safety_net import CHECKPOINT_TAG, SafetyNet
 from lrpilot.registry import get_method
 from tests.conftest import TinyTask
@@ -67,6 +67,22 @@ def test_a_loss_near_zero_does_not_explode_by_doubling():
     net.on_epoch_end(_signals(1, 0.01))
     assert net.threshold() == pytest.approx(2 * 0.1 * 2.0)  # floor: 0.1 * L0
     assert net.diverged(0.05) is None and net.diverged(0.41) == "exploding" and net.diverged(math.nan) == "nonfinite"
+
+
+def test_the_untrained_loss_is_the_larger_of_the_validation_and_training_losses(tiny):
+    net = SafetyNet(_opt())
+    assert TRAIN_EVAL_LOSS in net.needs  # asked for once, before training
+    signals = EpochSignals(epoch=0, step=0, lr=(0.1,), train_loss=math.nan, val_loss=2.0, val_metric=0.5,
+                           extra={TRAIN_EVAL_LOSS: 2.4})
+    net.on_train_begin(signals)
+    assert net.initial_loss == 2.4 and net.threshold() == pytest.approx(1.05 * 2.4)
+    assert TRAIN_EVAL_LOSS not in net.needs
+    # Through the loop: the loss over the training set is computed at the start only.
+    trainer = _run("sgd", bad_steps=[], epochs=2, until=None)
+    task = TinyTask()
+    fresh = Trainer(task.model(), task.train, task.val, method="sgd", epochs=1, progress=False)
+    assert trainer.pilot.initial_loss == max(fresh.evaluate()[0], fresh.evaluate(fresh.train_loader)[0])
+    assert all(TRAIN_EVAL_LOSS not in e.extra for e in trainer.history.epochs)
 
 
 def test_initial_factor_inf_turns_the_untrained_loss_clause_off():
