@@ -16,6 +16,7 @@ from lrpilot.loop.metrics import Metric
 from lrpilot.pilots.base import Decision, EpochSignals, MethodParts, Pilot, StepSignals
 from lrpilot.pilots.hypergradient import RTHPO, SGDHD, HypergradientSGD, SGDHDVal
 from lrpilot.pilots.hyperreg import HyperRegularization
+from lrpilot.pilots.safety_net import SafetyNet
 from lrpilot.registry import BuildContext, MethodInfo, get_method, list_methods, register
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "RTHPO",
     "SGDHD",
     "SGDHDVal",
+    "SafetyNet",
     "StepSignals",
     "TensorLoader",
     "Trainer",

@@ -81,6 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         progress=None if not args.quiet else False,
         method_options=_method_options(args),
+        safety_net=args.safety_net or None,
     )
     if args.out:
         save_record(record, args.out)
@@ -89,7 +90,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"{args.task} {args.method} seed={args.seed}: best {metric} {_fmt(s['best_val_metric'])}, "
         f"final {_fmt(s['final_val_metric'])}, {s['epochs']} epochs, {s['steps']} steps, "
-        f"{s['wall_s']:.1f} s, {s['status']}" + (f" -> {args.out}" if args.out else "")
+        f"{s['wall_s']:.1f} s, {s['status']}"
+        + (f", {sum(d['reason'] == 'safety-net-rollback' for d in record['decisions'])} rollbacks" if args.safety_net else "")
+        + (f" -> {args.out}" if args.out else "")
     )
     return 0
 
@@ -269,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("-o", "--option", type=_parse_option, action="append", metavar="KEY=VALUE",
                    help="a method option, e.g. -o momentum=0.0 (repeatable)")
+    p.add_argument("--safety-net", action="store_true",
+                   help="checkpoint the best epoch; on a non-finite or exploding loss roll back to it and halve the LR")
     p.add_argument("--out", help="write the run record (JSON) here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

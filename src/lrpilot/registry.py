@@ -41,6 +41,8 @@ __all__ = [
 # Modules that register methods, in the order `lrpilot list methods` shows them.
 _FAMILY_MODULES: tuple[str, ...] = (
     "lrpilot.baselines.torch_methods",
+    "lrpilot.baselines.tuned",
+    "lrpilot.baselines.peers",
     "lrpilot.pilots.mi_decay",
     "lrpilot.pilots.hypergradient",
     "lrpilot.pilots.hyperreg",

@@ -117,6 +117,15 @@ def build_adam(ctx: BuildContext, lr: float, beta1: float, beta2: float, eps: fl
     return MethodParts(torch.optim.Adam(ctx.params(), lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay))
 
 
+def build_adam_cosine(
+    ctx: BuildContext, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, min_lr_factor: float
+) -> MethodParts:
+    require_positive("min_lr_factor", min_lr_factor, method="adam-cosine", allow_zero=True)
+    opt = torch.optim.Adam(ctx.params(), lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+    sched = lr_scheduler.CosineAnnealingLR(opt, T_max=ctx.total_steps, eta_min=lr * min_lr_factor)
+    return MethodParts(opt, SchedulePilot(opt, sched, per="step", name="cosine"))
+
+
 def build_rmsprop(ctx: BuildContext, lr: float, alpha: float, eps: float, momentum: float, weight_decay: float) -> MethodParts:
     return MethodParts(
         torch.optim.RMSprop(ctx.params(), lr=lr, alpha=alpha, eps=eps, momentum=momentum, weight_decay=weight_decay)
@@ -188,6 +197,11 @@ def _register_all() -> None:
         MethodInfo("adam", "baseline", "Adam (Kingma & Ba 2015), LR 1e-3", build_adam,
                    {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
                    tags=_BASELINE | {"main-baseline"}, invalid_options=(({"beta1": 1.5}, r"beta"),)),
+        MethodInfo("adam-cosine", "baseline", "Adam with per-step cosine annealing over the budget, LR 1e-3",
+                   build_adam_cosine,
+                   {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "min_lr_factor": 0.0},
+                   lr_granularity="step", kind="schedule", tags=_BASELINE,
+                   invalid_options=(({"min_lr_factor": -1}, r"min_lr_factor"), ({"beta2": 1.5}, r"beta"))),
         MethodInfo("rmsprop", "baseline", "RMSprop, LR 1e-3", build_rmsprop,
                    {"lr": 1e-3, "alpha": 0.99, "eps": 1e-8, "momentum": 0.0, "weight_decay": 0.0}, tags=_BASELINE,
                    invalid_options=(({"alpha": -1.0}, r"alpha"),)),

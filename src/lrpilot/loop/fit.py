@@ -15,7 +15,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -83,6 +83,9 @@ class Trainer:
         progress: show a progress bar; default when stderr is a terminal.
         task_kind: ``classification``/``binary``/``regression``; default inferred from ``loss_fn``.
         method_options: options of a registry method (see ``lrpilot list methods``).
+        safety_net: wrap the method's pilot in a :class:`~lrpilot.pilots.safety_net.SafetyNet`, which
+            checkpoints the best epoch and, on a non-finite or exploding training loss, rolls back and
+            halves the LR: ``True`` for its defaults, or a dict of its options. Default off.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class Trainer:
         progress: bool | None = None,
         task_kind: str | None = None,
         method_options: Mapping[str, Any] | None = None,
+        safety_net: bool | Mapping[str, Any] | None = None,
     ) -> None:
         if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0):
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
@@ -141,6 +145,10 @@ class Trainer:
             trial_runner=self._trial,
         )
         self.method_name, self.parts = _build_parts(method, ctx, dict(method_options or {}), self.model)
+        if safety_net:
+            from lrpilot.pilots.safety_net import with_safety_net
+
+            self.parts = with_safety_net(self.parts, **({} if safety_net is True else dict(safety_net)))
         self.optimizer = self.parts.optimizer
         self.pilot = self.parts.pilot
         self._lr_per_step = _lr_moves_per_step(self.method_name, self.parts)
@@ -239,6 +247,8 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "pilot": self.pilot.state_dict() if self.pilot is not None else None,
+                "pilot_type": type(self.pilot).__name__ if self.pilot is not None else None,
+                "extra_state": self._extra_state(),
                 "rng": capture_rng(),
                 "epoch": self.epoch,
                 "step": self.step,
@@ -259,11 +269,18 @@ class Trainer:
             raise ValueError(f"trainer state format {state.get('format')!r} is not {TRAINER_STATE_FORMAT}")
         if state["method"] != self.method_name:
             raise ValueError(f"state was saved by method {state['method']!r}, this trainer runs {self.method_name!r}")
+        pilot_type = type(self.pilot).__name__ if self.pilot is not None else None
+        if state.get("pilot_type", pilot_type) != pilot_type:
+            raise ValueError(
+                f"state was saved with pilot {state['pilot_type']}, this trainer has {pilot_type}: build it with the "
+                "same method and the same safety_net"
+            )
         state = copy.deepcopy(dict(state))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.pilot is not None:
             self.pilot.load_state_dict(state["pilot"])
+        self._load_extra_state(state.get("extra_state", {}))
         self.epoch, self.step = state["epoch"], state["step"]
         self._wall_s, self._train_s = state["wall_s"], state["train_s"]
         self._began, self._stopped = state["began"], state["stopped"]
@@ -283,15 +300,13 @@ class Trainer:
         val_loss, val_metric = self.evaluate()
         eval_s = time.perf_counter() - t0
         self.history.info["initial"] = {"val_loss": val_loss, "val_metric": val_metric}
-        decision = None
         if self.pilot is not None:
             extra = self._extra_signals()
             signals = EpochSignals(
                 epoch=0, step=0, lr=self.parts.lrs(), train_loss=math.nan,
                 val_loss=val_loss, val_metric=val_metric, extra=extra,
             )
-            decision = self.pilot.on_train_begin(signals)
-            if decision is not None:
+            for decision in _decisions(self.pilot.on_train_begin(signals)):
                 self._apply(decision)
         spent = time.perf_counter() - t0
         self._wall_s += spent
@@ -300,12 +315,13 @@ class Trainer:
             self.history.record_step_lr(0, self.parts.lrs())
 
     def _end(self) -> None:
-        decision = self.pilot.on_train_end() if self.pilot is not None else None
-        if decision is not None:
+        decisions = _decisions(self.pilot.on_train_end()) if self.pilot is not None else []
+        for decision in decisions:
             self._apply(decision)
-            if decision.restore is not None:
-                val_loss, val_metric = self.evaluate()
-                self.history.final = {"val_loss": val_loss, "val_metric": val_metric, "reason": decision.reason}
+        restored = [d for d in decisions if d.restore is not None]
+        if restored:
+            val_loss, val_metric = self.evaluate()
+            self.history.final = {"val_loss": val_loss, "val_metric": val_metric, "reason": restored[-1].reason}
 
     def _run_epoch(self) -> EpochRecord:
         t0 = time.perf_counter()
@@ -321,7 +337,7 @@ class Trainer:
             val_loss, val_metric = math.nan, math.nan
         t_eval = time.perf_counter()
 
-        decision = None
+        decisions: list[Decision] = []
         extra: dict[str, Any] = {}
         if self.pilot is not None:
             extra = self._extra_signals() if not nonfinite else {name: math.nan for name in self.pilot.needs}
@@ -329,11 +345,11 @@ class Trainer:
                 epoch=self.epoch, step=self.step, lr=lr_in_force, train_loss=train_loss,
                 val_loss=val_loss, val_metric=val_metric, nonfinite=nonfinite, extra=extra,
             )
-            decision = self.pilot.on_epoch_end(signals)
-        if nonfinite and (decision is None or decision.restore is None):
+            decisions = _decisions(self.pilot.on_epoch_end(signals))
+        if nonfinite and not any(d.restore is not None for d in decisions):
             handled = self.pilot is not None and self.pilot.handles_nonfinite
             reason = "nonfinite-unhandled" if handled else "nonfinite-loss"
-            decision = Decision(reason=reason, stop=True, info={"train_loss": train_loss})
+            decisions = [Decision(reason=reason, stop=True, info={"train_loss": train_loss})]
             self.history.status, self.history.status_reason = "diverged", "non-finite training loss"
 
         record = EpochRecord(
@@ -347,7 +363,7 @@ class Trainer:
             train_s=0.0,
             extra={k: v for k, v in extra.items() if isinstance(v, (int, float))},  # scalars only
         )
-        if decision is not None:
+        for decision in decisions:
             self._apply(decision)
         t_end = time.perf_counter()
         self._wall_s += t_end - t0
@@ -358,6 +374,8 @@ class Trainer:
 
     def _train_one_epoch(self) -> tuple[float, bool, tuple[float, ...]]:
         self.model.train()
+        if self.parts.train_mode is not None:
+            self.parts.train_mode()  # back from the evaluation mode eval_context may have left it in
         _set_epoch(self.train_loader, self.epoch)
         check = not self._data_checked
         loss_sum, n, nonfinite = 0.0, 0, False
@@ -509,9 +527,15 @@ class Trainer:
         log.info("epoch %d step %d: %s (%s) lr=%s", record.epoch, record.step, record.action, record.reason, record.lr)
 
     def _snapshot(self) -> dict[str, Any]:
-        """The training state a rollback restores: model, optimizer and RNG (not the pilot)."""
+        """The training state a rollback restores: model, optimizer, the method's extra state and RNG (not
+        the pilot)."""
         return copy.deepcopy(
-            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": capture_rng()}
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "extra_state": self._extra_state(),
+                "rng": capture_rng(),
+            }
         )
 
     def _restore(self, snapshot: Mapping[str, Any]) -> None:
@@ -520,7 +544,19 @@ class Trainer:
         snapshot = copy.deepcopy(snapshot)
         self.model.load_state_dict(snapshot["model"])
         self.optimizer.load_state_dict(snapshot["optimizer"])
+        self._load_extra_state(snapshot.get("extra_state", {}))
         restore_rng(snapshot["rng"])
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {name: obj.state_dict() for name, obj in self.parts.extra_state.items()}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        if set(state) != set(self.parts.extra_state):
+            raise ValueError(
+                f"saved extra state {sorted(state)} does not match this method's {sorted(self.parts.extra_state)}"
+            )
+        for name, obj in self.parts.extra_state.items():
+            obj.load_state_dict(state[name])
 
     def _eval_context(self) -> contextlib.AbstractContextManager[Any]:
         return self.parts.eval_context() if self.parts.eval_context is not None else contextlib.nullcontext()
@@ -576,6 +612,7 @@ def fit(
     param_groups: list[dict[str, Any]] | None = None,
     progress: bool | None = None,
     task_kind: str | None = None,
+    safety_net: bool | Mapping[str, Any] | None = None,
     **method_options: Any,
 ) -> History:
     """Train ``model`` with ``method`` for ``epochs`` and return its :class:`History`.
@@ -606,6 +643,7 @@ def fit(
         progress=progress,
         task_kind=task_kind,
         method_options=method_options,
+        safety_net=safety_net,
     )
     return trainer.run()
 
@@ -613,6 +651,19 @@ def fit(
 # ----------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------
+def _decisions(result: Decision | Sequence[Decision] | None) -> list[Decision]:
+    """A hook's answer as a list: ``None``, one decision, or a sequence of them (applied in order)."""
+    if result is None:
+        return []
+    if isinstance(result, Decision):
+        return [result]
+    decisions = list(result)
+    for d in decisions:
+        if not isinstance(d, Decision):
+            raise TypeError(f"a pilot hook returned {type(d).__name__}; expected Decision, a sequence of them, or None")
+    return decisions
+
+
 def _resolve_metric(metric: Metric | str | None, user_loss: Any, loss_fn: Any) -> Metric:
     if isinstance(metric, Metric):
         return metric

@@ -188,7 +188,9 @@ class Pilot:
     """Base class of epoch-level pilots (and of the schedule adapters): every hook is a no-op.
 
     Subclasses override what they need. Hooks that return a :class:`Decision` may return ``None`` for
-    "nothing to do". State that must survive a checkpoint goes in :meth:`state_dict`.
+    "nothing to do", or a sequence of decisions, which the loop applies (and records) in order: a pilot
+    that wraps another (e.g. :class:`~lrpilot.pilots.safety_net.SafetyNet`) passes the inner pilot's
+    decisions on and adds its own. State that must survive a checkpoint goes in :meth:`state_dict`.
 
     Attributes:
         optimizer: the optimizer whose LR this pilot drives.
@@ -244,12 +246,22 @@ class MethodParts:
     Args:
         optimizer: the torch optimizer (a step-level pilot is one).
         pilot: the epoch-level pilot or schedule adapter driving ``optimizer``'s LR, if any.
-        eval_context: returns a context manager the loop enters around every evaluation and
-            checkpoint (e.g. Schedule-Free's eval mode, DoG's averaged weights).
+        eval_context: returns a context manager the loop enters around every evaluation (e.g.
+            Schedule-Free's eval mode, DoG's averaged weights). It may leave the method in its
+            evaluation mode on exit; ``train_mode`` then switches back before the next training epoch,
+            so every checkpoint taken after an evaluation holds the evaluation-mode state.
+        train_mode: called by the loop before every training epoch: puts the method back in training
+            mode after ``eval_context`` (Schedule-Free's ``optimizer.train()``, DoG's raw weights). Must
+            be a no-op when already in training mode.
         effective_lr: the LR the method actually applies, per group, for telemetry (e.g. D-Adaptation's
             ``d * lr``). Default: ``param_groups[i]["lr"]``.
         step_kwargs: names of the keyword signals ``optimizer.step`` requires (e.g. ``"val_closure"``).
         needs_closure: ``optimizer.step`` must be given a closure that re-evaluates the training loss.
+        extra_state: named objects with ``state_dict()``/``load_state_dict()`` that belong to the
+            training state beside the model and the optimizer (e.g. DoG's weight average): saved by
+            ``Trainer.state_dict`` and in every checkpoint, and rolled back with the model.
+        info: what the method reports about itself (e.g. a grid search: ``info["search"]``); the run
+            record carries it under ``info.method``.
     """
 
     optimizer: torch.optim.Optimizer
@@ -259,6 +271,8 @@ class MethodParts:
     step_kwargs: frozenset[str] = frozenset()
     needs_closure: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    train_mode: Callable[[], None] | None = None
+    extra_state: dict[str, Any] = field(default_factory=dict)
 
     def lrs(self) -> tuple[float, ...]:
         """The LR in force per group: the effective LR where the method defines one."""

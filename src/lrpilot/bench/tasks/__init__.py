@@ -191,6 +191,7 @@ def run_task(
     data_dir: str | None = None,
     progress: bool | None = None,
     method_options: Mapping[str, Any] | None = None,
+    safety_net: bool | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``method`` on ``task`` and return the run record (the JSON contract of ``lrpilot train``).
 
@@ -202,6 +203,8 @@ def run_task(
         train_subset: train on the first N training samples only (quick checks).
         data_dir: where Fashion-MNIST lies (default ``/usr/share/datasets/fashion-mnist``).
         method_options: the method's options (e.g. ``{"lr": 0.05}``).
+        safety_net: roll back and halve the LR on a non-finite or exploding loss (``True``, or the
+            options of :class:`~lrpilot.pilots.safety_net.SafetyNet`); see ``Trainer``.
     """
     info = get_task(task)
     method_info = get_method(method)
@@ -227,6 +230,7 @@ def run_task(
         progress=progress,
         task_kind=info.kind,
         method_options=options,
+        safety_net=safety_net,
     )
     history = trainer.run()
     config = {
@@ -235,6 +239,7 @@ def run_task(
         "device": str(device),
         "train_subset": train_subset,
         "method_options": resolved,
+        "safety_net": (dict(safety_net) if isinstance(safety_net, Mapping) else {}) if safety_net else None,
     }
     if trainer.parts.info:
         history.info["method"] = trainer.parts.info
