@@ -57,12 +57,26 @@ def test_lower_is_better_takes_the_lowest_median(tmp_path):
     assert entry["target"] == 45.0 and entry["from"] == "sgd" and entry["higher_is_better"] is False
 
 
-def test_without_tuned_methods_calibration_falls_back_and_says_so(tmp_path):
+def _no_tuned_methods(monkeypatch):
+    import lrpilot.registry as registry
+
+    real = registry.list_methods
+    monkeypatch.setattr(registry, "list_methods", lambda *a, tags=(), **k: [] if "tuned" in tags else real(*a, tags=tags, **k))
+
+
+def test_with_tuned_methods_calibration_uses_them(tmp_path):
+    plan, fallback = calibration_plan(["iris-softmax"], seeds=[0])
+    assert not fallback and set(plan.labels) == {"sgd-cosine-tuned", "adam-cosine-tuned"}
+
+
+def test_without_tuned_methods_calibration_falls_back_and_says_so(tmp_path, monkeypatch):
+    _no_tuned_methods(monkeypatch)
     plan, fallback = calibration_plan(["iris-softmax"], seeds=[0])
     assert fallback and plan.labels == list(FALLBACK_METHODS)
 
 
 def test_calibrate_runs_writes_the_file_and_the_task_reads_it(tmp_path, monkeypatch):
+    _no_tuned_methods(monkeypatch)  # the fallback methods are cheaper to run here than a grid search
     out = tmp_path / "targets.json"
     out.write_text(json.dumps({"format": 1, "tasks": {"other-task": {"target": 0.5}}}))
     data = calibrate(tasks=["iris-softmax"], seeds=[0, 1, 2], store_dir=tmp_path / "store", targets_path=out,
