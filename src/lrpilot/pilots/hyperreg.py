@@ -409,13 +409,13 @@ def _register_all() -> None:
         "adagrad-diag", "hyperreg",
         "Diagonal AdaGrad as hyper-regularization (Neyman chi-square, exact): beta^2 += g^2, beta_0 = 1/lr",
         _factory("neyman-chi2", 1), no_clip, lr_granularity="step", kind="step-pilot",
-        tags=frozenset({"peer", "special-case"}), paper=_PAPER, invalid_options=bad,
+        tags=frozenset({"baseline", "special-case"}), paper=_PAPER, invalid_options=bad,
     ))  # fmt: skip
     register(MethodInfo(
         "wngrad", "hyperreg",
         "WNGrad (Wu, Ward & Bottou 2018) as hyper-regularization: b += ||g||^2 / b per group, b_0 = 1/lr",
         _factory("half-chi2", 2), {**no_clip, "scope": "global"}, lr_granularity="step", kind="step-pilot",
-        tags=frozenset({"peer", "special-case"}), paper="Wu, Ward & Bottou 2018, arXiv:1803.02865",
+        tags=frozenset({"baseline", "special-case"}), paper="Wu, Ward & Bottou 2018, arXiv:1803.02865",
         invalid_options=bad + (({"scope": "layer"}, r"scope"),),
     ))  # fmt: skip
 
