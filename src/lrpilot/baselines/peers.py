@@ -460,7 +460,7 @@ def _register_all() -> None:
     common = dict(lr_granularity="step", kind="step-pilot", tags=_PEER, extra="peers")
     entries = [
         MethodInfo("dadapt-sgd", "peers", "D-Adaptation SGD (Defazio & Mishchenko 2023), momentum 0.9, cosine",
-                   build_dadapt_sgd, {"lr": 1.0, "momentum": 0.9, "weight_decay": 0.0, **_DADAPT},
+                   build_dadapt_sgd, {"lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, **_DADAPT},
                    requires=("dadaptation",), paper="Defazio & Mishchenko, ICML 2023",
                    invalid_options=(({"d0": 0.0}, r"d0"), ({"schedule": "step"}, r"schedule"),
                                     ({"momentum": 1.0}, r"momentum")), **common),
