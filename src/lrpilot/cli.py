@@ -76,6 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         progress=None if not args.quiet else False,
         method_options=_method_options(args),
+        adversarial=dict(args.adv_option or []) if args.adversarial or args.adv_option else None,
     )
     if args.out:
         save_record(record, args.out)
@@ -86,6 +87,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"final {_fmt(s['final_val_metric'])}, {s['epochs']} epochs, {s['steps']} steps, "
         f"{s['wall_s']:.1f} s, {s['status']}" + (f" -> {args.out}" if args.out else "")
     )
+    adv = [e["extra"]["adv_val_metric"] for e in record["epochs"] if e["extra"].get("adv_val_metric") is not None]
+    if adv:
+        final_adv = record["final"].get("adv_val_metric", adv[-1])
+        print(f"  adversarial (PGD) {metric}: best {_fmt(max(adv) if record['metric']['higher_is_better'] else min(adv))}, "
+              f"final {_fmt(final_adv)}")
     return 0
 
 
@@ -142,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a method option, e.g. -o momentum=0.0 (repeatable)")
     p.add_argument("--out", help="write the run record (JSON) here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--adversarial", action="store_true",
+                   help="FGSM training, PGD-scored validation (epsilon 8/255, PGD-10 step 2/255, raw data units)")
+    p.add_argument("--adv-option", type=_parse_option, action="append", metavar="KEY=VALUE",
+                   help="an adversarial option (implies --adversarial), e.g. --adv-option eval_samples=2000")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the main job: train a small task with a few methods, print a table")
