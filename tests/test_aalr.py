@@ -398,7 +398,7 @@ class ScriptedJ(AALR):
 
     def _loss(self, signals):
         real = super()._loss(signals)
-        return self.script.get(signals.epoch, real)
+        return real if real is None else self.script.get(signals.epoch, real)  # only where J was measured
 
 
 def _trainer(pilot_factory, *, epochs: int, lr: float = 0.1, adam: bool = False, dropout: bool = False) -> Trainer:
@@ -536,6 +536,24 @@ def test_restore_best_at_the_end_records_the_last_and_the_best_model():
 
     kept = _trainer(lambda opt: ScriptedJ(opt, script, patience=1, restore_best=False), epochs=4).run()
     assert kept.final == {} and [d.reason for d in kept.decisions][-1] == "phase2-halve"
+
+
+@pytest.mark.parametrize(("last_j", "budget_known", "reason"), [
+    (0.01, True, "keep-last"), (60.0, True, "restore-best"), (0.01, False, "restore-best"),
+])  # fmt: skip
+def test_a_budget_ending_mid_trial_keeps_the_model_in_hand_only_if_its_j_is_lower(last_j, budget_known, reason):
+    # p+1: epoch 1 ends phase 1, trials 2-3 and 4-5 fail (halve, p = 2), epochs 6-8 would be the next
+    # trial: the budget of 7 ends in its middle. Knowing the budget, AALR measures J after epoch 7.
+    script = {1: 0.03, 3: 50.0, 5: 50.0, 7: last_j}
+    epochs = 7 if budget_known else None
+    trainer = _trainer(lambda opt: ScriptedJ(opt, script, patience=1, trial_length="p+1", epochs=epochs), epochs=7)
+    hist = trainer.run()
+    assert [d.reason for d in hist.decisions][-2:] == ["phase2-halve", reason]
+    assert (TRAIN_EVAL_LOSS in hist.epochs[-1].extra) == budget_known
+    if reason == "keep-last":
+        assert hist.final == {} and hist.decisions[-1].info == {"loss": 0.01, "best_loss": 0.03}
+    else:
+        assert hist.final["reason"] == "restore-best" and hist.final["val_metric"] == hist.epochs[0].val_metric
 
 
 def test_no_restore_when_the_last_trial_saved_the_model():

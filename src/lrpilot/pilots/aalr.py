@@ -48,6 +48,7 @@ REASONS = (
     "phase2-halve",  # phase 2: second trial did not improve either: halve the LR, p <- 2p
     "nan-rollback",  # phase 2: non-finite loss: reload the checkpoint, halve the LR, p <- 2p
     "restore-best",  # end of the budget: the model in hand is replaced by the checkpoint
+    "keep-last",  # end of the budget, mid-trial: the model in hand has a lower J than the checkpoint
 )
 
 OBJECTIVES = ("train-eval", "train-mean", "val")
@@ -106,8 +107,10 @@ class AALR(Pilot):
             optimizer with LR") clears the optimizer's state; ``"checkpoint"`` (the prose) restores the
             optimizer state saved with the checkpoint.
         restore_best: when the budget is spent, replace the model in hand with the checkpoint if it
-            moved since (default ``True``; the run record keeps the last epoch's metrics and the
-            restored model's under ``final``).
+            moved since, unless its own J is known and lower (default ``True``; the run record keeps the
+            last epoch's metrics and the restored model's under ``final``).
+        epochs: the run's budget, if known (the registry passes it): J is then also measured after the
+            last epoch, so that a budget ending mid-trial keeps a model better than the checkpoint.
 
     Example:
         >>> import torch, lrpilot
@@ -143,6 +146,7 @@ class AALR(Pilot):
         phase1_reset_best: bool = True,
         rollback_optimizer: str = "reset",
         restore_best: bool = True,
+        epochs: int | None = None,
     ) -> None:
         super().__init__(optimizer)
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
@@ -154,6 +158,8 @@ class AALR(Pilot):
         ):
             if value not in choices:
                 raise ValueError(f"option {name} of AALR must be one of {list(choices)}, got {value!r}")
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+            raise ValueError(f"option epochs of AALR must be a positive integer or None, got {epochs!r}")
         for name, value in (("phase1_reset_best", phase1_reset_best), ("restore_best", restore_best)):
             if not isinstance(value, bool):
                 raise ValueError(f"option {name} of AALR must be True or False, got {value!r}")
@@ -164,6 +170,7 @@ class AALR(Pilot):
         self.phase1_reset_best = phase1_reset_best
         self.rollback_optimizer = rollback_optimizer
         self.restore_best = restore_best
+        self.epochs = epochs
         # Algorithm state (all plain Python values: the default state_dict round trip is exact).
         self.started = False
         self.phase = 1
@@ -176,6 +183,8 @@ class AALR(Pilot):
         self.trial_epochs = 0  # phase 2: epochs trained in the current trial
         self.has_checkpoint = False
         self.epochs_since_checkpoint = 0  # epochs the model has moved away from the checkpoint
+        self.epoch = 0  # epochs seen (the loop's budget counter)
+        self.loss_in_hand: float | None = None  # J of the model in hand, when known
 
     # -- signals -----------------------------------------------------------------------------------
     @property
@@ -193,18 +202,23 @@ class AALR(Pilot):
             return frozenset()
         if self.phase == 1 or self.trial_epochs + 1 >= self._trial_len():
             return frozenset({TRAIN_EVAL_LOSS})
+        if self.epochs is not None and self.epoch + 1 >= self.epochs and self.restore_best:
+            return frozenset({TRAIN_EVAL_LOSS})  # the last epoch: is the model in hand better than the checkpoint?
         return frozenset()
 
     def _trial_len(self) -> int:
         return self.patience + (1 if self.trial_length == "p+1" else 0)
 
-    def _loss(self, signals: EpochSignals) -> float:
+    def _loss(self, signals: EpochSignals) -> float | None:
+        """J of the epoch's model; ``None`` when it was not measured (mid-trial, default objective)."""
         if signals.nonfinite:
             return math.nan
         if self.objective == "val":
             return float(signals.val_loss)
         if self.objective == "train-mean":
             return float(signals.train_loss)
+        if TRAIN_EVAL_LOSS not in signals.extra:
+            return None
         return float(signals[TRAIN_EVAL_LOSS])
 
     # -- hooks -------------------------------------------------------------------------------------
@@ -227,22 +241,34 @@ class AALR(Pilot):
     def on_epoch_end(self, signals: EpochSignals) -> Decision | None:
         if not self.started:
             raise RuntimeError("AALR.on_epoch_end before on_train_begin: drive it with lrpilot.fit or Trainer")
+        self.epoch = signals.epoch
         self.epochs_since_checkpoint += 1
+        loss = self._loss(signals)
+        self.loss_in_hand = loss
         if self.phase == 1:
-            return self._phase1(self._loss(signals))
+            return self._phase1(self._required(loss))
         self.trial_epochs += 1
         if signals.nonfinite:
             return self._nan_rollback(math.nan)  # a trial cannot go on with non-finite weights
         if self.trial_epochs < self._trial_len():
             return None  # mid-trial: nothing is compared
         self.trial_epochs = 0
-        return self._phase2(self._loss(signals))
+        return self._phase2(self._required(loss))
 
     def on_train_end(self) -> Decision | None:
-        if self.restore_best and self.has_checkpoint and self.epochs_since_checkpoint > 0:
-            self.epochs_since_checkpoint = 0
-            return Decision(reason="restore-best", restore=BEST_TAG, info={"best_loss": self.best_loss})
-        return None
+        if not (self.restore_best and self.has_checkpoint and self.epochs_since_checkpoint > 0):
+            return None
+        info = {"loss": self.loss_in_hand, "best_loss": self.best_loss}
+        if self.loss_in_hand is not None and self.loss_in_hand < self.best_loss:
+            return Decision(reason="keep-last", info=info)  # the budget ended mid-trial on a better model
+        self.epochs_since_checkpoint = 0
+        self.loss_in_hand = self.best_loss
+        return Decision(reason="restore-best", restore=BEST_TAG, info=info)
+
+    def _required(self, loss: float | None) -> float:
+        if loss is None:
+            raise RuntimeError(f"AALR needs signal {TRAIN_EVAL_LOSS!r} at this epoch: drive it through lrpilot.fit or Trainer")
+        return loss
 
     # -- phase 1: lines 2-15 -----------------------------------------------------------------------
     def _phase1(self, loss: float) -> Decision:
@@ -253,6 +279,7 @@ class AALR(Pilot):
             self.counter = 0
             if self.phase1_reset_best:
                 self.best_loss = self.initial_loss
+            self.loss_in_hand = self.initial_loss
             info = self._info(loss)
             return Decision(reason=reason, restore=INITIAL_TAG, reset_optimizer=True, lr=self.lr, info=info)
         self.best_loss = loss
@@ -286,6 +313,7 @@ class AALR(Pilot):
         self.lr = tuple(v / 2 for v in self.lr)
         self.patience, self.trial, self.trial_epochs = 2 * self.patience, 1, 0
         self.epochs_since_checkpoint = 0
+        self.loss_in_hand = self.best_loss
         return Decision(
             reason="nan-rollback",
             restore=BEST_TAG,
@@ -347,7 +375,7 @@ def build_aalr(
     else:
         opt = torch.optim.Adam(ctx.params(), lr=lr, weight_decay=weight_decay)
     try:
-        pilot = AALR(opt, **pilot_options)
+        pilot = AALR(opt, epochs=ctx.epochs, **pilot_options)
     except ValueError as err:
         raise ValueError(str(err).replace("of AALR", "of method 'aalr'")) from None
     return MethodParts(opt, pilot)
