@@ -608,3 +608,20 @@ def test_regression_task_with_every_objective():
         assert in_hand < 0.1 * hist.info["initial"]["val_loss"], objective
         reasons = [d.reason for d in hist.decisions]
         assert "phase1-done" in reasons and set(reasons) <= set(REASONS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("lr", "floor"), [(None, 0.72), (10.0, 0.60)])
+def test_mnist1d_mlp_reaches_an_accuracy_and_recovers_from_a_diverging_lr(lr, floor):
+    # docs/methods/aalr.md: 30 epochs, seed 0: best 0.734 at the default LR, 0.669 from lr 10 (SGD at
+    # lr 10 stays at chance, 0.106).
+    from lrpilot.bench.tasks import run_task
+
+    options = {} if lr is None else {"lr": lr}
+    record = run_task("mnist1d-mlp", "aalr", epochs=30, seed=0, progress=False, method_options=options)
+    assert record["summary"]["status"] == "completed"
+    assert record["summary"]["best_val_metric"] >= floor and record["summary"]["final_val_metric"] >= floor
+    reasons = [d["reason"] for d in record["decisions"]]
+    assert "phase1-done" in reasons
+    if lr is not None:
+        assert reasons[1:4] == ["phase1-worse"] * 3  # 10 -> 5 -> 2.5 -> 1.25: each diverges at once
