@@ -10,7 +10,9 @@ and score robustness by the accuracy under a white-box PGD attack of ``k`` steps
 :math:`\alpha`, projected onto the :math:`\ell_\infty` ball of radius :math:`\epsilon` around ``x``
 and onto the data range:
 
-.. math::  x^{t+1} = \Pi_{B_\epsilon(x) \cap [lo, hi]}\big(x^t + \alpha\,\mathrm{sign}(\nabla_x L(\theta, x^t, y))\big).
+.. math::
+
+    x^{t+1} = \Pi_{B_\epsilon(x) \cap [lo, hi]}\big(x^t + \alpha\,\mathrm{sign}(\nabla_x L(\theta, x^t, y))\big).
 
 The paper's settings are :math:`\epsilon = 8/255`, :math:`\alpha = 2/255` for pixels in [0, 1] and
 ``k = 10`` for PGD (its Table 4). Our inputs are standardised, so :math:`\epsilon` and :math:`\alpha` are
@@ -68,19 +70,26 @@ class AdversarialConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        def bad(name: str, what: str) -> ValueError:
+            return ValueError(f"adversarial option {name} must be {what}, got {getattr(self, name)!r}")
+
         for name in ("epsilon", "step"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"adversarial option {name} must be a finite number >= 0 (raw data units), got {value!r}")
-        if isinstance(self.pgd_steps, bool) or not isinstance(self.pgd_steps, int) or self.pgd_steps < 1:
-            raise ValueError(f"adversarial option pgd_steps must be an integer >= 1, got {self.pgd_steps!r}")
-        if self.eval_samples is not None and (not isinstance(self.eval_samples, int) or self.eval_samples < 1):
-            raise ValueError(f"adversarial option eval_samples must be a positive integer or None, got {self.eval_samples!r}")
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise bad(name, "a finite number >= 0 (raw data units)")
+        if not _is_int(self.pgd_steps) or self.pgd_steps < 1:
+            raise bad("pgd_steps", "an integer >= 1")
+        if self.eval_samples is not None and (not _is_int(self.eval_samples) or self.eval_samples < 1):
+            raise bad("eval_samples", "a positive integer or None")
         if not isinstance(self.random_start, bool):
-            raise ValueError(f"adversarial option random_start must be True or False, got {self.random_start!r}")
+            raise bad("random_start", "True or False")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise bad("seed", "a non-negative integer")
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any] | bool | AdversarialConfig | None) -> AdversarialConfig | None:
+    def from_options(
+        cls, options: Mapping[str, Any] | bool | AdversarialConfig | None
+    ) -> AdversarialConfig | None:
         """``None``/``False``: no adversarial training; ``True``: the defaults; a mapping: overrides."""
         if options is None or options is False:
             return None
@@ -91,11 +100,21 @@ class AdversarialConfig:
         valid = set(cls.__dataclass_fields__)
         unknown = sorted(set(options) - valid)
         if unknown:
-            raise ValueError(f"unknown adversarial option(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(valid))}")
+            raise ValueError(
+                f"unknown adversarial option(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(valid))}"
+            )
         return cls(**dict(options))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _clamp(x: torch.Tensor, bounds: Bounds) -> torch.Tensor:
@@ -111,7 +130,9 @@ def _input_grad(model: nn.Module, loss_fn: Loss, x: torch.Tensor, y: torch.Tenso
     return grad
 
 
-def fgsm(model: nn.Module, loss_fn: Loss, x: torch.Tensor, y: torch.Tensor, epsilon: float, *, bounds: Bounds = None) -> torch.Tensor:
+def fgsm(
+    model: nn.Module, loss_fn: Loss, x: torch.Tensor, y: torch.Tensor, epsilon: float, *, bounds: Bounds = None
+) -> torch.Tensor:
     """FGSM (Goodfellow et al. 2015): one signed-gradient step of size ``epsilon`` (model-input units).
 
     The model is used in whatever mode it is in (training mode during training, as in Madry et al.'s
@@ -238,7 +259,14 @@ def adversarial_hooks(
     eps = config.epsilon * input_scale
     transform = FGSMTransform(loss_fn, eps, input_bounds)
     evaluator = AdversarialEval(
-        loss_fn, metric, epsilon=eps, step=config.step * input_scale, steps=config.pgd_steps, bounds=input_bounds,
-        random_start=config.random_start, samples=config.eval_samples, seed=config.seed,
-    )  # fmt: skip
+        loss_fn,
+        metric,
+        epsilon=eps,
+        step=config.step * input_scale,
+        steps=config.pgd_steps,
+        bounds=input_bounds,
+        random_start=config.random_start,
+        samples=config.eval_samples,
+        seed=config.seed,
+    )
     return transform, evaluator

@@ -43,6 +43,11 @@ log = logging.getLogger("lrpilot")
 # Losses whose inputs must have exactly the targets' shape: they broadcast silently otherwise.
 _SAME_SHAPE_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCEWithLogitsLoss, nn.BCELoss)
 
+#: ``train_transform(model, x, y) -> (x, y)``: changes a training batch (e.g. into FGSM examples).
+BatchTransform = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: ``extra_eval(model, val_loader) -> {name: value}``: more validation scores (e.g. under attack).
+ExtraEval = Callable[[nn.Module, Any], Mapping[str, float]]
+
 #: Version of :meth:`Trainer.state_dict`.
 TRAINER_STATE_FORMAT = 1
 
@@ -107,8 +112,8 @@ class Trainer:
         progress: bool | None = None,
         task_kind: str | None = None,
         method_options: Mapping[str, Any] | None = None,
-        train_transform: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-        extra_eval: Callable[[nn.Module, Any], Mapping[str, float]] | None = None,
+        train_transform: BatchTransform | None = None,
+        extra_eval: ExtraEval | None = None,
     ) -> None:
         if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0):
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
@@ -326,9 +331,8 @@ class Trainer:
             self._apply(decision)
             if decision.restore is not None:
                 val_loss, val_metric = self.evaluate()
-                self.history.final = {
-                    "val_loss": val_loss, "val_metric": val_metric, **self._run_extra_eval(), "reason": decision.reason,
-                }
+                evals = self._run_extra_eval()
+                self.history.final = {"val_loss": val_loss, "val_metric": val_metric, **evals, "reason": decision.reason}
 
     def _run_epoch(self) -> EpochRecord:
         t0 = time.perf_counter()
@@ -370,7 +374,7 @@ class Trainer:
             lr=list(lr_in_force),
             wall_s=0.0,
             train_s=0.0,
-            extra={**{k: v for k, v in extra.items() if isinstance(v, (int, float))}, **evals},  # scalars only
+            extra={**{k: v for k, v in extra.items() if isinstance(v, (int, float))}, **evals},  # scalars
         )
         if decision is not None:
             self._apply(decision)
@@ -597,8 +601,8 @@ def fit(
     param_groups: list[dict[str, Any]] | None = None,
     progress: bool | None = None,
     task_kind: str | None = None,
-    train_transform: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-    extra_eval: Callable[[nn.Module, Any], Mapping[str, float]] | None = None,
+    train_transform: BatchTransform | None = None,
+    extra_eval: ExtraEval | None = None,
     **method_options: Any,
 ) -> History:
     """Train ``model`` with ``method`` for ``epochs`` and return its :class:`History`.

@@ -203,7 +203,7 @@ class AALR(Pilot):
         if self.phase == 1 or self.trial_epochs + 1 >= self._trial_len():
             return frozenset({TRAIN_EVAL_LOSS})
         if self.epochs is not None and self.epoch + 1 >= self.epochs and self.restore_best:
-            return frozenset({TRAIN_EVAL_LOSS})  # the last epoch: is the model in hand better than the checkpoint?
+            return frozenset({TRAIN_EVAL_LOSS})  # the last epoch: is the model in hand better than the checkpoint
         return frozenset()
 
     def _trial_len(self) -> int:
@@ -267,7 +267,9 @@ class AALR(Pilot):
 
     def _required(self, loss: float | None) -> float:
         if loss is None:
-            raise RuntimeError(f"AALR needs signal {TRAIN_EVAL_LOSS!r} at this epoch: drive it through lrpilot.fit or Trainer")
+            raise RuntimeError(
+                f"AALR needs signal {TRAIN_EVAL_LOSS!r} at this epoch: drive it through lrpilot.fit or Trainer"
+            )
         return loss
 
     # -- phase 1: lines 2-15 -----------------------------------------------------------------------
