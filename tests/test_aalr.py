@@ -79,15 +79,19 @@ class Drive:
         return [r[key] for r in self.rows]
 
     def events(self) -> list[tuple[int, str]]:
+        """Algorithm 1's saves and restores (not the phase-1 snapshots kept for ``restore_best``)."""
         out = []
         for r in self.rows:
             if r["restore"] == INITIAL_TAG:
                 out.append((r["epoch"], "restore-initial"))
             elif r["restore"] == BEST_TAG:
                 out.append((r["epoch"], "restore"))
-            if r["save"] == BEST_TAG:
+            if r["save"] == BEST_TAG and r["reason"] != "phase1-improved":
                 out.append((r["epoch"], "save"))
         return out
+
+    def snapshots(self) -> list[int]:
+        return [r["epoch"] for r in self.rows if r["save"] == BEST_TAG and r["reason"] == "phase1-improved"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,6 +116,23 @@ def test_phase1_worse_halves_restarts_from_the_initial_model_and_resets_the_best
     # L* went back to J(theta_0) = 2.0 on the restart, so 1.9 (worse than the discarded 1.5) improves.
     assert d.col("best") == [1.5, 2.0, 1.9, 1.8, 1.7]
     assert d.lr == (0.1,)  # 2 x 0.05
+
+
+def test_phase1_snapshots_the_lowest_loss_for_the_end_of_the_budget():
+    script = [1.5, 1.2, 1.3, 1.45, 1.1, 1.05]
+    d = Drive(_pilot(patience=4), j0=2.0).run(script)
+    # 1.3 is worse than 1.2: restart (L* back to 2.0); 1.45 improves the run but not the snapshot.
+    assert d.col("reason") == ["phase1-improved", "phase1-improved", "phase1-worse", "phase1-improved",
+                               "phase1-improved", "phase1-improved"]  # fmt: skip
+    assert d.snapshots() == [1, 2, 5, 6]
+    assert d.pilot.on_train_end() is None  # the model in hand is the snapshot
+    d.run([1.07])  # worse than L* = 1.05: restart, the model in hand is theta_0 (J = 2.0)
+    assert d.rows[-1]["reason"] == "phase1-worse"
+    end = d.pilot.on_train_end()
+    assert (end.reason, end.restore, end.info) == ("restore-best", BEST_TAG, {"loss": 2.0, "best_loss": 1.05})
+    plain = Drive(_pilot(patience=4, restore_best=False), j0=2.0).run(script + [1.07])
+    assert plain.snapshots() == [] and plain.pilot.on_train_end() is None
+    assert plain.col("lr") == d.col("lr")  # the snapshots change nothing of the algorithm
 
 
 def test_phase1_literal_reading_keeps_the_discarded_best_and_halves_every_epoch():
@@ -554,6 +575,23 @@ def test_a_budget_ending_mid_trial_keeps_the_model_in_hand_only_if_its_j_is_lowe
         assert hist.final == {} and hist.decisions[-1].info == {"loss": 0.01, "best_loss": 0.03}
     else:
         assert hist.final["reason"] == "restore-best" and hist.final["val_metric"] == hist.epochs[0].val_metric
+
+
+def test_a_budget_ending_in_phase1_returns_its_lowest_loss_model():
+    # patience 4, budget 5: J 0.5, 0.4 (snapshots), 0.6 (worse: restart from theta_0), 0.7, 0.65.
+    script = {1: 0.5, 2: 0.4, 3: 0.6, 4: 0.7, 5: 0.65}
+    trainer = _trainer(lambda opt: ScriptedJ(opt, script, patience=4), epochs=5)
+    trainer.run(until_epoch=2)
+    saved = [p.detach().clone() for p in trainer.model.parameters()]
+    hist = trainer.run()
+    assert [d.reason for d in hist.decisions] == ["aalr-start", "phase1-improved", "phase1-improved", "phase1-worse",
+                                                  "phase1-improved", "phase1-improved", "restore-best"]  # fmt: skip
+    assert [d.action for d in hist.decisions][1:3] == ["checkpoint", "checkpoint"]
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), saved))
+    assert hist.final["val_metric"] == hist.epochs[1].val_metric
+    faithful = _trainer(lambda opt: ScriptedJ(opt, script, patience=4, restore_best=False), epochs=5).run()
+    assert faithful.final == {} and {d.action for d in faithful.decisions[1:]} == {"keep", "rollback"}
+    assert faithful.lr_trajectory() == hist.lr_trajectory()
 
 
 def test_no_restore_when_the_last_trial_saved_the_model():

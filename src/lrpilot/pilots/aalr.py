@@ -108,7 +108,9 @@ class AALR(Pilot):
             optimizer state saved with the checkpoint.
         restore_best: when the budget is spent, replace the model in hand with the checkpoint if it
             moved since, unless its own J is known and lower (default ``True``; the run record keeps the
-            last epoch's metrics and the restored model's under ``final``).
+            last epoch's metrics and the restored model's under ``final``). During phase 1 the
+            checkpoint is then also updated to the lowest-J model seen, so that a budget ending in
+            phase 1 returns it rather than a restarted model.
         epochs: the run's budget, if known (the registry passes it): J is then also measured after the
             last epoch, so that a budget ending mid-trial keeps a model better than the checkpoint.
 
@@ -182,6 +184,7 @@ class AALR(Pilot):
         self.trial = 1  # phase 2: first or second trial at the current LR
         self.trial_epochs = 0  # phase 2: epochs trained in the current trial
         self.has_checkpoint = False
+        self.checkpoint_loss = math.nan  # J of the model under BEST_TAG (L* once phase 2 has begun)
         self.epochs_since_checkpoint = 0  # epochs the model has moved away from the checkpoint
         self.epoch = 0  # epochs seen (the loop's budget counter)
         self.loss_in_hand: float | None = None  # J of the model in hand, when known
@@ -258,11 +261,11 @@ class AALR(Pilot):
     def on_train_end(self) -> Decision | None:
         if not (self.restore_best and self.has_checkpoint and self.epochs_since_checkpoint > 0):
             return None
-        info = {"loss": self.loss_in_hand, "best_loss": self.best_loss}
-        if self.loss_in_hand is not None and self.loss_in_hand < self.best_loss:
+        info = {"loss": self.loss_in_hand, "best_loss": self.checkpoint_loss}
+        if self.loss_in_hand is not None and self.loss_in_hand < self.checkpoint_loss:
             return Decision(reason="keep-last", info=info)  # the budget ended mid-trial on a better model
         self.epochs_since_checkpoint = 0
-        self.loss_in_hand = self.best_loss
+        self.loss_in_hand = self.checkpoint_loss
         return Decision(reason="restore-best", restore=BEST_TAG, info=info)
 
     def _required(self, loss: float | None) -> float:
@@ -286,11 +289,17 @@ class AALR(Pilot):
             return Decision(reason=reason, restore=INITIAL_TAG, reset_optimizer=True, lr=self.lr, info=info)
         self.best_loss = loss
         if self.counter < self.patience:
-            return Decision(reason="phase1-improved", info=self._info(loss))
+            save = None
+            if self.restore_best and not (self.has_checkpoint and loss >= self.checkpoint_loss):
+                # Not in Algorithm 1: keep the lowest-J model of phase 1, in case the budget ends
+                # before phase 1 does (a later restart would otherwise leave nothing but theta_0).
+                save = BEST_TAG
+                self._saved(loss)
+            return Decision(reason="phase1-improved", save=save, info=self._info(loss))
         # Lines 13-15: checkpoint (theta, L*), phase 2 at twice the LR with patience 1.
         self.phase, self.patience, self.trial, self.trial_epochs = 2, 1, 1, 0
         self.lr = tuple(2 * v for v in self.lr)
-        self._saved()
+        self._saved(loss)
         return Decision(reason="phase1-done", save=BEST_TAG, lr=self.lr, info=self._info(loss))
 
     # -- phase 2: lines 16-41 ----------------------------------------------------------------------
@@ -301,7 +310,7 @@ class AALR(Pilot):
             self.best_loss = loss
             self.lr = tuple(2 * v for v in self.lr)
             self.patience, self.trial = 1, 1
-            self._saved()
+            self._saved(loss)
             return Decision(reason="phase2-improved", save=BEST_TAG, lr=self.lr, info=self._info(loss))
         if self.trial == 1:  # lines 27-29: optimistic, one more trial at this LR
             self.trial = 2
@@ -315,7 +324,7 @@ class AALR(Pilot):
         self.lr = tuple(v / 2 for v in self.lr)
         self.patience, self.trial, self.trial_epochs = 2 * self.patience, 1, 0
         self.epochs_since_checkpoint = 0
-        self.loss_in_hand = self.best_loss
+        self.loss_in_hand = self.checkpoint_loss
         return Decision(
             reason="nan-rollback",
             restore=BEST_TAG,
@@ -324,8 +333,9 @@ class AALR(Pilot):
             info=self._info(loss),
         )
 
-    def _saved(self) -> None:
+    def _saved(self, loss: float) -> None:
         self.has_checkpoint = True
+        self.checkpoint_loss = loss
         self.epochs_since_checkpoint = 0
 
     def _info(self, loss: float) -> dict[str, Any]:
