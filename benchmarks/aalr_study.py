@@ -166,7 +166,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         head = ("| task | method | options | epochs | best | best at epoch | final (in hand) | last epoch | discarded "
                 "| J passes | status |")
         if adv_cols:
-            head = head[:-1] + " PGD best | PGD final |"
+            head += " PGD best | PGD final |"
         print(head)
         print("|" + "---|" * (head.count("|") - 1))
         lr_lines = []
