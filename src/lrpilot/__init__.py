@@ -13,6 +13,7 @@ from lrpilot.loop.data import TensorLoader
 from lrpilot.loop.fit import Trainer, fit
 from lrpilot.loop.history import History, load_record, save_record
 from lrpilot.loop.metrics import Metric
+from lrpilot.pilots.aalr import AALR
 from lrpilot.pilots.base import Decision, EpochSignals, MethodParts, Pilot, StepSignals
 from lrpilot.pilots.hypergradient import RTHPO, SGDHD, HypergradientSGD, SGDHDVal
 from lrpilot.pilots.hyperreg import HyperRegularization
@@ -20,6 +21,7 @@ from lrpilot.pilots.safety_net import SafetyNet
 from lrpilot.registry import BuildContext, MethodInfo, get_method, list_methods, register
 
 __all__ = [
+    "AALR",
     "BuildContext",
     "Decision",
     "EpochSignals",

@@ -82,6 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=None if not args.quiet else False,
         method_options=_method_options(args),
         safety_net=args.safety_net or None,
+        adversarial=dict(args.adv_option or []) if args.adversarial or args.adv_option else None,
     )
     if args.out:
         save_record(record, args.out)
@@ -94,6 +95,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         + (f", {sum(d['reason'] == 'safety-net-rollback' for d in record['decisions'])} rollbacks" if args.safety_net else "")
         + (f" -> {args.out}" if args.out else "")
     )
+    adv = [e["extra"]["adv_val_metric"] for e in record["epochs"] if e["extra"].get("adv_val_metric") is not None]
+    if adv:
+        final_adv = record["final"].get("adv_val_metric", adv[-1])
+        print(f"  adversarial (PGD) {metric}: best {_fmt(max(adv) if record['metric']['higher_is_better'] else min(adv))}, "
+              f"final {_fmt(final_adv)}")
     return 0
 
 
@@ -172,6 +178,11 @@ def cmd_range_test(args: argparse.Namespace) -> int:
         f"epsilon {rt['epsilon']:.4g} ({cost['total_epochs']} epochs, {cost['total_steps']} steps, "
         f"{cost['total_train_s']:.1f} s)" + (f" -> {args.out}" if args.out else "")
     )
+    adv = [e["extra"]["adv_val_metric"] for e in record["epochs"] if e["extra"].get("adv_val_metric") is not None]
+    if adv:
+        final_adv = record["final"].get("adv_val_metric", adv[-1])
+        print(f"  adversarial (PGD) {metric}: best {_fmt(max(adv) if record['metric']['higher_is_better'] else min(adv))}, "
+              f"final {_fmt(final_adv)}")
     return 0
 
 
@@ -276,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint the best epoch; on a non-finite or exploding loss roll back to it and halve the LR")
     p.add_argument("--out", help="write the run record (JSON) here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--adversarial", action="store_true",
+                   help="FGSM training, PGD-scored validation (epsilon 8/255, PGD-10 step 2/255, raw data units)")
+    p.add_argument("--adv-option", type=_parse_option, action="append", metavar="KEY=VALUE",
+                   help="an adversarial option (implies --adversarial), e.g. --adv-option eval_samples=2000")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("range-test", help="the MI LR range test (Vasudevan 2020, Algorithm 2): LR bounds for mi-decay")

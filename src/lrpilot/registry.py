@@ -43,6 +43,7 @@ _FAMILY_MODULES: tuple[str, ...] = (
     "lrpilot.baselines.torch_methods",
     "lrpilot.baselines.tuned",
     "lrpilot.baselines.peers",
+    "lrpilot.pilots.aalr",
     "lrpilot.pilots.mi_decay",
     "lrpilot.pilots.hypergradient",
     "lrpilot.pilots.hyperreg",

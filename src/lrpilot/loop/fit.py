@@ -45,6 +45,11 @@ log = logging.getLogger("lrpilot")
 # Losses whose inputs must have exactly the targets' shape: they broadcast silently otherwise.
 _SAME_SHAPE_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCEWithLogitsLoss, nn.BCELoss)
 
+#: ``train_transform(model, x, y) -> (x, y)``: changes a training batch (e.g. into FGSM examples).
+BatchTransform = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: ``extra_eval(model, val_loader) -> {name: value}``: more validation scores (e.g. under attack).
+ExtraEval = Callable[[nn.Module, Any], Mapping[str, float]]
+
 #: Version of :meth:`Trainer.state_dict`.
 TRAINER_STATE_FORMAT = 1
 
@@ -86,6 +91,14 @@ class Trainer:
         safety_net: wrap the method's pilot in a :class:`~lrpilot.pilots.safety_net.SafetyNet`, which
             checkpoints the best epoch and, on a non-finite or exploding training loss, rolls back and
             halves the LR: ``True`` for its defaults, or a dict of its options. Default off.
+        train_transform: ``train_transform(model, x, y) -> (x, y)`` applied to every training batch
+            before the step, and to the training-set pass of ``train_eval_loss`` (the objective being
+            trained), e.g. :class:`~lrpilot.loop.adversarial.FGSMTransform`. It may take gradients
+            with respect to the inputs; it must not touch the parameters' gradients.
+        extra_eval: ``extra_eval(model, val_loader) -> {name: float}``, called in evaluation mode
+            after every validation evaluation (before training, every epoch, after a final restore);
+            the values are recorded in each epoch's ``extra``, e.g.
+            :class:`~lrpilot.loop.adversarial.AdversarialEval`.
     """
 
     def __init__(
@@ -105,6 +118,8 @@ class Trainer:
         task_kind: str | None = None,
         method_options: Mapping[str, Any] | None = None,
         safety_net: bool | Mapping[str, Any] | None = None,
+        train_transform: BatchTransform | None = None,
+        extra_eval: ExtraEval | None = None,
     ) -> None:
         if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0):
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
@@ -122,6 +137,8 @@ class Trainer:
         self.epochs = epochs
         self.seed = seed
         self.progress = sys.stderr.isatty() if progress is None else progress
+        self.train_transform = train_transform
+        self.extra_eval = extra_eval
 
         steps_per_epoch = _length(self.train_loader, "train_loader")
         if steps_per_epoch == 0:
@@ -167,6 +184,7 @@ class Trainer:
         self._val_cursor = 0  # validation batches handed to step-level pilots so far
         self._val_iter: Iterator[Any] | None = None
         self._data_checked = False
+        self._extra_eval_names: tuple[str, ...] = ()  # recorded as nan when the weights are not finite
 
     # ------------------------------------------------------------------------------------------------
     # public API
@@ -190,9 +208,11 @@ class Trainer:
                 bar.close()
         return self.history
 
-    def evaluate(self, loader: Any | None = None) -> tuple[float, float]:
-        """Mean loss and metric over ``loader`` (default: the validation loader) in evaluation mode."""
+    def evaluate(self, loader: Any | None = None, *, transform: bool = False) -> tuple[float, float]:
+        """Mean loss and metric over ``loader`` (default: the validation loader) in evaluation mode;
+        with ``transform``, on the batches as :attr:`train_transform` changes them."""
         loader = self.val_loader if loader is None else loader
+        batch_transform = self.train_transform if transform else None
         was_training = self.model.training
         self.model.eval()
         loss_sum, metric_sum, n = 0.0, 0.0, 0
@@ -201,6 +221,9 @@ class Trainer:
                 for batch in loader:
                     x, y = split_batch(batch, where="the evaluation loader")
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    if batch_transform is not None:
+                        with torch.enable_grad():  # an attack needs gradients with respect to the inputs
+                            x, y = batch_transform(self.model, x, y)
                     out = self.model(x)
                     loss_sum += float(self.loss_fn(out, y)) * len(y)
                     metric_sum += self.metric.batch_sum(out, y)
@@ -232,6 +255,8 @@ class Trainer:
                 progress=False,
                 task_kind=self.task_kind,
                 method_options=options,
+                train_transform=self.train_transform,
+                extra_eval=self.extra_eval,
             )
             trainer.run()
         finally:
@@ -257,6 +282,7 @@ class Trainer:
                 "began": self._began,
                 "stopped": self._stopped,
                 "val_cursor": self._val_cursor,
+                "extra_eval_names": self._extra_eval_names,
                 "checkpoints": self._checkpoints,
                 "initial_optimizer": self._initial_optimizer_state,
                 "history": self.history,
@@ -286,6 +312,7 @@ class Trainer:
         self._began, self._stopped = state["began"], state["stopped"]
         self._val_cursor = state["val_cursor"]
         self._val_iter = None
+        self._extra_eval_names = tuple(state.get("extra_eval_names", ()))
         self._checkpoints = state["checkpoints"]
         self._initial_optimizer_state = state["initial_optimizer"]
         self.history = state["history"]
@@ -298,8 +325,9 @@ class Trainer:
         self._began = True
         t0 = time.perf_counter()
         val_loss, val_metric = self.evaluate()
+        evals = self._run_extra_eval()
         eval_s = time.perf_counter() - t0
-        self.history.info["initial"] = {"val_loss": val_loss, "val_metric": val_metric}
+        self.history.info["initial"] = {"val_loss": val_loss, "val_metric": val_metric, **evals}
         if self.pilot is not None:
             extra = self._extra_signals()
             signals = EpochSignals(
@@ -321,7 +349,8 @@ class Trainer:
         restored = [d for d in decisions if d.restore is not None]
         if restored:
             val_loss, val_metric = self.evaluate()
-            self.history.final = {"val_loss": val_loss, "val_metric": val_metric, "reason": restored[-1].reason}
+            evals = self._run_extra_eval()
+            self.history.final = {"val_loss": val_loss, "val_metric": val_metric, **evals, "reason": restored[-1].reason}
 
     def _run_epoch(self) -> EpochRecord:
         t0 = time.perf_counter()
@@ -332,9 +361,11 @@ class Trainer:
         weights_finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
         if weights_finite and not nonfinite:
             val_loss, val_metric = self.evaluate()
+            evals = self._run_extra_eval()
         else:
             nonfinite = True
             val_loss, val_metric = math.nan, math.nan
+            evals = {name: math.nan for name in self._extra_eval_names}
         t_eval = time.perf_counter()
 
         decisions: list[Decision] = []
@@ -361,7 +392,7 @@ class Trainer:
             lr=list(lr_in_force),
             wall_s=0.0,
             train_s=0.0,
-            extra={k: v for k, v in extra.items() if isinstance(v, (int, float))},  # scalars only
+            extra={**{k: v for k, v in extra.items() if isinstance(v, (int, float))}, **evals},  # scalars
         )
         for decision in decisions:
             self._apply(decision)
@@ -385,6 +416,8 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if check:
                 check_batch(x, y, where=f"train_loader (batch {i})")
+            if self.train_transform is not None:
+                x, y = self.train_transform(self.model, x, y)
             loss, stepped = self._train_step(x, y)
             if stepped:
                 self.step += 1
@@ -482,7 +515,7 @@ class Trainer:
         needs = self.pilot.needs if self.pilot is not None else frozenset()
         for name in needs:
             if name == TRAIN_EVAL_LOSS:
-                extra[name] = self.evaluate(self.train_loader)[0]
+                extra[name] = self.evaluate(self.train_loader, transform=True)[0]
             elif name == PROBE:
                 probe = self.pilot.probe
                 if probe is None:
@@ -558,6 +591,21 @@ class Trainer:
         for name, obj in self.parts.extra_state.items():
             obj.load_state_dict(state[name])
 
+    def _run_extra_eval(self) -> dict[str, float]:
+        """The :attr:`extra_eval` values of the current model, in evaluation mode."""
+        if self.extra_eval is None:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._eval_context(), torch.enable_grad():  # attacks need input gradients
+                values = self.extra_eval(self.model, self.val_loader)
+        finally:
+            self.model.train(was_training)
+        values = {str(k): float(v) for k, v in values.items()}
+        self._extra_eval_names = tuple(values)
+        return values
+
     def _eval_context(self) -> contextlib.AbstractContextManager[Any]:
         return self.parts.eval_context() if self.parts.eval_context is not None else contextlib.nullcontext()
 
@@ -613,6 +661,8 @@ def fit(
     progress: bool | None = None,
     task_kind: str | None = None,
     safety_net: bool | Mapping[str, Any] | None = None,
+    train_transform: BatchTransform | None = None,
+    extra_eval: ExtraEval | None = None,
     **method_options: Any,
 ) -> History:
     """Train ``model`` with ``method`` for ``epochs`` and return its :class:`History`.
@@ -644,6 +694,8 @@ def fit(
         task_kind=task_kind,
         method_options=method_options,
         safety_net=safety_net,
+        train_transform=train_transform,
+        extra_eval=extra_eval,
     )
     return trainer.run()
 

@@ -39,8 +39,9 @@ __all__ = [
 ]
 
 #: Signal name: the loss of the current model over the whole training set, in evaluation mode
-#: (AALR's J(theta)). Computing it costs a forward pass over the training data, so the loop only
-#: does it for pilots that list it in :attr:`Pilot.needs`.
+#: (AALR's J(theta)), on the batches as the loop's ``train_transform`` changes them if it has one (the
+#: objective being trained, e.g. FGSM examples). Computing it costs a forward pass over the training
+#: data, so the loop only does it for pilots that list it in :attr:`Pilot.needs`.
 TRAIN_EVAL_LOSS = "train_eval_loss"
 
 #: Signal name: the outputs of chosen modules on the pilot's :attr:`Pilot.probe` inputs, as a dict
@@ -195,7 +196,8 @@ class Pilot:
     Attributes:
         optimizer: the optimizer whose LR this pilot drives.
         needs: names of extra signals the loop must compute before :meth:`on_epoch_end`
-            (e.g. :data:`TRAIN_EVAL_LOSS`).
+            (e.g. :data:`TRAIN_EVAL_LOSS`). The loop reads it before every epoch end, so a pilot may
+            make it a property and ask only when it will use the signal (AALR: at trial ends).
         handles_nonfinite: ``True`` if the pilot recovers from a non-finite loss itself (by a
             rollback). Otherwise the loop stops the run as diverged.
         probe: what the loop evaluates for the :data:`PROBE` signal (needed when ``needs`` lists it).

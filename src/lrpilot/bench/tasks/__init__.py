@@ -24,6 +24,7 @@ from lrpilot.bench.tasks.sources import (
     load_mnist1d,
     load_sklearn,
 )
+from lrpilot.loop.adversarial import AdversarialConfig, adversarial_hooks
 from lrpilot.loop.data import TensorLoader
 from lrpilot.loop.fit import Trainer
 from lrpilot.loop.metrics import Metric, get_metric
@@ -192,6 +193,7 @@ def run_task(
     progress: bool | None = None,
     method_options: Mapping[str, Any] | None = None,
     safety_net: bool | Mapping[str, Any] | None = None,
+    adversarial: AdversarialConfig | Mapping[str, Any] | bool | None = None,
 ) -> dict[str, Any]:
     """Train ``method`` on ``task`` and return the run record (the JSON contract of ``lrpilot train``).
 
@@ -205,11 +207,16 @@ def run_task(
         method_options: the method's options (e.g. ``{"lr": 0.05}``).
         safety_net: roll back and halve the LR on a non-finite or exploding loss (``True``, or the
             options of :class:`~lrpilot.pilots.safety_net.SafetyNet`); see ``Trainer``.
+        adversarial: train on FGSM examples and record the PGD loss and metric of the validation split
+            every epoch (``adv_val_loss``, ``adv_val_metric`` in each epoch's ``extra``): ``True`` for
+            the AALR paper's recipe (epsilon 8/255, PGD-10 with step 2/255, in the raw data's units), or
+            an :class:`~lrpilot.loop.adversarial.AdversarialConfig` or a mapping of its fields.
     """
     info = get_task(task)
     method_info = get_method(method)
     options = dict(method_options or {})
     resolved = resolve_options(method_info, options)  # fail fast, before loading any data
+    adv = AdversarialConfig.from_options(adversarial)
     data = info.load_data(data_dir).subset(train_subset)
     epochs = info.epochs if epochs is None else epochs
     batch_size = info.batch_size if batch_size is None else batch_size
@@ -217,20 +224,28 @@ def run_task(
     seed_everything(seed)
     model = info.model()
     train_loader, val_loader = make_loaders(data, batch_size, seed=seed)
+    loss_fn, metric = info.loss(), info.build_metric(data)
+    transform = extra_eval = None
+    if adv is not None:
+        transform, extra_eval = adversarial_hooks(
+            adv, loss_fn=loss_fn, metric=metric, input_scale=data.input_scale, input_bounds=data.input_bounds
+        )
     trainer = Trainer(
         model,
         train_loader,
         val_loader,
         method=method,
         epochs=epochs,
-        loss_fn=info.loss(),
-        metric=info.build_metric(data),
+        loss_fn=loss_fn,
+        metric=metric,
         seed=seed,
         device=device,
         progress=progress,
         task_kind=info.kind,
         method_options=options,
         safety_net=safety_net,
+        train_transform=transform,
+        extra_eval=extra_eval,
     )
     history = trainer.run()
     config = {
@@ -240,6 +255,7 @@ def run_task(
         "train_subset": train_subset,
         "method_options": resolved,
         "safety_net": (dict(safety_net) if isinstance(safety_net, Mapping) else {}) if safety_net else None,
+        "adversarial": adv.as_dict() if adv is not None else None,
     }
     if trainer.parts.info:
         history.info["method"] = trainer.parts.info
