@@ -178,11 +178,6 @@ def cmd_range_test(args: argparse.Namespace) -> int:
         f"epsilon {rt['epsilon']:.4g} ({cost['total_epochs']} epochs, {cost['total_steps']} steps, "
         f"{cost['total_train_s']:.1f} s)" + (f" -> {args.out}" if args.out else "")
     )
-    adv = [e["extra"]["adv_val_metric"] for e in record["epochs"] if e["extra"].get("adv_val_metric") is not None]
-    if adv:
-        final_adv = record["final"].get("adv_val_metric", adv[-1])
-        print(f"  adversarial (PGD) {metric}: best {_fmt(max(adv) if record['metric']['higher_is_better'] else min(adv))}, "
-              f"final {_fmt(final_adv)}")
     return 0
 
 
