@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # Modules that register methods, in the order `lrpilot list methods` shows them.
-_FAMILY_MODULES: tuple[str, ...] = ("lrpilot.baselines.torch_methods",)
+_FAMILY_MODULES: tuple[str, ...] = ("lrpilot.baselines.torch_methods", "lrpilot.pilots.lipschitz")
 
 _REGISTRY: dict[str, MethodInfo] = {}
 _loaded = False
