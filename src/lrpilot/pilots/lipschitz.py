@@ -142,9 +142,9 @@ class LipschitzPilot(Pilot):
     feature to sum to 1 first, which is data preparation (``lrpilot reproduce lipschitz`` does it).
 
     **Divergence.** After each finite epoch the pilot asks the loop to checkpoint. An epoch with a
-    non-finite loss is rolled back and retried with its LR times ``backoff``; a divergence after the
-    first epoch also multiplies every later :math:`1/L` by ``backoff`` (it persists). After
-    ``max_rollbacks`` rollbacks the run stops as diverged.
+    non-finite loss, or a collapsed one (every penultimate activation zero, so :math:`L = 0`), is rolled
+    back and retried with its LR times ``backoff``; a divergence after the first epoch also multiplies
+    every later :math:`1/L` by ``backoff`` (it persists). After ``max_rollbacks`` rollbacks the run stops.
 
     Args:
         optimizer: an SGD optimizer over the model's parameters; its groups' ``weight_decay`` is the
@@ -260,18 +260,24 @@ class LipschitzPilot(Pilot):
         assert self.monitor is not None
         if signals.nonfinite:
             return self._diverged(signals)
-        self.epochs_done += 1
         if self.mode == "classical":
             self.monitor.reset()
+            self.epochs_done += 1
             return Decision("lipschitz-checkpoint", save=_GOOD)
         stats = self.monitor.epoch()
         self.monitor.reset()
         if stats is None:  # the loop trained no batch (cannot happen with a non-empty loader)
             return Decision("lipschitz-checkpoint", save=_GOOD)
+        if stats.k_z == 0:
+            # Every penultimate activation of the epoch was zero (dead ReLUs): L = 0, 1/L is undefined and
+            # the network cannot recover. A divergence in all but name.
+            return self._diverged(signals, reason="lipschitz-collapsed-rollback")
         lrs, info = self._network_lrs(stats)
-        self.last = info
         if lrs is None:
-            return Decision("lipschitz-undefined", save=_GOOD, info=info)  # keep the LR in force
+            # L overflowed (weights or activations beyond float range) though the loss did not: the same.
+            return self._diverged(signals, reason="lipschitz-undefined-rollback", info=info)
+        self.epochs_done += 1
+        self.last = info
         return Decision("lipschitz-epoch", lr=lrs, save=_GOOD, info=info)
 
     def on_train_end(self) -> Decision | None:
@@ -374,22 +380,22 @@ class LipschitzPilot(Pilot):
         return (float(lr),) * len(self.optimizer.param_groups)
 
     # -- divergence -----------------------------------------------------------------------------------
-    def _diverged(self, signals: EpochSignals) -> Decision | None:
+    def _diverged(self, signals: EpochSignals, reason: str = "lipschitz-diverged-rollback", info: Mapping[str, Any] | None = None) -> Decision | None:
+        """Roll back to the last good epoch with the LR times ``backoff``; give up after ``max_rollbacks``."""
         assert self.monitor is not None
         self.monitor.reset()
         if self.rollbacks >= self.max_rollbacks:
-            return None  # the loop stops the run as diverged
+            if signals.nonfinite:
+                return None  # the loop stops the run as diverged
+            return Decision(reason.replace("-rollback", ""), stop=True, info={"rollbacks": self.rollbacks})
         self.rollbacks += 1
-        if self.epochs_done > 0 and self.mode == "network":
+        first = self.epochs_done == 0
+        if not first and self.mode == "network":
             # A network that diverges after the first epoch: its 1/L is too large from now on.
             self.scale *= self.backoff
         lrs = tuple(lr * self.backoff for lr in signals.lr)
-        return Decision(
-            "lipschitz-diverged-rollback",
-            restore=_GOOD,
-            lr=lrs,
-            info={"rollbacks": self.rollbacks, "first_epoch": self.epochs_done == 0, "scale": self.scale},
-        )
+        details = {"rollbacks": self.rollbacks, "first_epoch": first, "scale": self.scale, **(info or {})}
+        return Decision(reason, restore=_GOOD, lr=lrs, info=details)
 
     # -- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -839,10 +845,11 @@ class LipschitzRMSprop(AutoAdam):
 class LipschitzGuard(Pilot):
     """Rolls a step-level Lipschitz optimizer back when an epoch diverges (the paper's section 8 warning).
 
-    After every finite epoch it asks the loop to checkpoint. After a non-finite epoch it restores the last
+    After every finite epoch it asks the loop to checkpoint. After a non-finite epoch, or a collapsed one
+    (every penultimate activation zero: the constant, hence the LR, is undefined), it restores the last
     checkpoint (weights and the optimizer's averages) and multiplies the optimizer's ``lr`` (the step-size
     multiplier) by ``backoff``; the multiplier persists. After ``max_rollbacks`` it gives up and the run
-    stops as diverged. It removes the optimizer's activation hook when training ends.
+    stops (as diverged for a non-finite loss). It removes the activation hook when training ends.
     """
 
     handles_nonfinite = True
@@ -859,14 +866,19 @@ class LipschitzGuard(Pilot):
         return Decision("lipschitz-checkpoint", save=_GOOD)
 
     def on_epoch_end(self, signals: EpochSignals) -> Decision | None:
-        if not signals.nonfinite:
+        stats = self.monitor.epoch() if self.monitor is not None else None
+        if self.monitor is not None:
+            self.monitor.reset()
+        collapsed = stats is not None and stats.k_z == 0 and not signals.nonfinite
+        if not (signals.nonfinite or collapsed):
             return Decision("lipschitz-checkpoint", save=_GOOD)
         if self.rollbacks >= self.max_rollbacks:
-            return None
+            return Decision("lipschitz-collapsed", stop=True) if collapsed else None
         self.rollbacks += 1
         # The restored optimizer state carries the old multipliers: set them after the restore.
         multipliers = tuple(float(g["lr"]) * self.backoff for g in self.optimizer.param_groups)
-        return Decision("lipschitz-diverged-rollback", restore=_GOOD, lr=multipliers, info={"rollbacks": self.rollbacks})
+        reason = "lipschitz-collapsed-rollback" if collapsed else "lipschitz-diverged-rollback"
+        return Decision(reason, restore=_GOOD, lr=multipliers, info={"rollbacks": self.rollbacks})
 
     def on_train_end(self) -> Decision | None:
         if self.monitor is not None:
