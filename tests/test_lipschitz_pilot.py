@@ -175,14 +175,18 @@ def test_a_diverging_first_epoch_is_retried_with_a_smaller_lr() -> None:
     assert len(history.epochs) == 3  # the failed epoch is paid for
 
 
-def test_an_overflowing_constant_is_rolled_back() -> None:
-    """Weights beyond float range make max||w|| infinite while the loss is still finite: L is undefined."""
+def test_an_exploded_epoch_is_rolled_back() -> None:
+    """Weights beyond float range make max||w|| infinite while the loss is still finite: L is undefined, and
+    the loss is far above its value at initialisation."""
     task = TinyTask()
-    history = Trainer(task.model(), task.train, task.val, method="lipschitz", epochs=3, seed=0, progress=False,
-                      method_options={"initial_lr": 1e4, "backoff": 1e-4}).run()
-    reasons = [d.reason for d in history.decisions]
-    assert reasons == ["lipschitz-initial-fixed", "lipschitz-undefined-rollback", "lipschitz-epoch", "lipschitz-epoch"]
-    assert history.status == "completed" and history.epochs[-1].val_metric > 0.9
+    for explode_factor, reason in ((None, "lipschitz-undefined-rollback"), (10.0, "lipschitz-exploded-rollback")):
+        history = Trainer(task.model(), task.train, task.val, method="lipschitz", epochs=3, seed=0, progress=False,
+                          method_options={"initial_lr": 1e4, "backoff": 1e-4, "explode_factor": explode_factor}).run()
+        reasons = [d.reason for d in history.decisions]
+        # the epoch's loss was finite (3e34): only the constant (or the explosion test) tells
+        assert math.isfinite(history.epochs[0].train_loss)
+        assert reasons == ["lipschitz-initial-fixed", reason, "lipschitz-epoch", "lipschitz-epoch"]
+        assert history.status == "completed" and history.epochs[-1].val_metric > 0.9
 
 
 def test_a_collapsed_network_is_rolled_back() -> None:

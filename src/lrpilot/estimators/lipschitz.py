@@ -482,16 +482,15 @@ class PenultimateMonitor:
             a = inputs[0].detach()
             a = a.reshape(-1, a.shape[-1]) if a.ndim != 2 else a
             rows = a.shape[0]
-            if a.dtype not in (torch.float32, torch.float64):
-                a = a.float()  # half precision would overflow the fourth powers
-            sq = a.square()
+            # float64: the fourth powers of a diverging network's activations overflow float32 (and half).
+            sq = a.double().square()
             fro_sq = sq.sum()
             fourth = sq.square().sum()
             if self.include_bias:
                 fro_sq = fro_sq + rows
                 fourth = fourth + rows
             k_z, elem = fro_sq.sqrt(), fourth.sqrt()
-            k_a = output.detach().to(a.dtype).norm()
+            k_a = output.detach().double().norm()
         # Running maxima stay tensors: no device sync per step.
         self._last = (k_z, elem, k_a, rows)
         e = self._epoch

@@ -141,10 +141,12 @@ class LipschitzPilot(Pilot):
     Feed full batches to reproduce the paper's full-batch gradient descent; the paper also scales each
     feature to sum to 1 first, which is data preparation (``lrpilot reproduce lipschitz`` does it).
 
-    **Divergence.** After each finite epoch the pilot asks the loop to checkpoint. An epoch with a
-    non-finite loss, or a collapsed one (every penultimate activation zero, so :math:`L = 0`), is rolled
+    **Divergence.** After each good epoch the pilot asks the loop to checkpoint. An epoch with a
+    non-finite loss, an exploded one (mean training loss above ``explode_factor`` times the loss at
+    initialisation) or a collapsed one (every penultimate activation zero, so :math:`L = 0`), is rolled
     back and retried with its LR times ``backoff``; a divergence after the first epoch also multiplies
     every later :math:`1/L` by ``backoff`` (it persists). After ``max_rollbacks`` rollbacks the run stops.
+    This is our handling of the paper's section 8 warning, which only says to watch for large values.
 
     Args:
         optimizer: an SGD optimizer over the model's parameters; its groups' ``weight_decay`` is the
@@ -162,6 +164,9 @@ class LipschitzPilot(Pilot):
             the ``"head"`` only (the layer the derivation is about).
         backoff: LR factor after a divergence, in (0, 1).
         max_rollbacks: rollbacks allowed before giving up.
+        explode_factor: an epoch whose mean training loss exceeds this multiple of the loss at
+            initialisation also counts as diverged (a finite loss can still ruin the weights);
+            ``None`` only counts non-finite losses.
 
     Example:
         >>> import lrpilot
@@ -192,6 +197,7 @@ class LipschitzPilot(Pilot):
         weight_bound: str = "all",
         backoff: float = 0.1,
         max_rollbacks: int = 3,
+        explode_factor: float | None = 10.0,
     ) -> None:
         super().__init__(optimizer)
         _check_choice("mode", mode, ("auto", "network", "classical"))
@@ -200,7 +206,7 @@ class LipschitzPilot(Pilot):
         _check_choice("weight_bound", weight_bound, ("all", "head"))
         if initial_lr is not None and not (_is_number(initial_lr) and initial_lr > 0):
             raise ValueError(f"initial_lr must be None (probe the data) or a positive number, got {initial_lr!r}")
-        _check_backoff(backoff, max_rollbacks)
+        _check_backoff(backoff, max_rollbacks, explode_factor)
         self.loss = loss
         self.train_loader = train_loader
         self.mode = mode
@@ -210,7 +216,9 @@ class LipschitzPilot(Pilot):
         self.weight_bound = weight_bound
         self.backoff = float(backoff)
         self.max_rollbacks = int(max_rollbacks)
+        self.explode_factor = explode_factor
         # run state (saved by state_dict)
+        self.initial_loss = math.nan  # the validation loss before training, the yardstick of an explosion
         self.scale = 1.0  # persistent LR factor after divergences
         self.rollbacks = 0
         self.epochs_done = 0  # finite epochs
@@ -235,6 +243,7 @@ class LipschitzPilot(Pilot):
     def on_train_begin(self, signals: EpochSignals) -> Decision:
         if self.monitor is None:
             raise RuntimeError("LipschitzPilot.attach(model) must run before training (the loop does it)")
+        self.initial_loss = float(signals.val_loss)
         if self.loss.kind == "least_squares" and self.mode == "network":
             self.y_norm = _targets_norm(self.train_loader) if self.train_loader is not None else 0.0
         if self.mode == "classical":
@@ -260,6 +269,8 @@ class LipschitzPilot(Pilot):
         assert self.monitor is not None
         if signals.nonfinite:
             return self._diverged(signals)
+        if _exploded(signals, self.initial_loss, self.explode_factor):
+            return self._diverged(signals, reason="lipschitz-exploded-rollback", info={"train_loss": signals.train_loss})
         if self.mode == "classical":
             self.monitor.reset()
             self.epochs_done += 1
@@ -401,6 +412,7 @@ class LipschitzPilot(Pilot):
     def state_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
+            "initial_loss": self.initial_loss,
             "scale": self.scale,
             "rollbacks": self.rollbacks,
             "epochs_done": self.epochs_done,
@@ -411,6 +423,7 @@ class LipschitzPilot(Pilot):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.mode = state.get("mode", self.mode)
+        self.initial_loss = state.get("initial_loss", math.nan)
         self.scale = state.get("scale", 1.0)
         self.rollbacks = state.get("rollbacks", 0)
         self.epochs_done = state.get("epochs_done", 0)
@@ -845,8 +858,9 @@ class LipschitzRMSprop(AutoAdam):
 class LipschitzGuard(Pilot):
     """Rolls a step-level Lipschitz optimizer back when an epoch diverges (the paper's section 8 warning).
 
-    After every finite epoch it asks the loop to checkpoint. After a non-finite epoch, or a collapsed one
-    (every penultimate activation zero: the constant, hence the LR, is undefined), it restores the last
+    After every good epoch it asks the loop to checkpoint. After a non-finite epoch, an exploded one (mean
+    training loss above ``explode_factor`` times the loss at initialisation) or a collapsed one (every
+    penultimate activation zero: the constant, hence the LR, is undefined), it restores the last
     checkpoint (weights and the optimizer's averages) and multiplies the optimizer's ``lr`` (the step-size
     multiplier) by ``backoff``; the multiplier persists. After ``max_rollbacks`` it gives up and the run
     stops (as diverged for a non-finite loss). It removes the activation hook when training ends.
@@ -854,30 +868,45 @@ class LipschitzGuard(Pilot):
 
     handles_nonfinite = True
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, backoff: float = 0.1, max_rollbacks: int = 3, monitor: PenultimateMonitor | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        backoff: float = 0.1,
+        max_rollbacks: int = 3,
+        explode_factor: float | None = 10.0,
+        monitor: PenultimateMonitor | None = None,
+    ) -> None:
         super().__init__(optimizer)
-        _check_backoff(backoff, max_rollbacks)
+        _check_backoff(backoff, max_rollbacks, explode_factor)
         self.backoff = float(backoff)
         self.max_rollbacks = int(max_rollbacks)
+        self.explode_factor = explode_factor
         self.rollbacks = 0
+        self.initial_loss = math.nan
         self.monitor = monitor
 
     def on_train_begin(self, signals: EpochSignals) -> Decision:
+        self.initial_loss = float(signals.val_loss)
         return Decision("lipschitz-checkpoint", save=_GOOD)
 
     def on_epoch_end(self, signals: EpochSignals) -> Decision | None:
         stats = self.monitor.epoch() if self.monitor is not None else None
         if self.monitor is not None:
             self.monitor.reset()
-        collapsed = stats is not None and stats.k_z == 0 and not signals.nonfinite
-        if not (signals.nonfinite or collapsed):
+        if signals.nonfinite:
+            reason = "lipschitz-diverged-rollback"
+        elif _exploded(signals, self.initial_loss, self.explode_factor):
+            reason = "lipschitz-exploded-rollback"
+        elif stats is not None and stats.k_z == 0:
+            reason = "lipschitz-collapsed-rollback"
+        else:
             return Decision("lipschitz-checkpoint", save=_GOOD)
         if self.rollbacks >= self.max_rollbacks:
-            return Decision("lipschitz-collapsed", stop=True) if collapsed else None
+            return None if signals.nonfinite else Decision(reason.replace("-rollback", ""), stop=True)
         self.rollbacks += 1
         # The restored optimizer state carries the old multipliers: set them after the restore.
         multipliers = tuple(float(g["lr"]) * self.backoff for g in self.optimizer.param_groups)
-        reason = "lipschitz-collapsed-rollback" if collapsed else "lipschitz-diverged-rollback"
         return Decision(reason, restore=_GOOD, lr=multipliers, info={"rollbacks": self.rollbacks})
 
     def on_train_end(self) -> Decision | None:
@@ -886,10 +915,11 @@ class LipschitzGuard(Pilot):
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rollbacks": self.rollbacks}
+        return {"rollbacks": self.rollbacks, "initial_loss": self.initial_loss}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.rollbacks = state.get("rollbacks", 0)
+        self.initial_loss = state.get("initial_loss", math.nan)
 
 
 # ====================================================================================================
@@ -904,11 +934,24 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def _check_backoff(backoff: Any, max_rollbacks: Any) -> None:
+def _check_backoff(backoff: Any, max_rollbacks: Any, explode_factor: Any = None) -> None:
     if not (_is_number(backoff) and 0 < backoff < 1):
         raise ValueError(f"backoff must be in (0, 1), got {backoff!r}")
     if not (isinstance(max_rollbacks, int) and not isinstance(max_rollbacks, bool) and max_rollbacks >= 0):
         raise ValueError(f"max_rollbacks must be an integer >= 0, got {max_rollbacks!r}")
+    if explode_factor is not None and not (_is_number(explode_factor) and explode_factor > 1):
+        raise ValueError(f"explode_factor must be None or a number > 1, got {explode_factor!r}")
+
+
+def _exploded(signals: EpochSignals, initial_loss: float, factor: float | None) -> bool:
+    """A finite epoch whose mean training loss exceeds ``factor`` times the loss at initialisation."""
+    return (
+        factor is not None
+        and math.isfinite(initial_loss)
+        and initial_loss > 0
+        and math.isfinite(signals.train_loss)
+        and signals.train_loss > factor * initial_loss
+    )
 
 
 def _options_error(method: str, err: ValueError) -> ValueError:
@@ -934,6 +977,7 @@ def build_lipschitz(
     weight_bound: str,
     backoff: float,
     max_rollbacks: int,
+    explode_factor: float | None,
 ) -> MethodParts:
     name = "lipschitz"
     require_positive("weight_decay", weight_decay, method=name, allow_zero=True)
@@ -948,6 +992,7 @@ def build_lipschitz(
         pilot = LipschitzPilot(
             opt, loss=spec, train_loader=ctx.train_loader, mode=mode, initial_lr=initial_lr, constant=constant,
             ls_form=ls_form, weight_bound=weight_bound, backoff=backoff, max_rollbacks=max_rollbacks,
+            explode_factor=explode_factor,
         )  # fmt: skip
     except ValueError as err:
         raise _options_error(name, err) from None
@@ -961,61 +1006,60 @@ def _source(ctx: BuildContext, method: str, ls_form: str) -> LastLayerLipschitz:
     return LastLayerLipschitz(PenultimateMonitor(ctx.model), spec, y_norm, ls_form)
 
 
-def _step_parts(ctx: BuildContext, opt: _LipschitzOptimizer, source: LastLayerLipschitz, backoff: float, max_rollbacks: int, method: str) -> MethodParts:
+def _step_parts(ctx: BuildContext, opt: _LipschitzOptimizer, source: LastLayerLipschitz, guard_options: dict[str, Any], method: str) -> MethodParts:
     try:
-        guard = LipschitzGuard(opt, backoff=backoff, max_rollbacks=max_rollbacks, monitor=source.monitor)
+        guard = LipschitzGuard(opt, monitor=source.monitor, **guard_options)
     except ValueError as err:
         source.monitor.remove()
         raise _options_error(method, err) from None
     return MethodParts(opt, guard, effective_lr=opt.effective_lrs, info={"loss": source.loss.kind})
 
 
-def _build_optimizer(method: str, make: Callable[[LastLayerLipschitz], _LipschitzOptimizer], ctx: BuildContext, ls_form: str, backoff: float, max_rollbacks: int) -> MethodParts:
+def _build_optimizer(method: str, make: Callable[[LastLayerLipschitz], _LipschitzOptimizer], ctx: BuildContext, ls_form: str, guard_options: dict[str, Any]) -> MethodParts:
     source = _source(ctx, method, ls_form)
     try:
         opt = make(source)
     except ValueError as err:
         source.monitor.remove()
         raise _options_error(method, err) from None
-    return _step_parts(ctx, opt, source, backoff, max_rollbacks, method)
+    return _step_parts(ctx, opt, source, guard_options, method)
 
 
 def build_adamo(ctx: BuildContext, lr: float, beta: float, weight_decay: float, update: str, initial_lr: float | None,
-                bias_correction: str, ls_form: str, backoff: float, max_rollbacks: int) -> MethodParts:
+                bias_correction: str, ls_form: str, **guard: Any) -> MethodParts:
     def make(source: LastLayerLipschitz) -> _LipschitzOptimizer:
         return AdaMo(ctx.params(), source, lr=lr, beta=beta, weight_decay=weight_decay, update=update,
                      initial_lr=initial_lr, steps_per_epoch=ctx.steps_per_epoch, bias_correction=bias_correction)
 
-    return _build_optimizer("adamo", make, ctx, ls_form, backoff, max_rollbacks)
+    return _build_optimizer("adamo", make, ctx, ls_form, guard)
 
 
 def build_auto_adam(ctx: BuildContext, lr: float, beta1: float, beta2: float, eps: float, eps_inside_sqrt: bool,
                     weight_decay: float, grad_sq_estimate: str, k1_init: float, k2_init: float, update: str,
-                    initial_lr: float | None, bias_correction: str, ls_form: str, backoff: float,
-                    max_rollbacks: int) -> MethodParts:
+                    initial_lr: float | None, bias_correction: str, ls_form: str, **guard: Any) -> MethodParts:
     def make(source: LastLayerLipschitz) -> _LipschitzOptimizer:
         return AutoAdam(ctx.params(), source, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps_inside_sqrt=eps_inside_sqrt,
                         weight_decay=weight_decay, grad_sq_estimate=grad_sq_estimate, k1_init=k1_init, k2_init=k2_init,
                         update=update, initial_lr=initial_lr, steps_per_epoch=ctx.steps_per_epoch,
                         bias_correction=bias_correction)
 
-    return _build_optimizer("auto-adam", make, ctx, ls_form, backoff, max_rollbacks)
+    return _build_optimizer("auto-adam", make, ctx, ls_form, guard)
 
 
 def build_lipschitz_rmsprop(ctx: BuildContext, lr: float, rho: float, eps: float, eps_inside_sqrt: bool, weight_decay: float,
                             grad_sq_estimate: str, k2_init: float, denominator: str, update: str, initial_lr: float | None,
-                            bias_correction: str, ls_form: str, backoff: float, max_rollbacks: int) -> MethodParts:
+                            bias_correction: str, ls_form: str, **guard: Any) -> MethodParts:
     def make(source: LastLayerLipschitz) -> _LipschitzOptimizer:
         return LipschitzRMSprop(ctx.params(), source, lr=lr, rho=rho, eps=eps, eps_inside_sqrt=eps_inside_sqrt,
                                 weight_decay=weight_decay, grad_sq_estimate=grad_sq_estimate, k2_init=k2_init,
                                 denominator=denominator, update=update, initial_lr=initial_lr, steps_per_epoch=ctx.steps_per_epoch,
                                 bias_correction=bias_correction)
 
-    return _build_optimizer("lipschitz-rmsprop", make, ctx, ls_form, backoff, max_rollbacks)
+    return _build_optimizer("lipschitz-rmsprop", make, ctx, ls_form, guard)
 
 
 _PAPER = "Yedida & Saha, LipschitzLR (shared/papers/003_8119a118a538bf06.txt)"
-_GUARD = {"backoff": 0.1, "max_rollbacks": 3}
+_GUARD = {"backoff": 0.1, "max_rollbacks": 3, "explode_factor": 10.0}
 _ADAPTIVE = {"weight_decay": 0.0, "update": "step", "initial_lr": None, "bias_correction": "none", "ls_form": "paper", **_GUARD}
 
 
@@ -1034,10 +1078,11 @@ def _register_all() -> None:
         ),
         MethodInfo(
             "adamo", "lipschitz", "AdaMo: momentum SGD with LR = 1/EMA of per-batch Lipschitz constants (Algorithm 1)",
-            build_adamo, {"lr": 1.0, "beta": 0.9, **_ADAPTIVE},
+            build_adamo, {"lr": 1.0, "beta": 0.9, **_ADAPTIVE, "initial_lr": 0.1},
             lr_granularity="step", kind="step-pilot", tags=seed, paper=_PAPER, handles_nonfinite=True,
             invalid_options=(({"beta": 1.0}, r"beta"), ({"update": "batch"}, r"update"), ({"initial_lr": -0.1}, r"initial_lr"),
-                             ({"bias_correction": True}, r"bias_correction"), ({"update": "epoch"}, r"initial_lr")),
+                             ({"bias_correction": True}, r"bias_correction"),
+                             ({"update": "epoch", "initial_lr": None}, r"initial_lr")),
         ),
         MethodInfo(
             "lipschitz-rmsprop", "lipschitz", "Adaptive RMSprop: LR = (sqrt(K2)+eps)/L from Lipschitz averages (section 6.2)",
