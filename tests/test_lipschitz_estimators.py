@@ -134,7 +134,7 @@ def test_monitor_records_the_head_input_of_training_batches_only() -> None:
     with monitor.recording():
         net(x * 100)
     assert monitor.epoch().batches == 2
-    assert monitor.last().k_z == pytest.approx(float(net.body(x * 100).norm()), rel=1e-6)
+    assert monitor.last().k_z == pytest.approx(float(net.body(x * 100).detach().norm()), rel=1e-6)
 
 
 def test_monitor_epoch_maxima_use_the_nominal_batch_size() -> None:
@@ -151,6 +151,11 @@ def test_monitor_epoch_maxima_use_the_nominal_batch_size() -> None:
     assert stats.k_z == pytest.approx(max(norms), rel=1e-6)
     monitor.reset()
     assert monitor.epoch() is None
+    for _ in range(5000):  # standalone use, never reset: the per-batch norms are folded, the max is kept
+        net(big)
+    assert monitor.epoch().batches == 5000 and len(monitor._epoch["k_z"]) < 5000
+    assert monitor.epoch().k_z == pytest.approx(norms[0], rel=1e-6)
+    monitor.reset()
     # state round trip keeps the epoch's maxima
     net(big)
     saved = monitor.state_dict()

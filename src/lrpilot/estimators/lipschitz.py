@@ -414,6 +414,19 @@ class BatchStats:
     batches: int = 1
 
 
+_ZERO = torch.zeros(())
+_COMPACT_AT = 4096  # per-batch norms kept before they are folded into their maximum
+
+
+def _elementwise_norm(a: torch.Tensor, dtype: torch.dtype, ones: int) -> torch.Tensor:
+    r""":math:`\lVert A\circ A\rVert_F = (\sum a^4)^{1/2}`, scaled by the largest entry so the fourth powers
+    cannot overflow (they would for activations above 1e9 in float32); ``ones`` columns of ones added."""
+    a = a.to(dtype)
+    top = a.abs().amax().clamp_min(torch.finfo(dtype).tiny)
+    value = torch.linalg.vector_norm((a / top).square()) * top.square()
+    return (value.square() + ones).sqrt() if ones else value
+
+
 def find_head(model: nn.Module) -> nn.Linear:
     """The last layer: ``model.head`` if it is an ``nn.Linear``, else the last ``nn.Linear`` registered."""
     head = getattr(model, "head", None)
@@ -456,6 +469,9 @@ class PenultimateMonitor:
         include_bias: count the bias as a weight on a constant input 1, i.e. use
             :math:`\\lVert[A, 1]\\rVert`; the paper does this for classical models (a column of ones in
             ``X``) and not for networks (its code reads the penultimate layer's output).
+        elementwise: also record :math:`\\lVert A\\circ A\\rVert` (Auto-Adam's and RMSprop's estimates need it).
+        outputs: also record :math:`K_a = \\lVert a^{[L]}\\rVert` (least squares needs it).
+        (Statistics not recorded read as 0; each costs a few reductions per step.)
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
@@ -465,9 +481,19 @@ class PenultimateMonitor:
         5
     """
 
-    def __init__(self, model: nn.Module, layer: nn.Module | None = None, *, include_bias: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: nn.Module | None = None,
+        *,
+        include_bias: bool = False,
+        elementwise: bool = True,
+        outputs: bool = True,
+    ) -> None:
         self.layer = find_head(model) if layer is None else layer
         self.include_bias = bool(include_bias) and getattr(self.layer, "bias", None) is not None
+        self.elementwise = bool(elementwise)
+        self.outputs = bool(outputs)
         self._forced = False
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
         self._epoch: dict[str, Any] = {}
@@ -476,31 +502,30 @@ class PenultimateMonitor:
 
     # -- collection --------------------------------------------------------------------------------
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        # Runs on every training forward pass: a handful of reductions on detached tensors (no graph), no
+        # device sync; the epoch's maxima are taken when read.
         if not (module.training or self._forced):
             return
-        with torch.no_grad():
-            a = inputs[0].detach()
-            a = a.reshape(-1, a.shape[-1]) if a.ndim != 2 else a
-            rows = a.shape[0]
-            # float64: the fourth powers of a diverging network's activations overflow float32 (and half).
-            sq = a.double().square()
-            fro_sq = sq.sum()
-            fourth = sq.square().sum()
-            if self.include_bias:
-                fro_sq = fro_sq + rows
-                fourth = fourth + rows
-            k_z, elem = fro_sq.sqrt(), fourth.sqrt()
-            k_a = output.detach().double().norm()
-        # Running maxima stay tensors: no device sync per step.
+        a = inputs[0].detach()
+        if a.ndim != 2:
+            a = a.reshape(-1, a.shape[-1])
+        rows = a.shape[0]
+        dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32  # half would overflow
+        k_z = torch.linalg.vector_norm(a, dtype=dtype)
+        if self.include_bias:
+            k_z = (k_z.square() + rows).sqrt()
+        elem = _elementwise_norm(a, dtype, rows if self.include_bias else 0) if self.elementwise else _ZERO
+        k_a = torch.linalg.vector_norm(output.detach(), dtype=dtype) if self.outputs else _ZERO
         self._last = (k_z, elem, k_a, rows)
         e = self._epoch
-        if e["batches"] == 0:
-            e["k_z"], e["elementwise"], e["k_a"] = k_z, elem, k_a
-        else:
-            e["k_z"], e["elementwise"], e["k_a"] = (
-                torch.maximum(e["k_z"], k_z), torch.maximum(e["elementwise"], elem), torch.maximum(e["k_a"], k_a)
-            )
-        e["rows"] = max(e["rows"], rows)
+        for key, value, on in (("k_z", k_z, True), ("elementwise", elem, self.elementwise), ("k_a", k_a, self.outputs)):
+            if on:
+                values = e[key]
+                values.append(value)
+                if len(values) >= _COMPACT_AT:  # nobody reset the epoch (standalone use): keep the max only
+                    e[key] = [torch.stack(values).max()]
+        if rows > e["rows"]:
+            e["rows"] = rows
         e["batches"] += 1
 
     @contextmanager
@@ -527,13 +552,17 @@ class PenultimateMonitor:
         lowers ``m`` nor, having a smaller norm, raises ``K_z``.
         """
         e = self._epoch
-        if e["batches"] == 0:
+        if not e["k_z"]:
             return None
-        return BatchStats(float(e["k_z"]), float(e["elementwise"]), float(e["k_a"]), e["rows"], e["batches"])
+
+        def top(values: list[torch.Tensor]) -> float:
+            return float(torch.stack([v.to(values[0].device) for v in values]).max()) if values else 0.0
+
+        return BatchStats(top(e["k_z"]), top(e["elementwise"]), top(e["k_a"]), e["rows"], e["batches"])
 
     def reset(self) -> None:
         """Start a new epoch's maxima."""
-        self._epoch = {"k_z": None, "elementwise": None, "k_a": None, "rows": 0, "batches": 0}
+        self._epoch = {"k_z": [], "elementwise": [], "k_a": [], "rows": 0, "batches": 0}
 
     def remove(self) -> None:
         """Unregister the hook."""
@@ -548,10 +577,8 @@ class PenultimateMonitor:
         self.reset()
         saved = state.get("epoch")
         if saved:
-            self._epoch = {
-                "k_z": torch.tensor(saved["k_z"], dtype=torch.float64),
-                "elementwise": torch.tensor(saved["elementwise"], dtype=torch.float64),
-                "k_a": torch.tensor(saved["k_a"], dtype=torch.float64),
-                "rows": saved["rows"],
-                "batches": saved["batches"],
-            }
+            def as_list(key: str) -> list[torch.Tensor]:
+                return [torch.tensor(saved[key], dtype=torch.float64)] if saved[key] else []
+
+            self._epoch = {"k_z": as_list("k_z"), "elementwise": as_list("elementwise"), "k_a": as_list("k_a"),
+                           "rows": saved["rows"], "batches": saved["batches"]}

@@ -91,11 +91,22 @@ class LastLayerLipschitz:
 
     @classmethod
     def for_model(
-        cls, model: nn.Module, loss_fn: Any, *, y_norm: float = 0.0, form: str = "paper", include_bias: bool = False
+        cls,
+        model: nn.Module,
+        loss_fn: Any,
+        *,
+        y_norm: float = 0.0,
+        form: str = "paper",
+        include_bias: bool = False,
+        elementwise: bool = True,
     ) -> LastLayerLipschitz:
+        """Hook ``model``'s last layer; ``elementwise=False`` skips what only Auto-Adam and RMSprop use."""
         head = find_head(model)
         spec = LossSpec.from_loss(loss_fn, head.out_features)
-        return cls(PenultimateMonitor(model, head, include_bias=include_bias), spec, y_norm, form)
+        monitor = PenultimateMonitor(
+            model, head, include_bias=include_bias, elementwise=elementwise, outputs=spec.kind == "least_squares"
+        )
+        return cls(monitor, spec, y_norm, form)
 
     def __call__(self) -> tuple[float, BatchStats]:
         stats = self.monitor.last()
@@ -236,7 +247,9 @@ class LipschitzPilot(Pilot):
         # constants read the penultimate layer's output only. beta is a bound only with the bias in.
         include_bias = self.mode == "classical" or self.constant == "smoothness"
         self.model = model
-        self.monitor = PenultimateMonitor(model, head, include_bias=include_bias)
+        self.monitor = PenultimateMonitor(
+            model, head, include_bias=include_bias, elementwise=False, outputs=self.loss.kind == "least_squares"
+        )
         if self.mode == "classical" and self.train_loader is None:
             raise ValueError("the classical mode computes 1/L from the training data: pass train_loader")
 
@@ -999,11 +1012,12 @@ def build_lipschitz(
     return MethodParts(opt, pilot, info={"loss": spec.kind})
 
 
-def _source(ctx: BuildContext, method: str, ls_form: str) -> LastLayerLipschitz:
+def _source(ctx: BuildContext, method: str, ls_form: str, elementwise: bool) -> LastLayerLipschitz:
     spec = _loss_spec(ctx, method)
     require_in("ls_form", ls_form, ("paper", "bound"), method=method)
     y_norm = _targets_norm(ctx.train_loader) if spec.kind == "least_squares" and ctx.train_loader is not None else 0.0
-    return LastLayerLipschitz(PenultimateMonitor(ctx.model), spec, y_norm, ls_form)
+    monitor = PenultimateMonitor(ctx.model, elementwise=elementwise, outputs=spec.kind == "least_squares")
+    return LastLayerLipschitz(monitor, spec, y_norm, ls_form)
 
 
 def _step_parts(ctx: BuildContext, opt: _LipschitzOptimizer, source: LastLayerLipschitz, guard_options: dict[str, Any], method: str) -> MethodParts:
@@ -1015,8 +1029,15 @@ def _step_parts(ctx: BuildContext, opt: _LipschitzOptimizer, source: LastLayerLi
     return MethodParts(opt, guard, effective_lr=opt.effective_lrs, info={"loss": source.loss.kind})
 
 
-def _build_optimizer(method: str, make: Callable[[LastLayerLipschitz], _LipschitzOptimizer], ctx: BuildContext, ls_form: str, guard_options: dict[str, Any]) -> MethodParts:
-    source = _source(ctx, method, ls_form)
+def _build_optimizer(
+    method: str,
+    make: Callable[[LastLayerLipschitz], _LipschitzOptimizer],
+    ctx: BuildContext,
+    ls_form: str,
+    guard_options: dict[str, Any],
+    elementwise: bool = True,
+) -> MethodParts:
+    source = _source(ctx, method, ls_form, elementwise)
     try:
         opt = make(source)
     except ValueError as err:
@@ -1031,7 +1052,7 @@ def build_adamo(ctx: BuildContext, lr: float, beta: float, weight_decay: float, 
         return AdaMo(ctx.params(), source, lr=lr, beta=beta, weight_decay=weight_decay, update=update,
                      initial_lr=initial_lr, steps_per_epoch=ctx.steps_per_epoch, bias_correction=bias_correction)
 
-    return _build_optimizer("adamo", make, ctx, ls_form, guard)
+    return _build_optimizer("adamo", make, ctx, ls_form, guard, elementwise=False)
 
 
 def build_auto_adam(ctx: BuildContext, lr: float, beta1: float, beta2: float, eps: float, eps_inside_sqrt: bool,
@@ -1043,7 +1064,7 @@ def build_auto_adam(ctx: BuildContext, lr: float, beta1: float, beta2: float, ep
                         update=update, initial_lr=initial_lr, steps_per_epoch=ctx.steps_per_epoch,
                         bias_correction=bias_correction)
 
-    return _build_optimizer("auto-adam", make, ctx, ls_form, guard)
+    return _build_optimizer("auto-adam", make, ctx, ls_form, guard, elementwise=grad_sq_estimate != "first")
 
 
 def build_lipschitz_rmsprop(ctx: BuildContext, lr: float, rho: float, eps: float, eps_inside_sqrt: bool, weight_decay: float,
@@ -1055,7 +1076,7 @@ def build_lipschitz_rmsprop(ctx: BuildContext, lr: float, rho: float, eps: float
                                 denominator=denominator, update=update, initial_lr=initial_lr, steps_per_epoch=ctx.steps_per_epoch,
                                 bias_correction=bias_correction)
 
-    return _build_optimizer("lipschitz-rmsprop", make, ctx, ls_form, guard)
+    return _build_optimizer("lipschitz-rmsprop", make, ctx, ls_form, guard, elementwise=grad_sq_estimate != "first")
 
 
 _PAPER = "Yedida & Saha, LipschitzLR (shared/papers/003_8119a118a538bf06.txt)"
