@@ -16,12 +16,38 @@ from lrpilot.loop.metrics import Metric
 from lrpilot.pilots.base import Decision, EpochSignals, MethodParts, Pilot, StepSignals
 from lrpilot.registry import BuildContext, MethodInfo, get_method, list_methods, register
 
+# Method families register themselves on import, in the order the registry lists them; their public
+# classes are exported lazily so that `import lrpilot` neither pays for them nor reorders the registry.
+_LAZY = {
+    "AdaMo": "lrpilot.pilots.lipschitz",
+    "AutoAdam": "lrpilot.pilots.lipschitz",
+    "LipschitzPilot": "lrpilot.pilots.lipschitz",
+    "LipschitzRMSprop": "lrpilot.pilots.lipschitz",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lrpilot' has no attribute {name!r}")
+    import importlib
+
+    from lrpilot.registry import list_methods
+
+    list_methods()  # load every family first, in the registry's order
+    return getattr(importlib.import_module(module), name)
+
+
 __all__ = [
+    "AdaMo",
+    "AutoAdam",
     "BuildContext",
     "Decision",
     "EpochSignals",
     "History",
     "LARS",
+    "LipschitzPilot",
+    "LipschitzRMSprop",
     "Metric",
     "MethodInfo",
     "MethodParts",

@@ -32,6 +32,7 @@ from lrpilot.estimators.lipschitz import LOSS_KINDS, classical_lipschitz, smooth
 
 __all__ = [
     "DATASETS",
+    "DIVERGED",
     "PAPER_TABLE1",
     "PAPER_TABLE2",
     "AccuracyRow",
@@ -44,7 +45,7 @@ __all__ = [
     "sum_to_one",
 ]
 
-#: data set -> (scikit-learn loader, model kind).
+#: data set -> the model's loss (softmax, logistic or linear regression).
 DATASETS: dict[str, str] = {
     "iris": "cross_entropy",
     "digits": "cross_entropy",
@@ -69,6 +70,7 @@ PAPER_TABLE2: dict[str, dict[str, float]] = {
 OUR_THRESHOLDS: dict[str, float | None] = {"digits": 0.5, "diabetes": None}
 
 FIXED_LR = 0.1  # the paper's "random guess"
+DIVERGED = -1  # epochs-to-threshold of a run whose loss became non-finite
 SCALINGS = ("sum-to-one", "raw")
 
 
@@ -162,8 +164,9 @@ class _Model:
 
 
 def _descend(model: _Model, lr: float, w: torch.Tensor, *, epochs: int, threshold: float | None = None) -> tuple[torch.Tensor, int | None, float]:
-    """Gradient descent: returns the weights, the first epoch whose loss is below ``threshold`` (or ``None``)
-    and the last loss. Epoch ``e`` is the loss after ``e`` updates, as in the paper's loop."""
+    """Gradient descent: returns the weights, the first epoch whose loss is below ``threshold`` (``None``:
+    not reached, :data:`DIVERGED`: the loss became non-finite) and the last loss. Epoch ``e`` is the loss
+    after ``e`` updates, as in the paper's loop."""
     loss, grad = model.loss_and_grad(w)
     for epoch in range(1, epochs + 1):
         w = w - lr * grad
@@ -171,7 +174,7 @@ def _descend(model: _Model, lr: float, w: torch.Tensor, *, epochs: int, threshol
         if threshold is not None and loss < threshold:
             return w, epoch, loss
         if not math.isfinite(loss):
-            return w, None, loss
+            return w, DIVERGED, loss
     return w, None, loss
 
 
@@ -190,7 +193,8 @@ def _threshold(name: str, model: _Model) -> float:
 
 @dataclass
 class ConvergenceRow:
-    """One Table 1 row: epochs to reach ``threshold`` with each LR (``None``: not within ``max_epochs``)."""
+    """One Table 1 row: epochs to reach ``threshold`` with each LR (``None``: not within ``max_epochs``,
+    :data:`DIVERGED`: the loss became non-finite)."""
 
     dataset: str
     scaling: str
@@ -283,6 +287,8 @@ def _num(value: Any, fmt: str = "{:.4g}") -> str:
 
 
 def _epochs(value: int | None, cap: int) -> str:
+    if value == DIVERGED:
+        return "diverged"
     return f">{cap}" if value is None else str(value)
 
 
