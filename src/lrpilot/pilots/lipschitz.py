@@ -153,8 +153,8 @@ class LipschitzPilot(Pilot):
     feature to sum to 1 first, which is data preparation (``lrpilot reproduce lipschitz`` does it).
 
     **Divergence.** After each good epoch the pilot asks the loop to checkpoint. An epoch with a
-    non-finite loss, an exploded one (mean training loss above ``explode_factor`` times the loss at
-    initialisation) or a collapsed one (every penultimate activation zero, so :math:`L = 0`), is rolled
+    non-finite loss, an exploded one (mean training or validation loss above ``explode_factor`` times the
+    validation loss at initialisation) or a collapsed one (every penultimate activation zero, so :math:`L = 0`), is rolled
     back and retried with its LR times ``backoff``; a divergence after the first epoch also multiplies
     every later :math:`1/L` by ``backoff`` (it persists). After ``max_rollbacks`` rollbacks the run stops.
     This is our handling of the paper's section 8 warning, which only says to watch for large values.
@@ -175,9 +175,10 @@ class LipschitzPilot(Pilot):
             the ``"head"`` only (the layer the derivation is about).
         backoff: LR factor after a divergence, in (0, 1).
         max_rollbacks: rollbacks allowed before giving up.
-        explode_factor: an epoch whose mean training loss exceeds this multiple of the loss at
-            initialisation also counts as diverged (a finite loss can still ruin the weights);
-            ``None`` only counts non-finite losses.
+        explode_factor: an epoch whose mean training loss or validation loss exceeds this multiple of
+            the validation loss at initialisation also counts as diverged (a finite loss can still ruin
+            the weights: at initialisation a classifier's loss is about ln k, the loss of a uniform
+            guess); ``None`` only counts non-finite losses.
 
     Example:
         >>> import lrpilot
@@ -208,7 +209,7 @@ class LipschitzPilot(Pilot):
         weight_bound: str = "all",
         backoff: float = 0.1,
         max_rollbacks: int = 3,
-        explode_factor: float | None = 10.0,
+        explode_factor: float | None = 3.0,
     ) -> None:
         super().__init__(optimizer)
         _check_choice("mode", mode, ("auto", "network", "classical"))
@@ -872,7 +873,8 @@ class LipschitzGuard(Pilot):
     """Rolls a step-level Lipschitz optimizer back when an epoch diverges (the paper's section 8 warning).
 
     After every good epoch it asks the loop to checkpoint. After a non-finite epoch, an exploded one (mean
-    training loss above ``explode_factor`` times the loss at initialisation) or a collapsed one (every
+    training or validation loss above ``explode_factor`` times the validation loss at initialisation) or a
+    collapsed one (every
     penultimate activation zero: the constant, hence the LR, is undefined), it restores the last
     checkpoint (weights and the optimizer's averages) and multiplies the optimizer's ``lr`` (the step-size
     multiplier) by ``backoff``; the multiplier persists. After ``max_rollbacks`` it gives up and the run
@@ -887,7 +889,7 @@ class LipschitzGuard(Pilot):
         *,
         backoff: float = 0.1,
         max_rollbacks: int = 3,
-        explode_factor: float | None = 10.0,
+        explode_factor: float | None = 3.0,
         monitor: PenultimateMonitor | None = None,
     ) -> None:
         super().__init__(optimizer)
@@ -957,14 +959,12 @@ def _check_backoff(backoff: Any, max_rollbacks: Any, explode_factor: Any = None)
 
 
 def _exploded(signals: EpochSignals, initial_loss: float, factor: float | None) -> bool:
-    """A finite epoch whose mean training loss exceeds ``factor`` times the loss at initialisation."""
-    return (
-        factor is not None
-        and math.isfinite(initial_loss)
-        and initial_loss > 0
-        and math.isfinite(signals.train_loss)
-        and signals.train_loss > factor * initial_loss
-    )
+    """A finite epoch whose mean training loss or validation loss exceeds ``factor`` times the validation
+    loss at initialisation: the weights are worse than random ones, though no loss was non-finite."""
+    if factor is None or not (math.isfinite(initial_loss) and initial_loss > 0):
+        return False
+    limit = factor * initial_loss
+    return any(math.isfinite(v) and v > limit for v in (signals.train_loss, signals.val_loss))
 
 
 def _options_error(method: str, err: ValueError) -> ValueError:
@@ -1080,7 +1080,7 @@ def build_lipschitz_rmsprop(ctx: BuildContext, lr: float, rho: float, eps: float
 
 
 _PAPER = "Yedida & Saha, LipschitzLR (shared/papers/003_8119a118a538bf06.txt)"
-_GUARD = {"backoff": 0.1, "max_rollbacks": 3, "explode_factor": 10.0}
+_GUARD = {"backoff": 0.1, "max_rollbacks": 3, "explode_factor": 3.0}
 _ADAPTIVE = {"weight_decay": 0.0, "update": "step", "initial_lr": None, "bias_correction": "none", "ls_form": "paper", **_GUARD}
 
 
