@@ -216,12 +216,12 @@ def test_the_step_level_guard_lowers_the_multiplier_after_a_rollback() -> None:
 
 def test_an_epoch_worse_than_the_initial_model_counts_as_exploded() -> None:
     """Finite losses, but the validation loss is above explode_factor x its value at initialisation."""
-    guard = LipschitzGuard(torch.optim.SGD(MLP((4, 8, 3)).parameters(), lr=1.0), explode_factor=3.0)
+    guard = LipschitzGuard(torch.optim.SGD(MLP((4, 8, 3)).parameters(), lr=1.0))  # explode_factor 10
     start = EpochSignals(epoch=0, step=0, lr=(1.0,), train_loss=math.nan, val_loss=2.0, val_metric=0.3)
     guard.on_train_begin(start)
-    fine = EpochSignals(epoch=1, step=6, lr=(1.0,), train_loss=1.5, val_loss=5.9, val_metric=0.5)
+    fine = EpochSignals(epoch=1, step=6, lr=(1.0,), train_loss=1.5, val_loss=19.9, val_metric=0.5)
     assert guard.on_epoch_end(fine).reason == "lipschitz-checkpoint"
-    worse = EpochSignals(epoch=2, step=12, lr=(1.0,), train_loss=1.5, val_loss=6.1, val_metric=0.2)
+    worse = EpochSignals(epoch=2, step=12, lr=(1.0,), train_loss=1.5, val_loss=20.1, val_metric=0.2)
     assert guard.on_epoch_end(worse).reason == "lipschitz-exploded-rollback"
     guard.explode_factor = None
     assert guard.on_epoch_end(worse).reason == "lipschitz-checkpoint"

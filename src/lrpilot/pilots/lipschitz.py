@@ -209,7 +209,7 @@ class LipschitzPilot(Pilot):
         weight_bound: str = "all",
         backoff: float = 0.1,
         max_rollbacks: int = 3,
-        explode_factor: float | None = 3.0,
+        explode_factor: float | None = 10.0,
     ) -> None:
         super().__init__(optimizer)
         _check_choice("mode", mode, ("auto", "network", "classical"))
@@ -889,7 +889,7 @@ class LipschitzGuard(Pilot):
         *,
         backoff: float = 0.1,
         max_rollbacks: int = 3,
-        explode_factor: float | None = 3.0,
+        explode_factor: float | None = 10.0,
         monitor: PenultimateMonitor | None = None,
     ) -> None:
         super().__init__(optimizer)
@@ -1080,7 +1080,7 @@ def build_lipschitz_rmsprop(ctx: BuildContext, lr: float, rho: float, eps: float
 
 
 _PAPER = "Yedida & Saha, LipschitzLR (shared/papers/003_8119a118a538bf06.txt)"
-_GUARD = {"backoff": 0.1, "max_rollbacks": 3, "explode_factor": 3.0}
+_GUARD = {"backoff": 0.1, "max_rollbacks": 3, "explode_factor": 10.0}
 _ADAPTIVE = {"weight_decay": 0.0, "update": "step", "initial_lr": None, "bias_correction": "none", "ls_form": "paper", **_GUARD}
 
 
