@@ -153,11 +153,12 @@ class LipschitzPilot(Pilot):
     feature to sum to 1 first, which is data preparation (``lrpilot reproduce lipschitz`` does it).
 
     **Divergence.** After each good epoch the pilot asks the loop to checkpoint. An epoch with a
-    non-finite loss, an exploded one (mean training or validation loss above ``explode_factor`` times the
-    validation loss at initialisation) or a collapsed one (every penultimate activation zero, so :math:`L = 0`), is rolled
-    back and retried with its LR times ``backoff``; a divergence after the first epoch also multiplies
-    every later :math:`1/L` by ``backoff`` (it persists). After ``max_rollbacks`` rollbacks the run stops.
-    This is our handling of the paper's section 8 warning, which only says to watch for large values.
+    non-finite loss, an exploded one (mean training or validation loss above ``explode_factor`` times
+    the validation loss at initialisation), a collapsed one (every penultimate activation zero, so
+    :math:`L = 0`) or one whose :math:`L` overflowed is rolled back and retried with its LR times
+    ``backoff``; a divergence after the first epoch also multiplies every later :math:`1/L` by
+    ``backoff`` (it persists). After ``max_rollbacks`` rollbacks the run stops. This is our handling of
+    the paper's section 8 warning, which only says to watch for large values.
 
     Args:
         optimizer: an SGD optimizer over the model's parameters; its groups' ``weight_decay`` is the
