@@ -1,7 +1,7 @@
 """Training-time overhead of the Lipschitz methods against plain SGD, measured in one process.
 
     OMP_NUM_THREADS=1 python benchmarks/lipschitz_overhead.py [--task fmnist-lenet] [--epochs 16]
-        [--train-subset 2560] [--methods lipschitz,adamo,lipschitz-rmsprop,auto-adam] [--threads 1]
+        [--train-subset 2560] [--methods lipschitz,lipschitz@no-rollback,adamo,...] [--threads 1]
 
 Every method trains the same model (same initial weights, same data order) side by side with plain SGD
 (momentum 0), one short epoch each in turn, so a busy machine slows all of them alike. For each epoch we
@@ -32,6 +32,8 @@ from lrpilot.loop.seeding import seed_everything
 OPTIONS = {
     "sgd": {"lr": 0.01, "momentum": 0.0},
     "lipschitz": {"initial_lr": 0.01, "constant": "smoothness"},
+    # the same without the per-epoch checkpoint (divergence handling off): what the checkpoint costs
+    "lipschitz@no-rollback": {"initial_lr": 0.01, "constant": "smoothness", "max_rollbacks": 0},
     "adamo": {"lr": 0.1},
     "lipschitz-rmsprop": {},
     "auto-adam": {"update": "epoch", "initial_lr": 1e-3, "bias_correction": "moments"},
@@ -44,7 +46,7 @@ def _trainer(task_name: str, method: str, data, epochs: int, seed: int, options:
     model = task.model()
     train, val = make_loaders(data, task.batch_size, seed=seed)
     opts = OPTIONS.get(method, {}) if options is None else options
-    return Trainer(model, train, val, method=method, epochs=epochs, loss_fn=task.loss(), metric=task.build_metric(data),
+    return Trainer(model, train, val, method=method.split("@")[0], epochs=epochs, loss_fn=task.loss(), metric=task.build_metric(data),
                    seed=seed, progress=False, task_kind=task.kind, method_options=opts)
 
 
@@ -68,7 +70,7 @@ def main() -> None:
     parser.add_argument("--task", default="fmnist-lenet")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--train-subset", type=int, default=2560)
-    parser.add_argument("--methods", default="lipschitz,adamo,lipschitz-rmsprop,auto-adam")
+    parser.add_argument("--methods", default="lipschitz,lipschitz@no-rollback,adamo,lipschitz-rmsprop,auto-adam")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

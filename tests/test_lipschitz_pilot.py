@@ -239,6 +239,15 @@ def test_adamo_recovers_from_a_diverging_multiplier() -> None:
     assert history.epochs[-1].lr[0] > 0  # telemetry records the LR applied, 1/K
 
 
+def test_no_rollbacks_means_no_checkpoints() -> None:
+    task = TinyTask()
+    for name in ("lipschitz", "adamo"):
+        trainer = Trainer(task.model(), task.train, task.val, method=name, epochs=2, seed=0, progress=False,
+                          method_options={"max_rollbacks": 0})
+        history = trainer.run()
+        assert not trainer._checkpoints and "lipschitz-checkpoint" not in [d.reason for d in history.decisions]
+
+
 @pytest.mark.parametrize(
     "options,pattern",
     [({"mode": "deep"}, "mode"), ({"constant": "beta"}, "constant"), ({"weight_bound": "max"}, "weight_bound"),

@@ -175,7 +175,8 @@ class LipschitzPilot(Pilot):
         weight_bound: :math:`\max\lVert w\rVert` over ``"all"`` parameter tensors (the authors' code) or
             the ``"head"`` only (the layer the derivation is about).
         backoff: LR factor after a divergence, in (0, 1).
-        max_rollbacks: rollbacks allowed before giving up.
+        max_rollbacks: rollbacks allowed before giving up; 0 turns the divergence handling off and with
+            it the per-epoch checkpoint (a deep copy of the model and optimizer).
         explode_factor: an epoch whose mean training loss or validation loss exceeds this multiple of
             the validation loss at initialisation also counts as diverged (a finite loss can still ruin
             the weights: at initialisation a classifier's loss is about ln k, the loss of a uniform
@@ -267,9 +268,9 @@ class LipschitzPilot(Pilot):
             if lr is None:
                 raise ValueError(f"the classical Lipschitz constant is {lipschitz!r}: cannot take 1/L ({info})")
             self.last = {**info, "lipschitz": lipschitz}
-            return Decision("lipschitz-classical", lr=self._per_group(lr), save=_GOOD, info=self.last)
+            return Decision("lipschitz-classical", lr=self._per_group(lr), save=self._save, info=self.last)
         if self.initial_lr is not None:
-            return Decision("lipschitz-initial-fixed", lr=self._per_group(self.initial_lr), save=_GOOD)
+            return Decision("lipschitz-initial-fixed", lr=self._per_group(self.initial_lr), save=self._save)
         if self.train_loader is None:
             raise ValueError("the first epoch's LR needs a probe of the training data: pass train_loader or initial_lr")
         stats = self._probe()
@@ -278,7 +279,7 @@ class LipschitzPilot(Pilot):
         if lrs is None:
             raise ValueError(f"the Lipschitz constant at initialisation is not positive ({info}): set initial_lr")
         self.last = info
-        return Decision("lipschitz-probe", lr=lrs, save=_GOOD, info=info)
+        return Decision("lipschitz-probe", lr=lrs, save=self._save, info=info)
 
     def on_epoch_end(self, signals: EpochSignals) -> Decision | None:
         assert self.monitor is not None
@@ -289,11 +290,11 @@ class LipschitzPilot(Pilot):
         if self.mode == "classical":
             self.monitor.reset()
             self.epochs_done += 1
-            return Decision("lipschitz-checkpoint", save=_GOOD)
+            return self._checkpoint()
         stats = self.monitor.epoch()
         self.monitor.reset()
         if stats is None:  # the loop trained no batch (cannot happen with a non-empty loader)
-            return Decision("lipschitz-checkpoint", save=_GOOD)
+            return self._checkpoint()
         if stats.k_z == 0:
             # Every penultimate activation of the epoch was zero (dead ReLUs): L = 0, 1/L is undefined and
             # the network cannot recover. A divergence in all but name.
@@ -304,7 +305,7 @@ class LipschitzPilot(Pilot):
             return self._diverged(signals, reason="lipschitz-undefined-rollback", info=info)
         self.epochs_done += 1
         self.last = info
-        return Decision("lipschitz-epoch", lr=lrs, save=_GOOD, info=info)
+        return Decision("lipschitz-epoch", lr=lrs, save=self._save, info=info)
 
     def on_train_end(self) -> Decision | None:
         if self.monitor is not None:
@@ -398,6 +399,14 @@ class LipschitzPilot(Pilot):
             sign = -1.0 if self.ls_form == "paper" else 1.0
             value = self.loss.scale * abs(k * gram + sign * cross) / rows
         return value, {"k_z": k_z, "m": rows, "weight_bound": k, "gram": gram, "cross": cross}
+
+    @property
+    def _save(self) -> str | None:
+        """The checkpoint tag to save after a good epoch; none when rollbacks are off (``max_rollbacks=0``)."""
+        return _GOOD if self.max_rollbacks > 0 else None
+
+    def _checkpoint(self) -> Decision | None:
+        return Decision("lipschitz-checkpoint", save=_GOOD) if self.max_rollbacks > 0 else None
 
     def _max_weight_decay(self) -> float:
         return max(float(g.get("weight_decay", 0.0)) for g in self.optimizer.param_groups)
@@ -902,9 +911,13 @@ class LipschitzGuard(Pilot):
         self.initial_loss = math.nan
         self.monitor = monitor
 
-    def on_train_begin(self, signals: EpochSignals) -> Decision:
+    def on_train_begin(self, signals: EpochSignals) -> Decision | None:
         self.initial_loss = float(signals.val_loss)
-        return Decision("lipschitz-checkpoint", save=_GOOD)
+        return self._checkpoint()
+
+    def _checkpoint(self) -> Decision | None:
+        # No checkpoints (and their cost) when rollbacks are off.
+        return Decision("lipschitz-checkpoint", save=_GOOD) if self.max_rollbacks > 0 else None
 
     def on_epoch_end(self, signals: EpochSignals) -> Decision | None:
         stats = self.monitor.epoch() if self.monitor is not None else None
@@ -917,7 +930,7 @@ class LipschitzGuard(Pilot):
         elif stats is not None and stats.k_z == 0:
             reason = "lipschitz-collapsed-rollback"
         else:
-            return Decision("lipschitz-checkpoint", save=_GOOD)
+            return self._checkpoint()
         if self.rollbacks >= self.max_rollbacks:
             return None if signals.nonfinite else Decision(reason.replace("-rollback", ""), stop=True)
         self.rollbacks += 1
