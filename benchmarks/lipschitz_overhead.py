@@ -7,7 +7,8 @@ Every method trains the same model (same initial weights, same data order) side 
 (momentum 0), one short epoch each in turn, so a busy machine slows all of them alike. For each epoch we
 take the training seconds the loop records (evaluation excluded; a pilot's own work, e.g. the per-epoch
 checkpoint and the constant, included) per optimizer step, and report the median over epochs 2.. of the
-ratio method / SGD, with its interquartile range. The first-epoch probe of ``lipschitz`` (one forward pass
+ratio method / SGD, with its interquartile range; ``sgd@control``, a second identical SGD run, shows how
+much of that spread is the machine. The first-epoch probe of ``lipschitz`` (one forward pass
 over the training data at initialisation) is a one-off, reported separately in SGD epochs.
 
 The timed settings keep every run finite (a non-finite loss ends an epoch early and would flatter the
@@ -31,6 +32,8 @@ from lrpilot.loop.seeding import seed_everything
 
 OPTIONS = {
     "sgd": {"lr": 0.01, "momentum": 0.0},
+    # an A/A control: a second, identical SGD run; its spread is the noise floor of the measurement
+    "sgd@control": {"lr": 0.01, "momentum": 0.0},
     "lipschitz": {"initial_lr": 0.01, "constant": "smoothness"},
     # the same without the per-epoch checkpoint (divergence handling off): what the checkpoint costs
     "lipschitz@no-rollback": {"initial_lr": 0.01, "constant": "smoothness", "max_rollbacks": 0},
@@ -70,7 +73,7 @@ def main() -> None:
     parser.add_argument("--task", default="fmnist-lenet")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--train-subset", type=int, default=2560)
-    parser.add_argument("--methods", default="lipschitz,lipschitz@no-rollback,adamo,lipschitz-rmsprop,auto-adam")
+    parser.add_argument("--methods", default="sgd@control,lipschitz,lipschitz@no-rollback,adamo,lipschitz-rmsprop,auto-adam")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
