@@ -35,8 +35,8 @@ What these constants bound, precisely (``docs/methods/lipschitz.md`` has the der
   :math:`K_z/(2m)`): the bound of *one example's* contribution to the mean gradient at the paper's
   limiting case (uniform predictions), where it is tight. It is *not* a bound on the batch gradient in
   general: confidently wrong predictions make the residual approach 1 and the ``m`` examples add up,
-  so the true supremum of a gradient entry is :math:`K_z/\sqrt m`
-  (:func:`classification_gradient_bound`), up to :math:`\sqrt m\,k/(k-1)` times the paper's value.
+  so a gradient entry can reach :math:`K_z/\sqrt m` (the bound :func:`classification_gradient_bound`
+  proves; a test attains it), :math:`\sqrt m\,k/(k-1)` times the paper's value.
 * None of the paper's constants is a Lipschitz constant of the *gradient* (smoothness), which the
   paper says explicitly (section 3.1). Those are here too, as the textbook step :math:`1/\beta`:
   :func:`smoothness`.
