@@ -759,6 +759,16 @@ class AutoAdam(_LipschitzOptimizer):
             :math:`1-\beta^t`; the authors' Keras runs had it) or ``"all"`` (section 6.4: :math:`K_1,
             K_2` too; with ``update="step"`` and zero initial values it only moves :math:`\epsilon`).
 
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> opt = AutoAdam(net.parameters(), LastLayerLipschitz.for_model(net, torch.nn.CrossEntropyLoss()),
+        ...                k1_init=1.0, k2_init=1e-6)
+        >>> loss = torch.nn.functional.cross_entropy(net(torch.randn(16, 4)), torch.randint(0, 3, (16,)))
+        >>> loss.backward()
+        >>> opt.step()
+        >>> opt.effective_lrs()[0] < 0.01  # section 9's initial values start near Adam's 1e-3
+        True
+
     References:
         Yedida & Saha, *LipschitzLR*, Algorithm 3, sections 6.3-6.4 and 9.
     """
@@ -845,6 +855,17 @@ class LipschitzRMSprop(AutoAdam):
 
     Args: as :class:`AutoAdam`, with ``rho`` (0.9, the paper's RMSprop :math:`\beta`) in place of
     ``beta2``, no ``beta1``, and ``denominator``.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = LipschitzRMSprop([w], eps=0.0)
+        >>> w.grad = torch.tensor([0.5, -0.5])
+        >>> opt.step(lipschitz=1.0, grad_sq=0.25, k_z=10.0)  # LR = sqrt(0.1 * 0.25) / 10 = 0.0158
+        >>> w.data  # each coordinate moves by LR * g / sqrt(0.1 g^2) = LR * sqrt(10)
+        tensor([-0.0500,  0.0500])
+
+    References:
+        Yedida & Saha, *LipschitzLR*, section 6.2.
     """
 
     def __init__(
