@@ -95,7 +95,7 @@ def _grad(kind: str, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch
     b = b.detach().clone().requires_grad_(True)
     loss = _head_loss(kind, a, w, b, y, wd)
     gw, gb = torch.autograd.grad(loss, (w, b))
-    return float(loss), gw, gb
+    return float(loss.detach()), gw, gb
 
 
 def _random_weights(shape: tuple[int, int], scale: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
