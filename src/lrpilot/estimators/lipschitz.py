@@ -502,31 +502,38 @@ class PenultimateMonitor:
 
     # -- collection --------------------------------------------------------------------------------
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        # Runs on every training forward pass: a handful of reductions on detached tensors (no graph), no
-        # device sync; the epoch's maxima are taken when read.
+        # Runs on every training forward pass: one reduction per statistic on detached tensors (no graph),
+        # no device sync; the epoch's maxima are taken when read. Kept lean: on a small MLP a step is
+        # ~0.5 ms and every microsecond here is visible.
         if not (module.training or self._forced):
             return
         a = inputs[0].detach()
         if a.ndim != 2:
             a = a.reshape(-1, a.shape[-1])
         rows = a.shape[0]
-        dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32  # half would overflow
-        k_z = torch.linalg.vector_norm(a, dtype=dtype)
+        if a.dtype is torch.float32 or a.dtype is torch.float64:
+            k_z = torch.linalg.vector_norm(a)
+        else:  # half precision would overflow the sum of squares
+            k_z = torch.linalg.vector_norm(a, dtype=torch.float32)
         if self.include_bias:
             k_z = (k_z.square() + rows).sqrt()
-        elem = _elementwise_norm(a, dtype, rows if self.include_bias else 0) if self.elementwise else _ZERO
-        k_a = torch.linalg.vector_norm(output.detach(), dtype=dtype) if self.outputs else _ZERO
-        self._last = (k_z, elem, k_a, rows)
         e = self._epoch
-        for key, value, on in (("k_z", k_z, True), ("elementwise", elem, self.elementwise), ("k_a", k_a, self.outputs)):
-            if on:
-                values = e[key]
-                values.append(value)
-                if len(values) >= _COMPACT_AT:  # nobody reset the epoch (standalone use): keep the max only
-                    e[key] = [torch.stack(values).max()]
+        e["k_z"].append(k_z)
+        elem = k_a = _ZERO
+        if self.elementwise:
+            elem = _elementwise_norm(a, k_z.dtype, rows if self.include_bias else 0)
+            e["elementwise"].append(elem)
+        if self.outputs:
+            k_a = torch.linalg.vector_norm(output.detach(), dtype=k_z.dtype)
+            e["k_a"].append(k_a)
+        self._last = (k_z, elem, k_a, rows)
         if rows > e["rows"]:
             e["rows"] = rows
         e["batches"] += 1
+        if len(e["k_z"]) >= _COMPACT_AT:  # nobody reset the epoch (standalone use): keep the maxima only
+            for key in ("k_z", "elementwise", "k_a"):
+                if e[key]:
+                    e[key] = [torch.stack(e[key]).max()]
 
     @contextmanager
     def recording(self) -> Iterator[None]:
