@@ -44,14 +44,27 @@ OPTIONS = {
 }
 
 
-def _trainer(task_name: str, method: str, data, epochs: int, seed: int, options: dict | None = None) -> Trainer:
+def _trainer(
+    task_name: str, method: str, data, epochs: int, seed: int, options: dict | None = None
+) -> Trainer:
     task = get_task(task_name)
     seed_everything(seed)
     model = task.model()
     train, val = make_loaders(data, task.batch_size, seed=seed)
     opts = OPTIONS.get(method, {}) if options is None else options
-    return Trainer(model, train, val, method=method.split("@")[0], epochs=epochs, loss_fn=task.loss(), metric=task.build_metric(data),
-                   seed=seed, progress=False, task_kind=task.kind, method_options=opts)
+    return Trainer(
+        model,
+        train,
+        val,
+        method=method.split("@")[0],
+        epochs=epochs,
+        loss_fn=task.loss(),
+        metric=task.build_metric(data),
+        seed=seed,
+        progress=False,
+        task_kind=task.kind,
+        method_options=opts,
+    )
 
 
 def _last_epoch_seconds_per_step(trainer: Trainer) -> float:
@@ -70,19 +83,25 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--task", default="fmnist-lenet")
     parser.add_argument("--epochs", type=int, default=32)
     parser.add_argument("--train-subset", type=int, default=2560)
-    parser.add_argument("--methods", default="sgd@control,lipschitz,lipschitz@no-rollback,adamo,lipschitz-rmsprop,auto-adam")
+    parser.add_argument(
+        "--methods", default="sgd@control,lipschitz,lipschitz@no-rollback,adamo,lipschitz-rmsprop,auto-adam"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = get_task(args.task).load_data().subset(args.train_subset)
     methods = [m for m in args.methods.split(",") if m]
-    print(f"torch {torch.__version__}, {args.threads} thread(s), task {args.task}, {len(data.x_train)} training samples, "
-          f"{args.epochs} epochs each, interleaved with plain SGD")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), task {args.task}, {len(data.x_train)} training samples, "
+        f"{args.epochs} epochs each, interleaved with plain SGD"
+    )
 
     trainers = {name: _trainer(args.task, name, data, args.epochs, args.seed) for name in ["sgd", *methods]}
     per_step: dict[str, list[float]] = {name: [] for name in trainers}
@@ -92,14 +111,18 @@ def main() -> None:
             per_step[name].append(_last_epoch_seconds_per_step(trainer))
 
     base = per_step["sgd"]
-    print(f"\n{'method':<22} {'min ms/step':>11} {'ratio of minima':>15} {'median ratio':>12} {'IQR':>15} {'rollbacks':>9}")
+    print(
+        f"\n{'method':<22} {'min ms/step':>11} {'ratio of minima':>15} {'median ratio':>12} {'IQR':>15} {'rollbacks':>9}"
+    )
     for name, series in per_step.items():
         ratios = [t / b for t, b in zip(series[1:], base[1:])]
         lo, hi = _quartiles(ratios)
         rollbacks = sum("rollback" in d.reason for d in trainers[name].history.decisions)
         # Interference from other processes only ever adds time: the fastest epoch is the cleanest sample.
-        print(f"{name:<22} {1e3 * min(series[1:]):>11.3f} {min(series[1:]) / min(base[1:]):>15.3f} "
-              f"{statistics.median(ratios):>12.3f} {f'[{lo:.3f}, {hi:.3f}]':>15} {rollbacks:>9}")
+        print(
+            f"{name:<22} {1e3 * min(series[1:]):>11.3f} {min(series[1:]) / min(base[1:]):>15.3f} "
+            f"{statistics.median(ratios):>12.3f} {f'[{lo:.3f}, {hi:.3f}]':>15} {rollbacks:>9}"
+        )
 
     # The one-off probe: `lipschitz` without initial_lr reads the training data once before epoch 1.
     probe = _trainer(args.task, "lipschitz", data, 1, args.seed, options={})
@@ -107,7 +130,9 @@ def main() -> None:
     probe.pilot._probe()
     probe_s = time.perf_counter() - t0
     sgd_epoch_s = statistics.median(base[1:]) * trainers["sgd"].history.epochs[0].step
-    print(f"\nlipschitz first-epoch probe: {probe_s:.3f} s = {probe_s / sgd_epoch_s:.3f} SGD epochs (once per run)")
+    print(
+        f"\nlipschitz first-epoch probe: {probe_s:.3f} s = {probe_s / sgd_epoch_s:.3f} SGD epochs (once per run)"
+    )
 
 
 if __name__ == "__main__":

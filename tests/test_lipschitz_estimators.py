@@ -40,7 +40,6 @@ from lrpilot.estimators.lipschitz import (
     linear_regression_lipschitz,
     logistic_regression_lipschitz,
     max_weight_norm,
-    smoothness,
     softmax_regression_lipschitz,
     tikhonov_lipschitz,
 )
@@ -68,7 +67,11 @@ def _targets(kind: str, m: int, outputs: int, gen: torch.Generator) -> torch.Ten
 
 
 def _torch_loss(kind: str) -> nn.Module:
-    return {"cross_entropy": nn.CrossEntropyLoss(), "binary_cross_entropy": nn.BCEWithLogitsLoss(), "least_squares": nn.MSELoss()}[kind]
+    return {
+        "cross_entropy": nn.CrossEntropyLoss(),
+        "binary_cross_entropy": nn.BCEWithLogitsLoss(),
+        "least_squares": nn.MSELoss(),
+    }[kind]
 
 
 def _activations(seed: int, m: int, n_in: int, hidden: int, outputs: int, depth: int, x_scale: float):
@@ -84,7 +87,9 @@ def _activations(seed: int, m: int, n_in: int, hidden: int, outputs: int, depth:
     return net, monitor, x, captured[0], gen
 
 
-def _head_loss(kind: str, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor, wd: float) -> torch.Tensor:
+def _head_loss(
+    kind: str, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor, wd: float
+) -> torch.Tensor:
     """The loss as a function of the last layer: torch's mean loss plus (wd/2)||W||^2 (torch's weight decay)."""
     out = a @ w.T + b
     return _torch_loss(kind)(out, y) + 0.5 * wd * w.square().sum()
@@ -98,7 +103,9 @@ def _grad(kind: str, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch
     return float(loss.detach()), gw, gb
 
 
-def _random_weights(shape: tuple[int, int], scale: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_weights(
+    shape: tuple[int, int], scale: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     w = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
     b = torch.randn(shape[0], generator=gen, dtype=torch.float64) * scale
     return w, b
@@ -125,7 +132,9 @@ def test_monitor_records_the_head_input_of_training_batches_only() -> None:
     last = monitor.last()
     assert last.k_z == pytest.approx(float(a.norm()), rel=1e-6)
     assert last.elementwise == pytest.approx(float(a.square().norm()), rel=1e-6)
-    assert last.k_a == pytest.approx(float(F.linear(a, net.head.weight, net.head.bias).detach().norm()), rel=1e-6)
+    assert last.k_a == pytest.approx(
+        float(F.linear(a, net.head.weight, net.head.bias).detach().norm()), rel=1e-6
+    )
     assert last.rows == 7
     net.eval()
     net(x * 100)  # a validation pass must not count
@@ -229,7 +238,9 @@ def test_closed_forms() -> None:
     y = torch.tensor([1.0, -1.0])
     gram, cross = float(torch.linalg.matrix_norm(x.T @ x)), float((y @ x).norm())
     assert linear_regression_lipschitz(x, y, 2.0) == pytest.approx((2 * gram - cross) / 2)
-    assert classical_lipschitz(x, y, "least_squares", form="bound") == pytest.approx((4.25 * gram + cross) / 2)
+    assert classical_lipschitz(x, y, "least_squares", form="bound") == pytest.approx(
+        (4.25 * gram + cross) / 2
+    )
     with pytest.raises(ValueError, match="num_classes"):
         classical_lipschitz(x, None, "cross_entropy")
     with pytest.raises(ValueError, match="m must be a positive integer"):
@@ -270,7 +281,9 @@ def test_tikhonov_term_bounds_the_regulariser_gradient_in_the_ball(seed: int, n:
     assert float(grad.norm()) <= tikhonov_lipschitz(gamma, k) * (1 + TOL) + TOL
 
 
-@pytest.mark.parametrize("kind,outputs", [("cross_entropy", 4), ("binary_cross_entropy", 3), ("least_squares", 3)])
+@pytest.mark.parametrize(
+    "kind,outputs", [("cross_entropy", 4), ("binary_cross_entropy", 3), ("least_squares", 3)]
+)
 def test_loss_spec_scale_is_the_ratio_to_the_papers_loss(kind: str, outputs: int) -> None:
     """Torch's mean losses against the paper's forms (CE eq. 19, BCE eq. 13 per output, LS 1/(2m))."""
     gen = torch.Generator().manual_seed(0)
@@ -309,12 +322,20 @@ def test_max_weight_norm() -> None:
 # what the paper's constants bound (and what they do not)
 # ----------------------------------------------------------------------------------------------------
 @PROPERTY
-@given(cfg=sizes, kind=st.sampled_from(["cross_entropy", "binary_cross_entropy"]), wd=st.sampled_from([0.0, 0.05]))
-def test_paper_classification_constant_bounds_each_example_at_uniform_predictions(cfg: dict, kind: str, wd: float) -> None:
+@given(
+    cfg=sizes,
+    kind=st.sampled_from(["cross_entropy", "binary_cross_entropy"]),
+    wd=st.sampled_from([0.0, 0.05]),
+)
+def test_paper_classification_constant_bounds_each_example_at_uniform_predictions(
+    cfg: dict, kind: str, wd: float
+) -> None:
     """The paper's derivation (eqs. 15-23): at its limiting case (all logits equal: uniform softmax, sigmoid
     1/2), each example's term (1/m) dl_i/dW has every entry within L, plus lambda*K for L2."""
     outputs = cfg["outputs"] if kind == "cross_entropy" else 1
-    net, monitor, x, a, gen = _activations(cfg["seed"], cfg["m"], cfg["n_in"], cfg["hidden"], outputs, cfg["depth"], cfg["x_scale"])
+    _, monitor, _, a, gen = _activations(
+        cfg["seed"], cfg["m"], cfg["n_in"], cfg["hidden"], outputs, cfg["depth"], cfg["x_scale"]
+    )
     m = cfg["m"]
     y = _targets(kind, m, outputs, gen)
     spec = LossSpec.from_loss(_torch_loss(kind), outputs)
@@ -332,9 +353,21 @@ def test_paper_classification_constant_bounds_each_example_at_uniform_prediction
 def test_paper_constant_is_tight_at_its_limiting_case() -> None:
     """One example, uniform predictions, its activation on one unit: max entry == (k-1)/(km) K_z."""
     k, a = 4, torch.tensor([[0.0, 3.0, 0.0]], dtype=torch.float64)
-    _, gw, _ = _grad("cross_entropy", a, torch.zeros(k, 3, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), torch.tensor([2]))
+    _, gw, _ = _grad(
+        "cross_entropy",
+        a,
+        torch.zeros(k, 3, dtype=torch.float64),
+        torch.zeros(k, dtype=torch.float64),
+        torch.tensor([2]),
+    )
     assert float(gw.abs().max()) == pytest.approx(cross_entropy_lipschitz(3.0, 1, k))
-    _, gw, _ = _grad("binary_cross_entropy", a, torch.zeros(1, 3, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64))
+    _, gw, _ = _grad(
+        "binary_cross_entropy",
+        a,
+        torch.zeros(1, 3, dtype=torch.float64),
+        torch.zeros(1, dtype=torch.float64),
+        torch.ones(1, 1, dtype=torch.float64),
+    )
     assert float(gw.abs().max()) == pytest.approx(binary_cross_entropy_lipschitz(3.0, 1))
 
 
@@ -352,14 +385,24 @@ def test_paper_classification_constant_is_not_a_batch_bound() -> None:
     k_z = float(a.norm())
     paper = cross_entropy_lipschitz(k_z, m, k)
     assert actual > 3 * paper
-    assert actual == pytest.approx(classification_gradient_bound(k_z, m), rel=1e-6)  # and the rigorous bound is tight
+    assert actual == pytest.approx(
+        classification_gradient_bound(k_z, m), rel=1e-6
+    )  # and the rigorous bound is tight
 
 
 @PROPERTY
-@given(cfg=sizes, kind=st.sampled_from(["cross_entropy", "binary_cross_entropy"]), wd=st.sampled_from([0.0, 0.05]),
-       w_scale=st.sampled_from([0.01, 1.0, 30.0]))
-def test_rigorous_classification_bounds_hold_for_every_weight(cfg: dict, kind: str, wd: float, w_scale: float) -> None:
-    net, monitor, x, a, gen = _activations(cfg["seed"], cfg["m"], cfg["n_in"], cfg["hidden"], cfg["outputs"], cfg["depth"], cfg["x_scale"])
+@given(
+    cfg=sizes,
+    kind=st.sampled_from(["cross_entropy", "binary_cross_entropy"]),
+    wd=st.sampled_from([0.0, 0.05]),
+    w_scale=st.sampled_from([0.01, 1.0, 30.0]),
+)
+def test_rigorous_classification_bounds_hold_for_every_weight(
+    cfg: dict, kind: str, wd: float, w_scale: float
+) -> None:
+    _, monitor, _, a, gen = _activations(
+        cfg["seed"], cfg["m"], cfg["n_in"], cfg["hidden"], cfg["outputs"], cfg["depth"], cfg["x_scale"]
+    )
     outputs = cfg["outputs"]
     y = _targets(kind, cfg["m"], outputs, gen)
     spec = LossSpec.from_loss(_torch_loss(kind), outputs)
@@ -367,7 +410,10 @@ def test_rigorous_classification_bounds_hold_for_every_weight(cfg: dict, kind: s
     _, gw, _ = _grad(kind, a, w, b, y, wd)
     k_z, reg = monitor.last().k_z, l2_lipschitz(wd, float(w.norm()))
     assert float(gw.abs().max()) <= classification_gradient_bound(k_z, cfg["m"], spec=spec) + reg + TOL
-    assert float(gw.norm()) <= classification_gradient_bound(k_z, cfg["m"], norm="frobenius", spec=spec) + reg + TOL
+    assert (
+        float(gw.norm())
+        <= classification_gradient_bound(k_z, cfg["m"], norm="frobenius", spec=spec) + reg + TOL
+    )
 
 
 @PROPERTY
@@ -375,7 +421,9 @@ def test_rigorous_classification_bounds_hold_for_every_weight(cfg: dict, kind: s
 def test_least_squares_bound_form_bounds_every_gradient_entry(cfg: dict, wd: float, w_scale: float) -> None:
     """Eq. 8/9 with K_a = ||a^[L]|| of the batch and the + sign: a true bound, in the network itself."""
     outputs = cfg["outputs"]
-    net, monitor, x, a, gen = _activations(cfg["seed"], cfg["m"], cfg["n_in"], cfg["hidden"], outputs, cfg["depth"], cfg["x_scale"])
+    net, monitor, x, a, gen = _activations(
+        cfg["seed"], cfg["m"], cfg["n_in"], cfg["hidden"], outputs, cfg["depth"], cfg["x_scale"]
+    )
     y = _targets("least_squares", cfg["m"], outputs, gen)
     w, b = _random_weights((outputs, a.shape[1]), w_scale, gen)
     with torch.no_grad():
@@ -393,7 +441,9 @@ def test_least_squares_bound_form_bounds_every_gradient_entry(cfg: dict, wd: flo
 
 @PROPERTY
 @given(seed=st.integers(0, 10_000), m=st.integers(1, 12), n=st.integers(1, 5), k_bound=st.floats(0.1, 5.0))
-def test_linear_regression_bound_form_is_a_lipschitz_constant_of_the_loss_in_the_ball(seed: int, m: int, n: int, k_bound: float) -> None:
+def test_linear_regression_bound_form_is_a_lipschitz_constant_of_the_loss_in_the_ball(
+    seed: int, m: int, n: int, k_bound: float
+) -> None:
     """|g(w) - g(v)| <= L ||w - v|| for ||w||, ||v|| <= K (section 4.1, with the + sign)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, n, generator=gen, dtype=torch.float64)
@@ -411,12 +461,21 @@ def test_linear_regression_bound_form_is_a_lipschitz_constant_of_the_loss_in_the
 
 
 @PROPERTY
-@given(cfg=sizes, kind=st.sampled_from(KINDS), wd=st.sampled_from([0.0, 0.1]), w_scale=st.sampled_from([0.1, 1.0, 10.0]))
-def test_smoothness_is_a_lipschitz_constant_of_the_gradient(cfg: dict, kind: str, wd: float, w_scale: float) -> None:
+@given(
+    cfg=sizes,
+    kind=st.sampled_from(KINDS),
+    wd=st.sampled_from([0.0, 0.1]),
+    w_scale=st.sampled_from([0.1, 1.0, 10.0]),
+)
+def test_smoothness_is_a_lipschitz_constant_of_the_gradient(
+    cfg: dict, kind: str, wd: float, w_scale: float
+) -> None:
     """||grad E(W1) - grad E(W2)|| <= beta ||W1 - W2|| over the last layer (weight and bias) on random pairs,
     with beta from the K_z the hook reads when it counts the bias."""
     outputs = cfg["outputs"]
-    net, _, x, a, gen = _activations(cfg["seed"], cfg["m"], cfg["n_in"], cfg["hidden"], outputs, cfg["depth"], cfg["x_scale"])
+    net, _, x, a, gen = _activations(
+        cfg["seed"], cfg["m"], cfg["n_in"], cfg["hidden"], outputs, cfg["depth"], cfg["x_scale"]
+    )
     monitor = PenultimateMonitor(net, include_bias=True)
     net(x)
     y = _targets(kind, cfg["m"], outputs, gen)
@@ -453,9 +512,16 @@ def test_paper_constant_is_not_a_lipschitz_constant_of_the_gradient() -> None:
 # section 4.3: classical models are networks without a hidden layer
 # ----------------------------------------------------------------------------------------------------
 @PROPERTY
-@given(seed=st.integers(0, 10_000), m=st.integers(1, 20), n=st.integers(1, 6), k=st.integers(2, 5),
-       kind=st.sampled_from(["cross_entropy", "binary_cross_entropy"]))
-def test_classical_constants_equal_the_network_formula_without_a_hidden_layer(seed: int, m: int, n: int, k: int, kind: str) -> None:
+@given(
+    seed=st.integers(0, 10_000),
+    m=st.integers(1, 20),
+    n=st.integers(1, 6),
+    k=st.integers(2, 5),
+    kind=st.sampled_from(["cross_entropy", "binary_cross_entropy"]),
+)
+def test_classical_constants_equal_the_network_formula_without_a_hidden_layer(
+    seed: int, m: int, n: int, k: int, kind: str
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(m, n, generator=gen, dtype=torch.float64) * 3
     outputs = k if kind == "cross_entropy" else 1
@@ -471,7 +537,9 @@ def test_classical_constants_equal_the_network_formula_without_a_hidden_layer(se
 
 @PROPERTY
 @given(seed=st.integers(0, 10_000), m=st.integers(1, 20), n=st.integers(1, 6), k_bound=st.floats(0.1, 5.0))
-def test_least_squares_equivalence_is_an_inequality_with_equality_for_rank_one_data(seed: int, m: int, n: int, k_bound: float) -> None:
+def test_least_squares_equivalence_is_an_inequality_with_equality_for_rank_one_data(
+    seed: int, m: int, n: int, k_bound: float
+) -> None:
     """Section 4.3 substitutes K_a = K||X|| into eq. 9 and writes ||X||^2 = ||X^T X||, ||y|| ||X|| = ||y^T X||:
     both are inequalities (the network form is the larger), equalities when X = u v^T and y is parallel to u."""
     gen = torch.Generator().manual_seed(seed)

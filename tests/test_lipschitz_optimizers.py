@@ -69,7 +69,9 @@ def adamo_reference(w, grads, lips, beta=0.9, wd=0.0, initial=None, spe=None, up
     return w, lrs
 
 
-def auto_adam_reference(w, grads, lips, sqs, b1=0.9, b2=0.999, eps=1e-8, k1=0.0, k2=0.0, wd=0.0, eps_inside=True):
+def auto_adam_reference(
+    w, grads, lips, sqs, b1=0.9, b2=0.999, eps=1e-8, k1=0.0, k2=0.0, wd=0.0, eps_inside=True
+):
     """Algorithm 3, lines 1-10."""
     w = w.copy()
     K1, K2, S, V = k1, k2, np.zeros_like(w), np.zeros_like(w)  # line 1
@@ -115,7 +117,12 @@ def test_adamo_is_algorithm_1(wd: float) -> None:
 def test_adamo_first_epoch_remedy_and_per_epoch_update() -> None:
     w0, grads, lips, _, _ = _script(2)
     for update in ("step", "epoch"):
-        w, lrs = _run(lambda p: AdaMo(p, initial_lr=0.1, steps_per_epoch=4, update=update), w0, grads, lipschitz=lips)
+        w, lrs = _run(
+            lambda p, u=update: AdaMo(p, initial_lr=0.1, steps_per_epoch=4, update=u),
+            w0,
+            grads,
+            lipschitz=lips,
+        )
         w_ref, lrs_ref = adamo_reference(w0, grads, lips, initial=0.1, spe=4, update=update)
         np.testing.assert_allclose(w, w_ref, rtol=1e-12)
         np.testing.assert_allclose(lrs, lrs_ref, rtol=1e-12)
@@ -129,7 +136,7 @@ def test_adamo_bias_correction_of_both_averages_changes_nothing() -> None:
     """Section 6.4: V and K carry the same bias (1 - beta^t), so dividing both by it cancels."""
     w0, grads, lips, _, _ = _script(3)
     plain, _ = _run(lambda p: AdaMo(p), w0, grads, lipschitz=lips)
-    corrected, lrs = _run(lambda p: AdaMo(p, bias_correction="all"), w0, grads, lipschitz=lips)
+    corrected, _ = _run(lambda p: AdaMo(p, bias_correction="all"), w0, grads, lipschitz=lips)
     np.testing.assert_allclose(corrected, plain, rtol=1e-12)
     moments, _ = _run(lambda p: AdaMo(p, bias_correction="moments"), w0, grads, lipschitz=lips)
     assert not np.allclose(moments, plain)  # correcting V alone does change the steps
@@ -154,20 +161,34 @@ def test_auto_adam_is_algorithm_3(kwargs: dict, ref: dict) -> None:
 
 def test_auto_adam_section_9_remedy_starts_near_adams_default_lr() -> None:
     w0, grads, lips, sqs, _ = _script(5)
-    _, lrs = _run(lambda p: AutoAdam(p, k1_init=1.0, k2_init=1e-6, update="epoch", steps_per_epoch=4), w0, grads, lipschitz=lips, grad_sq=sqs)
+    _, lrs = _run(
+        lambda p: AutoAdam(p, k1_init=1.0, k2_init=1e-6, update="epoch", steps_per_epoch=4),
+        w0,
+        grads,
+        lipschitz=lips,
+        grad_sq=sqs,
+    )
     assert lrs[:4] == [pytest.approx(1e-3 + 1e-8)] * 4
 
 
 def test_auto_adam_bias_correction_all_only_moves_epsilon() -> None:
     w0, grads, lips, sqs, _ = _script(6)
     plain, _ = _run(lambda p: AutoAdam(p, eps=0.0), w0, grads, lipschitz=lips, grad_sq=sqs)
-    corrected, _ = _run(lambda p: AutoAdam(p, eps=0.0, bias_correction="all"), w0, grads, lipschitz=lips, grad_sq=sqs)
+    corrected, _ = _run(
+        lambda p: AutoAdam(p, eps=0.0, bias_correction="all"), w0, grads, lipschitz=lips, grad_sq=sqs
+    )
     np.testing.assert_allclose(corrected, plain, rtol=1e-10)
 
 
 def test_rmsprop_with_the_lipschitz_denominator_is_auto_adam_without_momentum() -> None:
     w0, grads, lips, sqs, _ = _script(7)
-    a, lrs_a = _run(lambda p: LipschitzRMSprop(p, rho=0.9, denominator="lipschitz"), w0, grads, lipschitz=lips, grad_sq=sqs)
+    a, lrs_a = _run(
+        lambda p: LipschitzRMSprop(p, rho=0.9, denominator="lipschitz"),
+        w0,
+        grads,
+        lipschitz=lips,
+        grad_sq=sqs,
+    )
     b, lrs_b = _run(lambda p: AutoAdam(p, beta1=0.0, beta2=0.9), w0, grads, lipschitz=lips, grad_sq=sqs)
     np.testing.assert_array_equal(a, b)
     assert lrs_a == lrs_b
@@ -225,8 +246,13 @@ def test_a_step_without_a_signal_says_what_to_pass() -> None:
 
 def test_state_dict_round_trip_continues_identically() -> None:
     net, x, y = _net_and_batch(1)
-    opt = AutoAdam(net.parameters(), LastLayerLipschitz.for_model(net, nn.CrossEntropyLoss()), update="epoch",
-                   initial_lr=1e-3, steps_per_epoch=3)
+    opt = AutoAdam(
+        net.parameters(),
+        LastLayerLipschitz.for_model(net, nn.CrossEntropyLoss()),
+        update="epoch",
+        initial_lr=1e-3,
+        steps_per_epoch=3,
+    )
 
     def steps(model, optimizer, n):
         for _ in range(n):
@@ -239,8 +265,13 @@ def test_state_dict_round_trip_continues_identically() -> None:
     steps(net, opt, 4)
     net2 = MLP((5, 8, 4))
     net2.load_state_dict(saved_model)
-    opt2 = AutoAdam(net2.parameters(), LastLayerLipschitz.for_model(net2, nn.CrossEntropyLoss()), update="epoch",
-                    initial_lr=1e-3, steps_per_epoch=3)
+    opt2 = AutoAdam(
+        net2.parameters(),
+        LastLayerLipschitz.for_model(net2, nn.CrossEntropyLoss()),
+        update="epoch",
+        initial_lr=1e-3,
+        steps_per_epoch=3,
+    )
     opt2.load_state_dict(saved_opt)
     steps(net2, opt2, 4)
     for p, q in zip(net.parameters(), net2.parameters()):

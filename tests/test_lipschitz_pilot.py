@@ -44,8 +44,16 @@ def test_network_lr_is_one_over_l_from_the_previous_epochs_activations() -> None
     model = task.model()
     reference = _HeadInputNorms(model.head)
     wd = 1e-3
-    trainer = Trainer(model, task.train, task.val, method="lipschitz", epochs=3, seed=0, progress=False,
-                      method_options={"weight_decay": wd, "initial_lr": 0.05})
+    trainer = Trainer(
+        model,
+        task.train,
+        task.val,
+        method="lipschitz",
+        epochs=3,
+        seed=0,
+        progress=False,
+        method_options={"weight_decay": wd, "initial_lr": 0.05},
+    )
     for epoch in (1, 2):
         seen = len(reference.norms)
         trainer.run(until_epoch=epoch)
@@ -58,7 +66,9 @@ def test_network_lr_is_one_over_l_from_the_previous_epochs_activations() -> None
         assert decision.info["k_z"] == pytest.approx(k_z, rel=1e-6)
     lrs = [e.lr[0] for e in trainer.run().epochs]
     assert lrs[0] == 0.05  # the fixed first-epoch LR
-    assert lrs[1] == pytest.approx(trainer.history.decisions[1].lr[0])  # epoch 2 runs at the LR decided after epoch 1
+    assert lrs[1] == pytest.approx(
+        trainer.history.decisions[1].lr[0]
+    )  # epoch 2 runs at the LR decided after epoch 1
 
 
 def test_first_epoch_probe_reads_the_initial_model_in_eval_mode_and_leaves_the_rng_alone() -> None:
@@ -88,8 +98,17 @@ def test_classical_mode_fixes_the_lr_at_the_papers_closed_form(kind: str) -> Non
     else:
         y, out, loss = x.sum(1, keepdim=True), 1, nn.MSELoss()
     full = TensorLoader(x, y, len(x), shuffle=False)  # full batch: m = the data size
-    trainer = Trainer(LinearModel(4, out), full, full, method="lipschitz", epochs=3, seed=0, progress=False,
-                      loss_fn=loss, method_options={})
+    trainer = Trainer(
+        LinearModel(4, out),
+        full,
+        full,
+        method="lipschitz",
+        epochs=3,
+        seed=0,
+        progress=False,
+        loss_fn=loss,
+        method_options={},
+    )
     history = trainer.run()
     design = torch.cat([torch.ones(len(x), 1), x], dim=1).double()  # the paper's column of ones for the bias
     if kind == "cross_entropy":
@@ -105,7 +124,9 @@ def test_classical_mode_fixes_the_lr_at_the_papers_closed_form(kind: str) -> Non
 
 def test_auto_mode_is_network_with_a_hidden_layer() -> None:
     task = TinyTask()
-    trainer = Trainer(task.model(), task.train, task.val, method="lipschitz", epochs=1, seed=0, progress=False)
+    trainer = Trainer(
+        task.model(), task.train, task.val, method="lipschitz", epochs=1, seed=0, progress=False
+    )
     assert trainer.pilot.mode == "network"
 
 
@@ -114,7 +135,9 @@ def test_a_loss_without_a_closed_form_is_refused() -> None:
     x, y = blobs()
     loader = TensorLoader(x, y[:, None].float(), 32)
     with pytest.raises(ValueError, match=r"lipschitz.*L1Loss"):
-        Trainer(MLP((4, 8, 1)), loader, loader, method="lipschitz", epochs=1, loss_fn=nn.L1Loss(), progress=False)
+        Trainer(
+            MLP((4, 8, 1)), loader, loader, method="lipschitz", epochs=1, loss_fn=nn.L1Loss(), progress=False
+        )
     del task
 
 
@@ -131,17 +154,30 @@ def test_the_hook_is_removed_when_training_ends() -> None:
 # ----------------------------------------------------------------------------------------------------
 def _signals(epoch: int, lr: float, nonfinite: bool) -> EpochSignals:
     nan = math.nan
-    return EpochSignals(epoch=epoch, step=epoch * 6, lr=(lr,), train_loss=nan if nonfinite else 1.0,
-                        val_loss=nan if nonfinite else 1.0, val_metric=nan if nonfinite else 0.5, nonfinite=nonfinite)
+    return EpochSignals(
+        epoch=epoch,
+        step=epoch * 6,
+        lr=(lr,),
+        train_loss=nan if nonfinite else 1.0,
+        val_loss=nan if nonfinite else 1.0,
+        val_metric=nan if nonfinite else 0.5,
+        nonfinite=nonfinite,
+    )
 
 
 def test_scripted_divergences_roll_back_and_back_off() -> None:
     model = MLP((4, 8, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    pilot = LipschitzPilot(opt, loss=LossSpec("cross_entropy", 3), mode="network", initial_lr=2.0, backoff=0.1, max_rollbacks=2)
+    pilot = LipschitzPilot(
+        opt, loss=LossSpec("cross_entropy", 3), mode="network", initial_lr=2.0, backoff=0.1, max_rollbacks=2
+    )
     pilot.attach(model)
     first = pilot.on_epoch_end(_signals(1, 2.0, True))
-    assert (first.reason, first.restore, first.lr) == ("lipschitz-diverged-rollback", "lipschitz-last-good", (pytest.approx(0.2),))
+    assert (first.reason, first.restore, first.lr) == (
+        "lipschitz-diverged-rollback",
+        "lipschitz-last-good",
+        (pytest.approx(0.2),),
+    )
     assert pilot.scale == 1.0  # a first-epoch divergence blames the initialisation, not 1/L
     model(torch.randn(5, 4))  # a finite epoch
     ok = pilot.on_epoch_end(_signals(2, 0.2, False))
@@ -162,8 +198,17 @@ def _exploding_regression():
 def test_a_diverging_first_epoch_is_retried_with_a_smaller_lr() -> None:
     """A non-finite loss: a tanh regression network at an absurd first LR."""
     model, loader = _exploding_regression()
-    trainer = Trainer(model, loader, loader, method="lipschitz", epochs=3, seed=0, progress=False, loss_fn=nn.MSELoss(),
-                      method_options={"initial_lr": 1e8, "backoff": 1e-9})
+    trainer = Trainer(
+        model,
+        loader,
+        loader,
+        method="lipschitz",
+        epochs=3,
+        seed=0,
+        progress=False,
+        loss_fn=nn.MSELoss(),
+        method_options={"initial_lr": 1e8, "backoff": 1e-9},
+    )
     history = trainer.run()
     reasons = [d.reason for d in history.decisions]
     assert reasons[:3] == ["lipschitz-initial-fixed", "lipschitz-diverged-rollback", "lipschitz-epoch"]
@@ -179,9 +224,20 @@ def test_an_exploded_epoch_is_rolled_back() -> None:
     """Weights beyond float range make max||w|| infinite while the loss is still finite: L is undefined, and
     the loss is far above its value at initialisation."""
     task = TinyTask()
-    for explode_factor, reason in ((None, "lipschitz-undefined-rollback"), (10.0, "lipschitz-exploded-rollback")):
-        history = Trainer(task.model(), task.train, task.val, method="lipschitz", epochs=3, seed=0, progress=False,
-                          method_options={"initial_lr": 1e4, "backoff": 1e-4, "explode_factor": explode_factor}).run()
+    for explode_factor, reason in (
+        (None, "lipschitz-undefined-rollback"),
+        (10.0, "lipschitz-exploded-rollback"),
+    ):
+        history = Trainer(
+            task.model(),
+            task.train,
+            task.val,
+            method="lipschitz",
+            epochs=3,
+            seed=0,
+            progress=False,
+            method_options={"initial_lr": 1e4, "backoff": 1e-4, "explode_factor": explode_factor},
+        ).run()
         reasons = [d.reason for d in history.decisions]
         # the epoch's loss was finite (3e34): only the constant (or the explosion test) tells
         assert math.isfinite(history.epochs[0].train_loss)
@@ -194,7 +250,9 @@ def test_a_collapsed_network_is_rolled_back() -> None:
     model = MLP((4, 8, 3))
     with torch.no_grad():
         model.body[0].bias.fill_(-100.0)
-    pilot = LipschitzPilot(torch.optim.SGD(model.parameters(), lr=0.1), loss=LossSpec("cross_entropy", 3), mode="network")
+    pilot = LipschitzPilot(
+        torch.optim.SGD(model.parameters(), lr=0.1), loss=LossSpec("cross_entropy", 3), mode="network"
+    )
     pilot.attach(model)
     model(torch.randn(5, 4))
     decision = pilot.on_epoch_end(_signals(1, 0.1, False))
@@ -229,31 +287,69 @@ def test_an_epoch_worse_than_the_initial_model_counts_as_exploded() -> None:
 
 def test_adamo_recovers_from_a_diverging_multiplier() -> None:
     model, loader = _exploding_regression()
-    trainer = Trainer(model, loader, loader, method="adamo", epochs=3, seed=0, progress=False, loss_fn=nn.MSELoss(),
-                      method_options={"lr": 1e30, "backoff": 1e-30})
+    trainer = Trainer(
+        model,
+        loader,
+        loader,
+        method="adamo",
+        epochs=3,
+        seed=0,
+        progress=False,
+        loss_fn=nn.MSELoss(),
+        method_options={"lr": 1e30, "backoff": 1e-30},
+    )
     history = trainer.run()
     reasons = [d.reason for d in history.decisions]
-    assert reasons == ["lipschitz-checkpoint", "lipschitz-diverged-rollback", "lipschitz-checkpoint", "lipschitz-checkpoint"]
+    assert reasons == [
+        "lipschitz-checkpoint",
+        "lipschitz-diverged-rollback",
+        "lipschitz-checkpoint",
+        "lipschitz-checkpoint",
+    ]
     assert history.status == "completed"
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1.0)  # the step-size multiplier, backed off
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        1.0
+    )  # the step-size multiplier, backed off
     assert history.epochs[-1].lr[0] > 0  # telemetry records the LR applied, 1/K
 
 
 def test_no_rollbacks_means_no_checkpoints() -> None:
     task = TinyTask()
     for name in ("lipschitz", "adamo"):
-        trainer = Trainer(task.model(), task.train, task.val, method=name, epochs=2, seed=0, progress=False,
-                          method_options={"max_rollbacks": 0})
+        trainer = Trainer(
+            task.model(),
+            task.train,
+            task.val,
+            method=name,
+            epochs=2,
+            seed=0,
+            progress=False,
+            method_options={"max_rollbacks": 0},
+        )
         history = trainer.run()
-        assert not trainer._checkpoints and "lipschitz-checkpoint" not in [d.reason for d in history.decisions]
+        assert not trainer._checkpoints and "lipschitz-checkpoint" not in [
+            d.reason for d in history.decisions
+        ]
 
 
 @pytest.mark.parametrize(
     "options,pattern",
-    [({"mode": "deep"}, "mode"), ({"constant": "beta"}, "constant"), ({"weight_bound": "max"}, "weight_bound"),
-     ({"max_rollbacks": -1}, "max_rollbacks")],
+    [
+        ({"mode": "deep"}, "mode"),
+        ({"constant": "beta"}, "constant"),
+        ({"weight_bound": "max"}, "weight_bound"),
+        ({"max_rollbacks": -1}, "max_rollbacks"),
+    ],
 )
 def test_bad_pilot_options_name_the_option(options: dict, pattern: str) -> None:
     task = TinyTask()
     with pytest.raises(ValueError, match=pattern):
-        Trainer(task.model(), task.train, task.val, method="lipschitz", epochs=1, progress=False, method_options=options)
+        Trainer(
+            task.model(),
+            task.train,
+            task.val,
+            method="lipschitz",
+            epochs=1,
+            progress=False,
+            method_options=options,
+        )

@@ -40,7 +40,9 @@ def test_the_classical_pilot_computes_the_same_lr_as_the_protocol() -> None:
     model.head = nn.Linear(x.shape[1], 1, bias=False)  # the design already holds the (scaled) column of ones
     model.forward = lambda inputs: model.head(inputs)  # type: ignore[method-assign]
     loader = TensorLoader(x.float(), y.float()[:, None], len(x), shuffle=False)
-    history = Trainer(model, loader, loader, method="lipschitz", epochs=1, loss_fn=nn.BCEWithLogitsLoss(), progress=False).run()
+    history = Trainer(
+        model, loader, loader, method="lipschitz", epochs=1, loss_fn=nn.BCEWithLogitsLoss(), progress=False
+    ).run()
     assert history.epochs[0].lr[0] == pytest.approx(4280.23, rel=1e-4)
 
 
@@ -63,8 +65,20 @@ def test_sum_to_one_scaling_uses_the_reference_statistics() -> None:
 
 
 def test_cli_prints_both_tables_beside_the_papers_numbers(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["reproduce", "lipschitz", "--datasets", "breast_cancer", "--scaling", "sum-to-one",
-                 "--max-epochs", "20", "--table2-epochs", "5"])
+    code = main(
+        [
+            "reproduce",
+            "lipschitz",
+            "--datasets",
+            "breast_cancer",
+            "--scaling",
+            "sum-to-one",
+            "--max-epochs",
+            "20",
+            "--table2-epochs",
+            "5",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "| breast_cancer | sum-to-one | 569 | 0.69 | 4280 [4280.23] | >20 [37008] |" in out

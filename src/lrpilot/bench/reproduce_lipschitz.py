@@ -99,7 +99,9 @@ def sum_to_one(x: torch.Tensor, reference: torch.Tensor | None = None) -> torch.
     return x / sums
 
 
-def load_design(name: str, scaling: str, rows: np.ndarray | None = None, fit_rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_design(
+    name: str, scaling: str, rows: np.ndarray | None = None, fit_rows: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The design matrix ``[1, X]`` (float64) and targets of ``name``, scaled with the statistics of ``fit_rows``."""
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {list(SCALINGS)}, got {scaling!r}")
@@ -134,7 +136,9 @@ class _Model:
 
     def init(self, seed: int) -> torch.Tensor:
         # Standard normal weights, as the authors' np.random.randn.
-        return torch.randn(self.x.shape[1], self.outputs, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return torch.randn(
+            self.x.shape[1], self.outputs, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
 
     def loss_and_grad(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
         z = self.x @ w
@@ -163,7 +167,9 @@ class _Model:
         return smoothness(self.kind, float(torch.linalg.matrix_norm(self.x, ord=2)), self.m)
 
 
-def _descend(model: _Model, lr: float, w: torch.Tensor, *, epochs: int, threshold: float | None = None) -> tuple[torch.Tensor, int | None, float]:
+def _descend(
+    model: _Model, lr: float, w: torch.Tensor, *, epochs: int, threshold: float | None = None
+) -> tuple[torch.Tensor, int | None, float]:
     """Gradient descent: returns the weights, the first epoch whose loss is below ``threshold`` (``None``:
     not reached, :data:`DIVERGED`: the loss became non-finite) and the last loss. Epoch ``e`` is the loss
     after ``e`` updates, as in the paper's loop."""
@@ -226,19 +232,31 @@ class AccuracyRow:
     paper: dict[str, float] = field(default_factory=dict)
 
 
-def epochs_to_threshold(name: str, *, scaling: str = "sum-to-one", max_epochs: int = 100_000, seed: int = 0) -> ConvergenceRow:
+def epochs_to_threshold(
+    name: str, *, scaling: str = "sum-to-one", max_epochs: int = 100_000, seed: int = 0
+) -> ConvergenceRow:
     """Table 1's protocol on the whole data set."""
     x, y = load_design(name, scaling)
     model = _Model(DATASETS[name], x, y)
     threshold = _threshold(name, model)
     w0 = model.init(seed)
     lip, beta = model.lipschitz(), model.smoothness()
-    found = [_descend(model, lr, w0, epochs=max_epochs, threshold=threshold)[1] for lr in (FIXED_LR, 1 / lip, 1 / beta)]
+    found = [
+        _descend(model, lr, w0, epochs=max_epochs, threshold=threshold)[1]
+        for lr in (FIXED_LR, 1 / lip, 1 / beta)
+    ]
     return ConvergenceRow(name, scaling, model.kind, model.m, threshold, 1 / lip, 1 / beta, *found, max_epochs,
                           paper=dict(PAPER_TABLE1.get(name, {})))  # fmt: skip
 
 
-def accuracy_after(name: str, *, scaling: str = "sum-to-one", epochs: int | None = None, seed: int = 0, test_fraction: float = 0.3) -> AccuracyRow:
+def accuracy_after(
+    name: str,
+    *,
+    scaling: str = "sum-to-one",
+    epochs: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.3,
+) -> AccuracyRow:
     """Table 2's protocol: train on a stratified 70% for ``epochs`` (the paper's N_E), accuracy on the rest."""
     from sklearn.model_selection import train_test_split
 
@@ -247,13 +265,18 @@ def accuracy_after(name: str, *, scaling: str = "sum-to-one", epochs: int | None
     paper = PAPER_TABLE2.get(name, {})
     epochs = int(paper.get("epochs", 200)) if epochs is None else epochs
     _, labels = _arrays(name)
-    train_rows, test_rows = train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels)
+    train_rows, test_rows = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels
+    )
     x, y = load_design(name, scaling, rows=train_rows, fit_rows=train_rows)
     x_test, y_test = load_design(name, scaling, rows=test_rows, fit_rows=train_rows)
     model = _Model(DATASETS[name], x, y)
     w0 = model.init(seed)
     lip, beta = model.lipschitz(), model.smoothness()
-    accs = [100 * model.accuracy(_descend(model, lr, w0, epochs=epochs)[0], x_test, y_test) for lr in (FIXED_LR, 1 / lip, 1 / beta)]
+    accs = [
+        100 * model.accuracy(_descend(model, lr, w0, epochs=epochs)[0], x_test, y_test)
+        for lr in (FIXED_LR, 1 / lip, 1 / beta)
+    ]
     return AccuracyRow(name, scaling, epochs, model.m, 1 / lip, 1 / beta, *accs, paper=dict(paper))
 
 
@@ -295,8 +318,10 @@ def _epochs(value: int | None, cap: int) -> str:
 def format_tables(table1: Sequence[ConvergenceRow], table2: Sequence[AccuracyRow]) -> str:
     """Markdown tables with the paper's values beside ours."""
     lines = [
-        "Table 1: epochs until the training loss < T_L, full-batch GD from the same random weights "
-        "(paper's values in brackets)",
+        (
+            "Table 1: epochs until the training loss < T_L, full-batch GD from the same random weights "
+            "(paper's values in brackets)"
+        ),
         "",
         "| data set | scaling | m | T_L | 1/L | E_0.1 | E_1/L | 1/beta | E_1/beta |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -306,8 +331,10 @@ def format_tables(table1: Sequence[ConvergenceRow], table2: Sequence[AccuracyRow
         lines.append(
             f"| {r.dataset} | {r.scaling} | {r.m} | {_num(r.threshold)} | {_num(r.inv_lipschitz)}"
             + (f" [{p['inv_l']}]" if p else "")
-            + f" | {_epochs(r.epochs_fixed, r.max_epochs)}" + (f" [{p['epochs_fixed']}]" if p else "")
-            + f" | {_epochs(r.epochs_lipschitz, r.max_epochs)}" + (f" [{p['epochs_lipschitz']}]" if p else "")
+            + f" | {_epochs(r.epochs_fixed, r.max_epochs)}"
+            + (f" [{p['epochs_fixed']}]" if p else "")
+            + f" | {_epochs(r.epochs_lipschitz, r.max_epochs)}"
+            + (f" [{p['epochs_lipschitz']}]" if p else "")
             + f" | {_num(r.inv_smoothness)} | {_epochs(r.epochs_smoothness, r.max_epochs)} |"
         )
     lines += [
@@ -322,8 +349,10 @@ def format_tables(table1: Sequence[ConvergenceRow], table2: Sequence[AccuracyRow
         lines.append(
             f"| {r.dataset} | {r.scaling} | {r.epochs} | {r.m} | {_num(r.inv_lipschitz)}"
             + (f" [{p['inv_l']}]" if p else "")
-            + f" | {r.acc_fixed:.2f}" + (f" [{p['acc_fixed']}]" if p else "")
-            + f" | {r.acc_lipschitz:.2f}" + (f" [{p['acc_lipschitz']}]" if p else "")
+            + f" | {r.acc_fixed:.2f}"
+            + (f" [{p['acc_fixed']}]" if p else "")
+            + f" | {r.acc_lipschitz:.2f}"
+            + (f" [{p['acc_lipschitz']}]" if p else "")
             + f" | {_num(r.inv_smoothness)} | {r.acc_smoothness:.2f} |"
         )
     return "\n".join(lines)

@@ -130,7 +130,9 @@ def least_squares_lipschitz(k_a: float, y_norm: float, k_z: float, m: int, *, fo
             :math:`\lVert a + b - 2y\rVert \le 2K_a + 2\lVert y\rVert`).
     """
     sign = _ls_sign(form)
-    return (_nonneg("k_a", k_a) + sign * _nonneg("y_norm", y_norm)) * _nonneg("k_z", k_z) / _positive_int("m", m)
+    return (
+        (_nonneg("k_a", k_a) + sign * _nonneg("y_norm", y_norm)) * _nonneg("k_z", k_z) / _positive_int("m", m)
+    )
 
 
 def _ls_sign(form: str) -> float:
@@ -165,7 +167,9 @@ def tikhonov_lipschitz(gamma: torch.Tensor, weight_bound: float) -> float:
     return 2.0 * _nonneg("weight_bound", weight_bound) * float(torch.linalg.matrix_norm(g2, ord=2))
 
 
-def grad_sq_estimate(loss_lipschitz: float, k_z: float, elementwise: float, weight_term: float, estimate: str) -> float:
+def grad_sq_estimate(
+    loss_lipschitz: float, k_z: float, elementwise: float, weight_term: float, estimate: str
+) -> float:
     r"""The paper's estimates of :math:`\max\lVert(\nabla_W L)^2\rVert` for Auto-Adam (section 6.3).
 
     With :math:`a` the loss's constant (e.g. :math:`\frac{k-1}{km}K_z`), :math:`b = \lambda\max\lVert w\rVert`
@@ -203,7 +207,9 @@ def _as_matrix(x: torch.Tensor | Any, name: str = "x") -> torch.Tensor:
     return x
 
 
-def linear_regression_lipschitz(x: torch.Tensor, y: torch.Tensor, weight_bound: float, *, form: str = "paper") -> float:
+def linear_regression_lipschitz(
+    x: torch.Tensor, y: torch.Tensor, weight_bound: float, *, form: str = "paper"
+) -> float:
     r"""Linear regression with the loss :math:`\frac1{2m}\lVert Xw - y\rVert^2` (section 4.1).
 
     .. math:: L = \frac Km \lVert X^TX\rVert \mp \frac1m \lVert y^TX\rVert
@@ -280,7 +286,9 @@ def classical_lipschitz(
 # ----------------------------------------------------------------------------------------------------
 # Rigorous companions (not in the paper): what does bound the gradient, and the smoothness constant
 # ----------------------------------------------------------------------------------------------------
-def classification_gradient_bound(k_z: float, m: int, *, norm: str = "entry", spec: LossSpec | None = None) -> float:
+def classification_gradient_bound(
+    k_z: float, m: int, *, norm: str = "entry", spec: LossSpec | None = None
+) -> float:
     r"""A true bound on the last-layer gradient of the *mean* (binary) cross-entropy of a batch, for every weight.
 
     With residuals :math:`r_{ip} = p_{ip} - y_{ip} \in (-1, 1)` the gradient is
@@ -298,7 +306,9 @@ def classification_gradient_bound(k_z: float, m: int, *, norm: str = "entry", sp
     """
     spec = LossSpec("cross_entropy", 2) if spec is None else spec
     if spec.kind == "least_squares":
-        raise ValueError("least squares has no weight-independent gradient bound: use least_squares_lipschitz(form='bound')")
+        raise ValueError(
+            "least squares has no weight-independent gradient bound: use least_squares_lipschitz(form='bound')"
+        )
     base = spec.scale * _nonneg("k_z", k_z) / math.sqrt(_positive_int("m", m))
     if norm == "entry":
         return base
@@ -364,8 +374,13 @@ class LossSpec:
         """The spec of a torch loss module (mean reduction); anything else raises naming what is supported."""
         supported = "nn.CrossEntropyLoss, nn.BCEWithLogitsLoss or nn.MSELoss with reduction='mean'"
         reduction = getattr(loss_fn, "reduction", None)
-        if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss)) and reduction != "mean":
-            raise ValueError(f"the Lipschitz constants assume a mean over the batch; got reduction={reduction!r} ({supported})")
+        if (
+            isinstance(loss_fn, (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss))
+            and reduction != "mean"
+        ):
+            raise ValueError(
+                f"the Lipschitz constants assume a mean over the batch; got reduction={reduction!r} ({supported})"
+            )
         if isinstance(loss_fn, nn.CrossEntropyLoss):
             return cls("cross_entropy", num_outputs, 1.0)
         if isinstance(loss_fn, nn.BCEWithLogitsLoss):
@@ -376,7 +391,9 @@ class LossSpec:
             f"no closed-form Lipschitz constant for loss {type(loss_fn).__name__}: the paper covers {supported}"
         )
 
-    def lipschitz(self, k_z: float, m: int, *, k_a: float = 0.0, y_norm: float = 0.0, form: str = "paper") -> float:
+    def lipschitz(
+        self, k_z: float, m: int, *, k_a: float = 0.0, y_norm: float = 0.0, form: str = "paper"
+    ) -> float:
         """The paper's constant of this loss (without a regulariser) for one batch's statistics."""
         if self.kind == "cross_entropy":
             value = cross_entropy_lipschitz(k_z, m, self.num_outputs)
@@ -527,8 +544,7 @@ class PenultimateMonitor:
             k_a = torch.linalg.vector_norm(output.detach(), dtype=k_z.dtype)
             e["k_a"].append(k_a)
         self._last = (k_z, elem, k_a, rows)
-        if rows > e["rows"]:
-            e["rows"] = rows
+        e["rows"] = max(e["rows"], rows)
         e["batches"] += 1
         if len(e["k_z"]) >= _COMPACT_AT:  # nobody reset the epoch (standalone use): keep the maxima only
             for key in ("k_z", "elementwise", "k_a"):
@@ -584,8 +600,14 @@ class PenultimateMonitor:
         self.reset()
         saved = state.get("epoch")
         if saved:
+
             def as_list(key: str) -> list[torch.Tensor]:
                 return [torch.tensor(saved[key], dtype=torch.float64)] if saved[key] else []
 
-            self._epoch = {"k_z": as_list("k_z"), "elementwise": as_list("elementwise"), "k_a": as_list("k_a"),
-                           "rows": saved["rows"], "batches": saved["batches"]}
+            self._epoch = {
+                "k_z": as_list("k_z"),
+                "elementwise": as_list("elementwise"),
+                "k_a": as_list("k_a"),
+                "rows": saved["rows"],
+                "batches": saved["batches"],
+            }

@@ -34,26 +34,24 @@ from lrpilot.estimators.lipschitz import (
     BatchStats,
     LossSpec,
     PenultimateMonitor,
-    estimate_weight_bound,
     find_head,
     grad_sq_estimate,
     has_hidden_layer,
-    linear_regression_lipschitz,
     max_weight_norm,
 )
 from lrpilot.loop.data import split_batch
 from lrpilot.loop.seeding import capture_rng, restore_rng
-from lrpilot.pilots.base import Decision, EpochSignals, MethodParts, Pilot, current_lrs
+from lrpilot.pilots.base import Decision, EpochSignals, MethodParts, Pilot
 from lrpilot.registry import BuildContext, MethodInfo, register, require_in, require_positive
 
 __all__ = [
+    "BIAS_CORRECTIONS",
     "AdaMo",
     "AutoAdam",
     "LastLayerLipschitz",
     "LipschitzGuard",
     "LipschitzPilot",
     "LipschitzRMSprop",
-    "BIAS_CORRECTIONS",
 ]
 
 _GOOD = "lipschitz-last-good"  # the checkpoint tag rollbacks return to
@@ -104,13 +102,19 @@ class LastLayerLipschitz:
         head = find_head(model)
         spec = LossSpec.from_loss(loss_fn, head.out_features)
         monitor = PenultimateMonitor(
-            model, head, include_bias=include_bias, elementwise=elementwise, outputs=spec.kind == "least_squares"
+            model,
+            head,
+            include_bias=include_bias,
+            elementwise=elementwise,
+            outputs=spec.kind == "least_squares",
         )
         return cls(monitor, spec, y_norm, form)
 
     def __call__(self) -> tuple[float, BatchStats]:
         stats = self.monitor.last()
-        return abs(self.loss.lipschitz(stats.k_z, stats.rows, k_a=stats.k_a, y_norm=self.y_norm, form=self.form)), stats
+        return abs(
+            self.loss.lipschitz(stats.k_z, stats.rows, k_a=stats.k_a, y_norm=self.y_norm, form=self.form)
+        ), stats
 
 
 def _targets_norm(loader: Any) -> float:
@@ -219,7 +223,9 @@ class LipschitzPilot(Pilot):
         _check_choice("ls_form", ls_form, ("paper", "bound"))
         _check_choice("weight_bound", weight_bound, ("all", "head"))
         if initial_lr is not None and not (_is_number(initial_lr) and initial_lr > 0):
-            raise ValueError(f"initial_lr must be None (probe the data) or a positive number, got {initial_lr!r}")
+            raise ValueError(
+                f"initial_lr must be None (probe the data) or a positive number, got {initial_lr!r}"
+            )
         _check_backoff(backoff, max_rollbacks, explode_factor)
         self.loss = loss
         self.train_loader = train_loader
@@ -251,7 +257,11 @@ class LipschitzPilot(Pilot):
         include_bias = self.mode == "classical" or self.constant == "smoothness"
         self.model = model
         self.monitor = PenultimateMonitor(
-            model, head, include_bias=include_bias, elementwise=False, outputs=self.loss.kind == "least_squares"
+            model,
+            head,
+            include_bias=include_bias,
+            elementwise=False,
+            outputs=self.loss.kind == "least_squares",
         )
         if self.mode == "classical" and self.train_loader is None:
             raise ValueError("the classical mode computes 1/L from the training data: pass train_loader")
@@ -266,18 +276,24 @@ class LipschitzPilot(Pilot):
             lipschitz, info = self._classical_constant()
             lr = _safe_inverse(lipschitz)
             if lr is None:
-                raise ValueError(f"the classical Lipschitz constant is {lipschitz!r}: cannot take 1/L ({info})")
+                raise ValueError(
+                    f"the classical Lipschitz constant is {lipschitz!r}: cannot take 1/L ({info})"
+                )
             self.last = {**info, "lipschitz": lipschitz}
             return Decision("lipschitz-classical", lr=self._per_group(lr), save=self._save, info=self.last)
         if self.initial_lr is not None:
             return Decision("lipschitz-initial-fixed", lr=self._per_group(self.initial_lr), save=self._save)
         if self.train_loader is None:
-            raise ValueError("the first epoch's LR needs a probe of the training data: pass train_loader or initial_lr")
+            raise ValueError(
+                "the first epoch's LR needs a probe of the training data: pass train_loader or initial_lr"
+            )
         stats = self._probe()
         lrs, info = self._network_lrs(stats)
         self.monitor.reset()
         if lrs is None:
-            raise ValueError(f"the Lipschitz constant at initialisation is not positive ({info}): set initial_lr")
+            raise ValueError(
+                f"the Lipschitz constant at initialisation is not positive ({info}): set initial_lr"
+            )
         self.last = info
         return Decision("lipschitz-probe", lr=lrs, save=self._save, info=info)
 
@@ -286,7 +302,9 @@ class LipschitzPilot(Pilot):
         if signals.nonfinite:
             return self._diverged(signals)
         if _exploded(signals, self.initial_loss, self.explode_factor):
-            return self._diverged(signals, reason="lipschitz-exploded-rollback", info={"train_loss": signals.train_loss})
+            return self._diverged(
+                signals, reason="lipschitz-exploded-rollback", info={"train_loss": signals.train_loss}
+            )
         if self.mode == "classical":
             self.monitor.reset()
             self.epochs_done += 1
@@ -319,7 +337,11 @@ class LipschitzPilot(Pilot):
         params = self.monitor.layer.parameters() if self.weight_bound == "head" else self.model.parameters()
         w_max = max_weight_norm(params)
         if self.constant == "paper":
-            loss_part = abs(self.loss.lipschitz(stats.k_z, stats.rows, k_a=stats.k_a, y_norm=self.y_norm, form=self.ls_form))
+            loss_part = abs(
+                self.loss.lipschitz(
+                    stats.k_z, stats.rows, k_a=stats.k_a, y_norm=self.y_norm, form=self.ls_form
+                )
+            )
         else:
             loss_part = self.loss.smoothness(stats.k_z, stats.rows)
         lrs = []
@@ -331,7 +353,13 @@ class LipschitzPilot(Pilot):
             if lr is None:
                 return None, {"k_z": stats.k_z, "m": stats.rows, "max_w": w_max, "lipschitz": total}
             lrs.append(self.scale * lr)
-        info = {"k_z": stats.k_z, "m": stats.rows, "max_w": w_max, "lipschitz": loss_part, "scale": self.scale}
+        info = {
+            "k_z": stats.k_z,
+            "m": stats.rows,
+            "max_w": w_max,
+            "lipschitz": loss_part,
+            "scale": self.scale,
+        }
         if self.loss.kind == "least_squares":
             info.update(k_a=stats.k_a, y_norm=self.y_norm)
         return tuple(lrs), info
@@ -415,7 +443,12 @@ class LipschitzPilot(Pilot):
         return (float(lr),) * len(self.optimizer.param_groups)
 
     # -- divergence -----------------------------------------------------------------------------------
-    def _diverged(self, signals: EpochSignals, reason: str = "lipschitz-diverged-rollback", info: Mapping[str, Any] | None = None) -> Decision | None:
+    def _diverged(
+        self,
+        signals: EpochSignals,
+        reason: str = "lipschitz-diverged-rollback",
+        info: Mapping[str, Any] | None = None,
+    ) -> Decision | None:
         """Roll back to the last good epoch with the LR times ``backoff``; give up after ``max_rollbacks``."""
         assert self.monitor is not None
         self.monitor.reset()
@@ -491,7 +524,12 @@ class _LipschitzOptimizer(torch.optim.Optimizer):
 
     _uses_k2 = True
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], source: Callable[[], tuple[float, BatchStats]] | None) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        source: Callable[[], tuple[float, BatchStats]] | None,
+    ) -> None:
         _check_common(defaults)
         initial = defaults["initial_lr"]
         # Run state lives in every group (defaults fill groups added later too).
@@ -513,14 +551,18 @@ class _LipschitzOptimizer(torch.optim.Optimizer):
         return [float(g["lipschitz_lr"]) for g in self.param_groups]
 
     # -- the Lipschitz signal ------------------------------------------------------------------------------
-    def _signal(self, group: dict[str, Any], lipschitz: float | None, grad_sq: float | None, k_z: float | None) -> tuple[float, float]:
+    def _signal(
+        self, group: dict[str, Any], lipschitz: float | None, grad_sq: float | None, k_z: float | None
+    ) -> tuple[float, float]:
         """What this step feeds the two averages: (L_t or K_z, M_t) for one group."""
         if lipschitz is not None:
             l_t = float(lipschitz)
             m_t = float(grad_sq) if grad_sq is not None else l_t * l_t
             if group["k1_signal"] == "kz":
                 if k_z is None:
-                    raise ValueError(f"{type(self).__name__} divides by K_z: pass step(k_z=...) with lipschitz=...")
+                    raise ValueError(
+                        f"{type(self).__name__} divides by K_z: pass step(k_z=...) with lipschitz=..."
+                    )
                 return float(k_z), m_t
             return l_t, m_t
         if self.source is None:
@@ -531,7 +573,11 @@ class _LipschitzOptimizer(torch.optim.Optimizer):
         loss_part, stats = self.source()
         wd = group["weight_decay"]
         weight_term = wd * max_weight_norm(group["params"]) if wd > 0 else 0.0
-        m_t = grad_sq_estimate(loss_part, stats.k_z, stats.elementwise, weight_term, group["grad_sq_estimate"]) if self._uses_k2 else 0.0
+        m_t = (
+            grad_sq_estimate(loss_part, stats.k_z, stats.elementwise, weight_term, group["grad_sq_estimate"])
+            if self._uses_k2
+            else 0.0
+        )
         return (stats.k_z if group["k1_signal"] == "kz" else loss_part + weight_term), m_t
 
     def _advance(self, group: dict[str, Any], s1: float, s2: float) -> tuple[float, float, bool]:
@@ -613,21 +659,29 @@ def _check_common(d: Mapping[str, Any]) -> None:
     if d["update"] not in ("step", "epoch"):
         raise ValueError(f"Invalid update: {d['update']!r} (must be 'step' or 'epoch')")
     if d["bias_correction"] not in BIAS_CORRECTIONS:
-        raise ValueError(f"Invalid bias_correction: {d['bias_correction']!r} (must be one of {list(BIAS_CORRECTIONS)})")
+        raise ValueError(
+            f"Invalid bias_correction: {d['bias_correction']!r} (must be one of {list(BIAS_CORRECTIONS)})"
+        )
     spe = d["steps_per_epoch"]
     if spe is not None and not (isinstance(spe, int) and not isinstance(spe, bool) and spe > 0):
         raise ValueError(f"Invalid steps_per_epoch: {spe!r} (must be a positive integer)")
     if d["initial_lr"] is not None and not (_is_number(d["initial_lr"]) and d["initial_lr"] > 0):
         raise ValueError(f"Invalid initial_lr: {d['initial_lr']!r} (must be None or > 0)")
     if (d["update"] == "epoch" or d["initial_lr"] is not None) and spe is None:
-        raise ValueError("update='epoch' and initial_lr need steps_per_epoch (the length of an epoch in steps)")
+        raise ValueError(
+            "update='epoch' and initial_lr need steps_per_epoch (the length of an epoch in steps)"
+        )
     for name in ("k1_init", "k2_init"):
         if not (_is_number(d[name]) and d[name] >= 0):
             raise ValueError(f"Invalid {name}: {d[name]!r} (must be >= 0)")
     if d["update"] == "epoch" and d["initial_lr"] is None and d["k1_init"] == 0:
-        raise ValueError("update='epoch' has no constant during the first epoch: set initial_lr (the paper's fixed first-epoch LR)")
+        raise ValueError(
+            "update='epoch' has no constant during the first epoch: set initial_lr (the paper's fixed first-epoch LR)"
+        )
     if d["grad_sq_estimate"] not in GRAD_SQ_ESTIMATES:
-        raise ValueError(f"Invalid grad_sq_estimate: {d['grad_sq_estimate']!r} (must be one of {list(GRAD_SQ_ESTIMATES)})")
+        raise ValueError(
+            f"Invalid grad_sq_estimate: {d['grad_sq_estimate']!r} (must be one of {list(GRAD_SQ_ESTIMATES)})"
+        )
 
 
 def _beta(name: str, value: Any, *, allow_zero: bool = False) -> float:
@@ -705,12 +759,21 @@ class AdaMo(_LipschitzOptimizer):
         bias_correction: str = "none",
     ) -> None:
         b = _beta("beta", beta)
-        defaults = dict(
-            lr=lr, beta=b, weight_decay=weight_decay, update=update, initial_lr=initial_lr,
-            steps_per_epoch=steps_per_epoch, bias_correction=bias_correction,
+        defaults = {
+            "lr": lr,
+            "beta": b,
+            "weight_decay": weight_decay,
+            "update": update,
+            "initial_lr": initial_lr,
+            "steps_per_epoch": steps_per_epoch,
+            "bias_correction": bias_correction,
             # "the algorithm sets K to x" for the first epoch (section 7.3.1)
-            k1_init=0.0 if initial_lr is None else initial_lr, k2_init=0.0, grad_sq_estimate="first", _b1=b, _b2=b,
-        )  # fmt: skip
+            "k1_init": 0.0 if initial_lr is None else initial_lr,
+            "k2_init": 0.0,
+            "grad_sq_estimate": "first",
+            "_b1": b,
+            "_b2": b,
+        }
         super().__init__(params, defaults, source)
 
     def _step_size(self, group: dict[str, Any], k1: float, k2: float) -> float:
@@ -797,12 +860,24 @@ class AutoAdam(_LipschitzOptimizer):
         b2 = _beta("beta2", beta2)
         if not (_is_number(eps) and eps >= 0):
             raise ValueError(f"Invalid eps: {eps!r} (must be >= 0)")
-        defaults = dict(
-            lr=lr, beta1=b1, beta2=b2, eps=float(eps), eps_inside_sqrt=bool(eps_inside_sqrt),
-            weight_decay=weight_decay, grad_sq_estimate=grad_sq_estimate, k1_init=k1_init, k2_init=k2_init,
-            update=update, initial_lr=initial_lr, steps_per_epoch=steps_per_epoch,
-            bias_correction=bias_correction, k1_signal=_k1_signal, _b1=b1, _b2=b2,
-        )  # fmt: skip
+        defaults = {
+            "lr": lr,
+            "beta1": b1,
+            "beta2": b2,
+            "eps": float(eps),
+            "eps_inside_sqrt": bool(eps_inside_sqrt),
+            "weight_decay": weight_decay,
+            "grad_sq_estimate": grad_sq_estimate,
+            "k1_init": k1_init,
+            "k2_init": k2_init,
+            "update": update,
+            "initial_lr": initial_lr,
+            "steps_per_epoch": steps_per_epoch,
+            "bias_correction": bias_correction,
+            "k1_signal": _k1_signal,
+            "_b1": b1,
+            "_b2": b2,
+        }
         super().__init__(params, defaults, source)
 
     def _step_size(self, group: dict[str, Any], k1: float, k2: float) -> float:
@@ -1009,7 +1084,9 @@ def _options_error(method: str, err: ValueError) -> ValueError:
 def _loss_spec(ctx: BuildContext, method: str) -> LossSpec:
     head = find_head(ctx.model)
     try:
-        return LossSpec.from_loss(ctx.loss_fn if ctx.loss_fn is not None else nn.CrossEntropyLoss(), head.out_features)
+        return LossSpec.from_loss(
+            ctx.loss_fn if ctx.loss_fn is not None else nn.CrossEntropyLoss(), head.out_features
+        )
     except ValueError as err:
         raise _options_error(method, err) from None
 
@@ -1050,12 +1127,22 @@ def build_lipschitz(
 def _source(ctx: BuildContext, method: str, ls_form: str, elementwise: bool) -> LastLayerLipschitz:
     spec = _loss_spec(ctx, method)
     require_in("ls_form", ls_form, ("paper", "bound"), method=method)
-    y_norm = _targets_norm(ctx.train_loader) if spec.kind == "least_squares" and ctx.train_loader is not None else 0.0
+    y_norm = (
+        _targets_norm(ctx.train_loader)
+        if spec.kind == "least_squares" and ctx.train_loader is not None
+        else 0.0
+    )
     monitor = PenultimateMonitor(ctx.model, elementwise=elementwise, outputs=spec.kind == "least_squares")
     return LastLayerLipschitz(monitor, spec, y_norm, ls_form)
 
 
-def _step_parts(ctx: BuildContext, opt: _LipschitzOptimizer, source: LastLayerLipschitz, guard_options: dict[str, Any], method: str) -> MethodParts:
+def _step_parts(
+    ctx: BuildContext,
+    opt: _LipschitzOptimizer,
+    source: LastLayerLipschitz,
+    guard_options: dict[str, Any],
+    method: str,
+) -> MethodParts:
     try:
         guard = LipschitzGuard(opt, monitor=source.monitor, **guard_options)
     except ValueError as err:
@@ -1081,81 +1168,223 @@ def _build_optimizer(
     return _step_parts(ctx, opt, source, guard_options, method)
 
 
-def build_adamo(ctx: BuildContext, lr: float, beta: float, weight_decay: float, update: str, initial_lr: float | None,
-                bias_correction: str, ls_form: str, **guard: Any) -> MethodParts:
+def build_adamo(
+    ctx: BuildContext,
+    lr: float,
+    beta: float,
+    weight_decay: float,
+    update: str,
+    initial_lr: float | None,
+    bias_correction: str,
+    ls_form: str,
+    **guard: Any,
+) -> MethodParts:
     def make(source: LastLayerLipschitz) -> _LipschitzOptimizer:
-        return AdaMo(ctx.params(), source, lr=lr, beta=beta, weight_decay=weight_decay, update=update,
-                     initial_lr=initial_lr, steps_per_epoch=ctx.steps_per_epoch, bias_correction=bias_correction)
+        return AdaMo(
+            ctx.params(),
+            source,
+            lr=lr,
+            beta=beta,
+            weight_decay=weight_decay,
+            update=update,
+            initial_lr=initial_lr,
+            steps_per_epoch=ctx.steps_per_epoch,
+            bias_correction=bias_correction,
+        )
 
     return _build_optimizer("adamo", make, ctx, ls_form, guard, elementwise=False)
 
 
-def build_auto_adam(ctx: BuildContext, lr: float, beta1: float, beta2: float, eps: float, eps_inside_sqrt: bool,
-                    weight_decay: float, grad_sq_estimate: str, k1_init: float, k2_init: float, update: str,
-                    initial_lr: float | None, bias_correction: str, ls_form: str, **guard: Any) -> MethodParts:
+def build_auto_adam(
+    ctx: BuildContext,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    eps_inside_sqrt: bool,
+    weight_decay: float,
+    grad_sq_estimate: str,
+    k1_init: float,
+    k2_init: float,
+    update: str,
+    initial_lr: float | None,
+    bias_correction: str,
+    ls_form: str,
+    **guard: Any,
+) -> MethodParts:
     def make(source: LastLayerLipschitz) -> _LipschitzOptimizer:
-        return AutoAdam(ctx.params(), source, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps_inside_sqrt=eps_inside_sqrt,
-                        weight_decay=weight_decay, grad_sq_estimate=grad_sq_estimate, k1_init=k1_init, k2_init=k2_init,
-                        update=update, initial_lr=initial_lr, steps_per_epoch=ctx.steps_per_epoch,
-                        bias_correction=bias_correction)
+        return AutoAdam(
+            ctx.params(),
+            source,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            eps_inside_sqrt=eps_inside_sqrt,
+            weight_decay=weight_decay,
+            grad_sq_estimate=grad_sq_estimate,
+            k1_init=k1_init,
+            k2_init=k2_init,
+            update=update,
+            initial_lr=initial_lr,
+            steps_per_epoch=ctx.steps_per_epoch,
+            bias_correction=bias_correction,
+        )
 
     return _build_optimizer("auto-adam", make, ctx, ls_form, guard, elementwise=grad_sq_estimate != "first")
 
 
-def build_lipschitz_rmsprop(ctx: BuildContext, lr: float, rho: float, eps: float, eps_inside_sqrt: bool, weight_decay: float,
-                            grad_sq_estimate: str, k2_init: float, denominator: str, update: str, initial_lr: float | None,
-                            bias_correction: str, ls_form: str, **guard: Any) -> MethodParts:
+def build_lipschitz_rmsprop(
+    ctx: BuildContext,
+    lr: float,
+    rho: float,
+    eps: float,
+    eps_inside_sqrt: bool,
+    weight_decay: float,
+    grad_sq_estimate: str,
+    k2_init: float,
+    denominator: str,
+    update: str,
+    initial_lr: float | None,
+    bias_correction: str,
+    ls_form: str,
+    **guard: Any,
+) -> MethodParts:
     def make(source: LastLayerLipschitz) -> _LipschitzOptimizer:
-        return LipschitzRMSprop(ctx.params(), source, lr=lr, rho=rho, eps=eps, eps_inside_sqrt=eps_inside_sqrt,
-                                weight_decay=weight_decay, grad_sq_estimate=grad_sq_estimate, k2_init=k2_init,
-                                denominator=denominator, update=update, initial_lr=initial_lr, steps_per_epoch=ctx.steps_per_epoch,
-                                bias_correction=bias_correction)
+        return LipschitzRMSprop(
+            ctx.params(),
+            source,
+            lr=lr,
+            rho=rho,
+            eps=eps,
+            eps_inside_sqrt=eps_inside_sqrt,
+            weight_decay=weight_decay,
+            grad_sq_estimate=grad_sq_estimate,
+            k2_init=k2_init,
+            denominator=denominator,
+            update=update,
+            initial_lr=initial_lr,
+            steps_per_epoch=ctx.steps_per_epoch,
+            bias_correction=bias_correction,
+        )
 
-    return _build_optimizer("lipschitz-rmsprop", make, ctx, ls_form, guard, elementwise=grad_sq_estimate != "first")
+    return _build_optimizer(
+        "lipschitz-rmsprop", make, ctx, ls_form, guard, elementwise=grad_sq_estimate != "first"
+    )
 
 
 _PAPER = "Yedida & Saha, LipschitzLR (shared/papers/003_8119a118a538bf06.txt)"
 _GUARD = {"backoff": 0.1, "max_rollbacks": 3, "explode_factor": 10.0}
-_ADAPTIVE = {"weight_decay": 0.0, "update": "step", "initial_lr": None, "bias_correction": "none", "ls_form": "paper", **_GUARD}
+_ADAPTIVE = {
+    "weight_decay": 0.0,
+    "update": "step",
+    "initial_lr": None,
+    "bias_correction": "none",
+    "ls_form": "paper",
+    **_GUARD,
+}
 
 
 def _register_all() -> None:
     seed = frozenset({"seed-method"})
     entries = [
         MethodInfo(
-            "lipschitz", "lipschitz",
+            "lipschitz",
+            "lipschitz",
             "SGD with LR = 1/L, the loss's closed-form Lipschitz constant (per epoch for networks, fixed for classical models)",
             build_lipschitz,
-            {"initial_lr": None, "momentum": 0.0, "weight_decay": 0.0, "mode": "auto", "constant": "paper",
-             "ls_form": "paper", "weight_bound": "all", **_GUARD},
-            lr_granularity="epoch", kind="epoch-pilot", tags=seed, paper=_PAPER, handles_nonfinite=True,
-            invalid_options=(({"mode": "deep"}, r"mode"), ({"initial_lr": -1.0}, r"initial_lr"),
-                             ({"backoff": 1.5}, r"backoff"), ({"momentum": 1.0}, r"momentum")),
+            {
+                "initial_lr": None,
+                "momentum": 0.0,
+                "weight_decay": 0.0,
+                "mode": "auto",
+                "constant": "paper",
+                "ls_form": "paper",
+                "weight_bound": "all",
+                **_GUARD,
+            },
+            lr_granularity="epoch",
+            kind="epoch-pilot",
+            tags=seed,
+            paper=_PAPER,
+            handles_nonfinite=True,
+            invalid_options=(
+                ({"mode": "deep"}, r"mode"),
+                ({"initial_lr": -1.0}, r"initial_lr"),
+                ({"backoff": 1.5}, r"backoff"),
+                ({"momentum": 1.0}, r"momentum"),
+            ),
         ),
         MethodInfo(
-            "adamo", "lipschitz", "AdaMo: momentum SGD with LR = 1/EMA of per-batch Lipschitz constants (Algorithm 1)",
-            build_adamo, {"lr": 1.0, "beta": 0.9, **_ADAPTIVE, "initial_lr": 0.1},
-            lr_granularity="step", kind="step-pilot", tags=seed, paper=_PAPER, handles_nonfinite=True,
-            invalid_options=(({"beta": 1.0}, r"beta"), ({"update": "batch"}, r"update"), ({"initial_lr": -0.1}, r"initial_lr"),
-                             ({"bias_correction": True}, r"bias_correction"),
-                             ({"update": "epoch", "initial_lr": None}, r"initial_lr")),
+            "adamo",
+            "lipschitz",
+            "AdaMo: momentum SGD with LR = 1/EMA of per-batch Lipschitz constants (Algorithm 1)",
+            build_adamo,
+            {"lr": 1.0, "beta": 0.9, **_ADAPTIVE, "initial_lr": 0.1},
+            lr_granularity="step",
+            kind="step-pilot",
+            tags=seed,
+            paper=_PAPER,
+            handles_nonfinite=True,
+            invalid_options=(
+                ({"beta": 1.0}, r"beta"),
+                ({"update": "batch"}, r"update"),
+                ({"initial_lr": -0.1}, r"initial_lr"),
+                ({"bias_correction": True}, r"bias_correction"),
+                ({"update": "epoch", "initial_lr": None}, r"initial_lr"),
+            ),
         ),
         MethodInfo(
-            "lipschitz-rmsprop", "lipschitz", "Adaptive RMSprop: LR = (sqrt(K2)+eps)/L from Lipschitz averages (section 6.2)",
+            "lipschitz-rmsprop",
+            "lipschitz",
+            "Adaptive RMSprop: LR = (sqrt(K2)+eps)/L from Lipschitz averages (section 6.2)",
             build_lipschitz_rmsprop,
-            {"lr": 1.0, "rho": 0.9, "eps": 1e-8, "eps_inside_sqrt": True, "grad_sq_estimate": "remedy", "k2_init": 0.0,
-             "denominator": "kz", **_ADAPTIVE},
-            lr_granularity="step", kind="step-pilot", paper=_PAPER, handles_nonfinite=True,
-            invalid_options=(({"rho": 1.5}, r"rho"), ({"grad_sq_estimate": "third"}, r"grad_sq_estimate"),
-                             ({"denominator": "k1"}, r"denominator")),
+            {
+                "lr": 1.0,
+                "rho": 0.9,
+                "eps": 1e-8,
+                "eps_inside_sqrt": True,
+                "grad_sq_estimate": "remedy",
+                "k2_init": 0.0,
+                "denominator": "kz",
+                **_ADAPTIVE,
+            },
+            lr_granularity="step",
+            kind="step-pilot",
+            paper=_PAPER,
+            handles_nonfinite=True,
+            invalid_options=(
+                ({"rho": 1.5}, r"rho"),
+                ({"grad_sq_estimate": "third"}, r"grad_sq_estimate"),
+                ({"denominator": "k1"}, r"denominator"),
+            ),
         ),
         MethodInfo(
-            "auto-adam", "lipschitz", "Auto-Adam: Adam with LR = (sqrt(K2)+eps)/K1 from Lipschitz averages (Algorithm 3)",
+            "auto-adam",
+            "lipschitz",
+            "Auto-Adam: Adam with LR = (sqrt(K2)+eps)/K1 from Lipschitz averages (Algorithm 3)",
             build_auto_adam,
-            {"lr": 1.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "eps_inside_sqrt": True, "grad_sq_estimate": "remedy",
-             "k1_init": 0.0, "k2_init": 0.0, **_ADAPTIVE},
-            lr_granularity="step", kind="step-pilot", tags=seed, paper=_PAPER, handles_nonfinite=True,
-            invalid_options=(({"beta2": 1.0}, r"beta2"), ({"k1_init": -1.0}, r"k1_init"), ({"eps": -1.0}, r"eps")),
+            {
+                "lr": 1.0,
+                "beta1": 0.9,
+                "beta2": 0.999,
+                "eps": 1e-8,
+                "eps_inside_sqrt": True,
+                "grad_sq_estimate": "remedy",
+                "k1_init": 0.0,
+                "k2_init": 0.0,
+                **_ADAPTIVE,
+            },
+            lr_granularity="step",
+            kind="step-pilot",
+            tags=seed,
+            paper=_PAPER,
+            handles_nonfinite=True,
+            invalid_options=(
+                ({"beta2": 1.0}, r"beta2"),
+                ({"k1_init": -1.0}, r"k1_init"),
+                ({"eps": -1.0}, r"eps"),
+            ),
         ),
     ]
     for info in entries:
