@@ -248,6 +248,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Reproduce a paper's tables (``lrpilot reproduce lipschitz``)."""
+    if args.paper == "lipschitz":
+        from lrpilot.bench.reproduce_lipschitz import format_tables, reproduce
+
+        scalings = ("sum-to-one", "raw") if args.scaling == "both" else (args.scaling,)
+        datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+        table1, table2 = reproduce(
+            datasets, scalings=scalings, max_epochs=args.max_epochs, table2_epochs=args.table2_epochs, seed=args.seed
+        )
+        print(format_tables(table1, table2))
+    return 0
+
+
 def _fmt(value: float | None) -> str:
     return "nan" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
@@ -350,6 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("reproduce", help="reproduce a paper's experiments and print them beside its numbers")
+    p.add_argument("paper", choices=["lipschitz"], help="lipschitz: Yedida & Saha, Tables 1 and 2 (classical models)")
+    p.add_argument("--datasets", default="iris,digits,breast_cancer,diabetes", help="comma-separated")
+    p.add_argument("--scaling", choices=["sum-to-one", "raw", "both"], default="both",
+                   help="feature scaling: the paper's stated sum-to-one, none, or both (default)")
+    p.add_argument("--max-epochs", type=int, default=100_000, help="Table 1: give up after this many epochs")
+    p.add_argument("--table2-epochs", type=int, help="Table 2: N_E for every data set (default: the paper's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

@@ -46,6 +46,7 @@ _FAMILY_MODULES: tuple[str, ...] = (
     "lrpilot.pilots.aalr",
     "lrpilot.pilots.mi_decay",
     "lrpilot.pilots.hypergradient",
+    "lrpilot.pilots.lipschitz",
     "lrpilot.pilots.hyperreg",
 )
 

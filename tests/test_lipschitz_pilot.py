@@ -1,0 +1,355 @@
+"""The `lipschitz` pilot (SGD with LR = 1/L) and the divergence handling of the Lipschitz family."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lrpilot.bench.tasks.models import MLP, LinearModel
+from lrpilot.estimators.lipschitz import (
+    LossSpec,
+    estimate_weight_bound,
+    linear_regression_lipschitz,
+    logistic_regression_lipschitz,
+    max_weight_norm,
+    softmax_regression_lipschitz,
+)
+from lrpilot.loop.data import TensorLoader
+from lrpilot.loop.fit import Trainer
+from lrpilot.loop.seeding import seed_everything
+from lrpilot.pilots.base import EpochSignals
+from lrpilot.pilots.lipschitz import LipschitzGuard, LipschitzPilot
+from tests.conftest import TinyTask, blobs
+
+
+class _HeadInputNorms:
+    """An independent reference: the Frobenius norm of every training batch's head input."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.norms: list[float] = []
+        self.rows: list[int] = []
+        head.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output) -> None:
+        if module.training:
+            self.norms.append(float(torch.linalg.norm(inputs[0].detach())))
+            self.rows.append(len(inputs[0]))
+
+
+def test_network_lr_is_one_over_l_from_the_previous_epochs_activations() -> None:
+    task = TinyTask()
+    model = task.model()
+    reference = _HeadInputNorms(model.head)
+    wd = 1e-3
+    trainer = Trainer(
+        model,
+        task.train,
+        task.val,
+        method="lipschitz",
+        epochs=3,
+        seed=0,
+        progress=False,
+        method_options={"weight_decay": wd, "initial_lr": 0.05},
+    )
+    for epoch in (1, 2):
+        seen = len(reference.norms)
+        trainer.run(until_epoch=epoch)
+        k_z = max(reference.norms[seen:])
+        m = max(reference.rows[seen:])
+        expected = 1 / (2 * k_z / (3 * m) + wd * max_weight_norm(model.parameters()))
+        decision = trainer.history.decisions[-1]
+        assert decision.reason == "lipschitz-epoch"
+        assert decision.lr[0] == pytest.approx(expected, rel=1e-5)
+        assert decision.info["k_z"] == pytest.approx(k_z, rel=1e-6)
+    lrs = [e.lr[0] for e in trainer.run().epochs]
+    assert lrs[0] == 0.05  # the fixed first-epoch LR
+    assert lrs[1] == pytest.approx(
+        trainer.history.decisions[1].lr[0]
+    )  # epoch 2 runs at the LR decided after epoch 1
+
+
+def test_first_epoch_probe_reads_the_initial_model_in_eval_mode_and_leaves_the_rng_alone() -> None:
+    task = TinyTask()
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    seed_everything(0)
+    k_z = max(float(model[:3].eval()(x).detach().norm()) for x, _ in task.train)
+    model.train()
+    trainer = Trainer(model, task.train, task.val, method="lipschitz", epochs=1, seed=0, progress=False)
+    rng = torch.get_rng_state()
+    trainer._begin()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training
+    decision = trainer.history.decisions[0]
+    assert decision.reason == "lipschitz-probe"
+    assert decision.lr[0] == pytest.approx(1 / (2 * k_z / (3 * 32)), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "binary_cross_entropy", "least_squares"])
+def test_classical_mode_fixes_the_lr_at_the_papers_closed_form(kind: str) -> None:
+    x, labels = blobs(n=90, classes=3, dim=4)
+    x = x.abs() + 0.1
+    if kind == "cross_entropy":
+        y, out, loss = labels, 3, nn.CrossEntropyLoss()
+    elif kind == "binary_cross_entropy":
+        y, out, loss = (labels == 0).float()[:, None], 1, nn.BCEWithLogitsLoss()
+    else:
+        y, out, loss = x.sum(1, keepdim=True), 1, nn.MSELoss()
+    full = TensorLoader(x, y, len(x), shuffle=False)  # full batch: m = the data size
+    trainer = Trainer(
+        LinearModel(4, out),
+        full,
+        full,
+        method="lipschitz",
+        epochs=3,
+        seed=0,
+        progress=False,
+        loss_fn=loss,
+        method_options={},
+    )
+    history = trainer.run()
+    design = torch.cat([torch.ones(len(x), 1), x], dim=1).double()  # the paper's column of ones for the bias
+    if kind == "cross_entropy":
+        lipschitz = softmax_regression_lipschitz(design, 3)
+    elif kind == "binary_cross_entropy":
+        lipschitz = logistic_regression_lipschitz(design)
+    else:  # torch's MSELoss is 2x the paper's 1/(2m) loss
+        lipschitz = 2 * abs(linear_regression_lipschitz(design, y, estimate_weight_bound(design)))
+    assert history.decisions[0].reason == "lipschitz-classical"
+    assert [e.lr[0] for e in history.epochs] == [pytest.approx(1 / lipschitz, rel=1e-5)] * 3
+    assert trainer.pilot.mode == "classical"
+
+
+def test_auto_mode_is_network_with_a_hidden_layer() -> None:
+    task = TinyTask()
+    trainer = Trainer(
+        task.model(), task.train, task.val, method="lipschitz", epochs=1, seed=0, progress=False
+    )
+    assert trainer.pilot.mode == "network"
+
+
+def test_a_loss_without_a_closed_form_is_refused() -> None:
+    task = TinyTask()
+    x, y = blobs()
+    loader = TensorLoader(x, y[:, None].float(), 32)
+    with pytest.raises(ValueError, match=r"lipschitz.*L1Loss"):
+        Trainer(
+            MLP((4, 8, 1)), loader, loader, method="lipschitz", epochs=1, loss_fn=nn.L1Loss(), progress=False
+        )
+    del task
+
+
+def test_the_hook_is_removed_when_training_ends() -> None:
+    task = TinyTask()
+    model = task.model()
+    for name in ("lipschitz", "adamo"):
+        Trainer(model, task.train, task.val, method=name, epochs=1, seed=0, progress=False).run()
+        assert not model.head._forward_hooks
+
+
+# ----------------------------------------------------------------------------------------------------
+# divergence (the paper's first-epoch warning, section 8)
+# ----------------------------------------------------------------------------------------------------
+def _signals(epoch: int, lr: float, nonfinite: bool) -> EpochSignals:
+    nan = math.nan
+    return EpochSignals(
+        epoch=epoch,
+        step=epoch * 6,
+        lr=(lr,),
+        train_loss=nan if nonfinite else 1.0,
+        val_loss=nan if nonfinite else 1.0,
+        val_metric=nan if nonfinite else 0.5,
+        nonfinite=nonfinite,
+    )
+
+
+def test_scripted_divergences_roll_back_and_back_off() -> None:
+    model = MLP((4, 8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pilot = LipschitzPilot(
+        opt, loss=LossSpec("cross_entropy", 3), mode="network", initial_lr=2.0, backoff=0.1, max_rollbacks=2
+    )
+    pilot.attach(model)
+    first = pilot.on_epoch_end(_signals(1, 2.0, True))
+    assert (first.reason, first.restore, first.lr) == (
+        "lipschitz-diverged-rollback",
+        "lipschitz-last-good",
+        (pytest.approx(0.2),),
+    )
+    assert pilot.scale == 1.0  # a first-epoch divergence blames the initialisation, not 1/L
+    model(torch.randn(5, 4))  # a finite epoch
+    ok = pilot.on_epoch_end(_signals(2, 0.2, False))
+    assert ok.save == "lipschitz-last-good" and ok.reason == "lipschitz-epoch"
+    later = pilot.on_epoch_end(_signals(3, ok.lr[0], True))
+    assert later.lr[0] == pytest.approx(0.1 * ok.lr[0])
+    assert pilot.scale == pytest.approx(0.1)  # later 1/L are scaled down too
+    assert pilot.on_epoch_end(_signals(4, later.lr[0], True)) is None  # max_rollbacks reached: the loop stops
+
+
+def _exploding_regression():
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    loader = TensorLoader(x, x.sum(1, keepdim=True) * 10, 16, seed=0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)), loader
+
+
+def test_a_diverging_first_epoch_is_retried_with_a_smaller_lr() -> None:
+    """A non-finite loss: a tanh regression network at an absurd first LR."""
+    model, loader = _exploding_regression()
+    trainer = Trainer(
+        model,
+        loader,
+        loader,
+        method="lipschitz",
+        epochs=3,
+        seed=0,
+        progress=False,
+        loss_fn=nn.MSELoss(),
+        method_options={"initial_lr": 1e8, "backoff": 1e-9},
+    )
+    history = trainer.run()
+    reasons = [d.reason for d in history.decisions]
+    assert reasons[:3] == ["lipschitz-initial-fixed", "lipschitz-diverged-rollback", "lipschitz-epoch"]
+    assert history.decisions[1].lr[0] == pytest.approx(0.1)
+    assert history.decisions[1].info["first_epoch"] and trainer.pilot.scale == 1.0
+    assert history.status == "completed"
+    assert math.isnan(history.epochs[0].train_loss)
+    assert history.epochs[-1].train_loss < history.epochs[1].train_loss
+    assert len(history.epochs) == 3  # the failed epoch is paid for
+
+
+def test_an_exploded_epoch_is_rolled_back() -> None:
+    """Weights beyond float range make max||w|| infinite while the loss is still finite: L is undefined, and
+    the loss is far above its value at initialisation."""
+    task = TinyTask()
+    for explode_factor, reason in (
+        (None, "lipschitz-undefined-rollback"),
+        (10.0, "lipschitz-exploded-rollback"),
+    ):
+        history = Trainer(
+            task.model(),
+            task.train,
+            task.val,
+            method="lipschitz",
+            epochs=3,
+            seed=0,
+            progress=False,
+            method_options={"initial_lr": 1e4, "backoff": 1e-4, "explode_factor": explode_factor},
+        ).run()
+        reasons = [d.reason for d in history.decisions]
+        # the epoch's loss was finite (3e34): only the constant (or the explosion test) tells
+        assert math.isfinite(history.epochs[0].train_loss)
+        assert reasons == ["lipschitz-initial-fixed", reason, "lipschitz-epoch", "lipschitz-epoch"]
+        assert history.status == "completed" and history.epochs[-1].val_metric > 0.9
+
+
+def test_a_collapsed_network_is_rolled_back() -> None:
+    """Dead ReLUs: every penultimate activation of the epoch is zero, L = 0 and 1/L undefined."""
+    model = MLP((4, 8, 3))
+    with torch.no_grad():
+        model.body[0].bias.fill_(-100.0)
+    pilot = LipschitzPilot(
+        torch.optim.SGD(model.parameters(), lr=0.1), loss=LossSpec("cross_entropy", 3), mode="network"
+    )
+    pilot.attach(model)
+    model(torch.randn(5, 4))
+    decision = pilot.on_epoch_end(_signals(1, 0.1, False))
+    assert decision.reason == "lipschitz-collapsed-rollback" and decision.restore == "lipschitz-last-good"
+    pilot.max_rollbacks = 1
+    model(torch.randn(5, 4))
+    assert pilot.on_epoch_end(_signals(2, 0.01, False)).stop  # out of rollbacks: stop, with the reason
+
+
+def test_the_step_level_guard_lowers_the_multiplier_after_a_rollback() -> None:
+    model = MLP((4, 8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    guard = LipschitzGuard(opt, backoff=0.5, max_rollbacks=1)
+    assert guard.on_train_begin(_signals(0, 1.0, False)).save == "lipschitz-last-good"
+    decision = guard.on_epoch_end(_signals(1, 1.0, True))
+    assert decision.restore == "lipschitz-last-good" and decision.lr == (0.5,)
+    assert guard.on_epoch_end(_signals(2, 0.5, True)) is None
+
+
+def test_an_epoch_worse_than_the_initial_model_counts_as_exploded() -> None:
+    """Finite losses, but the validation loss is above explode_factor x its value at initialisation."""
+    guard = LipschitzGuard(torch.optim.SGD(MLP((4, 8, 3)).parameters(), lr=1.0))  # explode_factor 10
+    start = EpochSignals(epoch=0, step=0, lr=(1.0,), train_loss=math.nan, val_loss=2.0, val_metric=0.3)
+    guard.on_train_begin(start)
+    fine = EpochSignals(epoch=1, step=6, lr=(1.0,), train_loss=1.5, val_loss=19.9, val_metric=0.5)
+    assert guard.on_epoch_end(fine).reason == "lipschitz-checkpoint"
+    worse = EpochSignals(epoch=2, step=12, lr=(1.0,), train_loss=1.5, val_loss=20.1, val_metric=0.2)
+    assert guard.on_epoch_end(worse).reason == "lipschitz-exploded-rollback"
+    guard.explode_factor = None
+    assert guard.on_epoch_end(worse).reason == "lipschitz-checkpoint"
+
+
+def test_adamo_recovers_from_a_diverging_multiplier() -> None:
+    model, loader = _exploding_regression()
+    trainer = Trainer(
+        model,
+        loader,
+        loader,
+        method="adamo",
+        epochs=3,
+        seed=0,
+        progress=False,
+        loss_fn=nn.MSELoss(),
+        method_options={"lr": 1e30, "backoff": 1e-30},
+    )
+    history = trainer.run()
+    reasons = [d.reason for d in history.decisions]
+    assert reasons == [
+        "lipschitz-checkpoint",
+        "lipschitz-diverged-rollback",
+        "lipschitz-checkpoint",
+        "lipschitz-checkpoint",
+    ]
+    assert history.status == "completed"
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        1.0
+    )  # the step-size multiplier, backed off
+    assert history.epochs[-1].lr[0] > 0  # telemetry records the LR applied, 1/K
+
+
+def test_no_rollbacks_means_no_checkpoints() -> None:
+    task = TinyTask()
+    for name in ("lipschitz", "adamo"):
+        trainer = Trainer(
+            task.model(),
+            task.train,
+            task.val,
+            method=name,
+            epochs=2,
+            seed=0,
+            progress=False,
+            method_options={"max_rollbacks": 0},
+        )
+        history = trainer.run()
+        assert not trainer._checkpoints and "lipschitz-checkpoint" not in [
+            d.reason for d in history.decisions
+        ]
+
+
+@pytest.mark.parametrize(
+    "options,pattern",
+    [
+        ({"mode": "deep"}, "mode"),
+        ({"constant": "beta"}, "constant"),
+        ({"weight_bound": "max"}, "weight_bound"),
+        ({"max_rollbacks": -1}, "max_rollbacks"),
+    ],
+)
+def test_bad_pilot_options_name_the_option(options: dict, pattern: str) -> None:
+    task = TinyTask()
+    with pytest.raises(ValueError, match=pattern):
+        Trainer(
+            task.model(),
+            task.train,
+            task.val,
+            method="lipschitz",
+            epochs=1,
+            progress=False,
+            method_options=options,
+        )
