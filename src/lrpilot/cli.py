@@ -66,13 +66,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lrpilot import distributed as dist
     from lrpilot.bench.tasks import run_task
     from lrpilot.loop.history import save_record
 
     _check_device(args.device)
-    record = run_task(
-        args.task,
-        args.method,
+    kwargs = dict(
         epochs=args.epochs,
         seed=args.seed,
         device=args.device,
@@ -84,6 +83,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         safety_net=args.safety_net or None,
         adversarial=dict(args.adv_option or []) if args.adversarial or args.adv_option else None,
     )
+    under_torchrun = dist.init_from_env()
+    if args.nproc > 1:
+        if under_torchrun:
+            raise ValueError("--nproc starts its own processes: drop it when launching with torchrun")
+        backend = "nccl" if args.device.startswith("cuda") else "gloo"
+        kwargs["progress"] = False
+        record = dist.launch(run_task, args.nproc, args.task, args.method, backend=backend, **kwargs)[0]
+    else:
+        record = run_task(args.task, args.method, **kwargs)
+        if not dist.is_main_process():
+            return 0  # only rank 0 writes the record and reports
     if args.out:
         save_record(record, args.out)
     s = record["summary"]
@@ -294,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a method option, e.g. -o momentum=0.0 (repeatable)")
     p.add_argument("--safety-net", action="store_true",
                    help="checkpoint the best epoch; on a non-finite or exploding loss roll back to it and halve the LR")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train data-parallel in N local processes (torch.distributed: gloo on CPU, NCCL on GPU); "
+                        "--batch-size stays the global batch. Leave it out under torchrun")
     p.add_argument("--out", help="write the run record (JSON) here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--adversarial", action="store_true",

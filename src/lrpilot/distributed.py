@@ -29,6 +29,7 @@ __all__ = [
     "all_reduce_max",
     "all_reduce_mean_",
     "all_reduce_sum",
+    "all_reduce_sum_",
     "any_true",
     "broadcast_object",
     "broadcast_tensors_",
@@ -93,18 +94,27 @@ def any_true(flag: bool) -> bool:
     return all_reduce_max([1.0 if flag else 0.0])[0] > 0
 
 
+def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum tensors over ranks in place, in one flat buffer per dtype (one collective each)."""
+    _all_reduce_flat(tensors, mean=False)
+
+
 def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
     """Average tensors over ranks in place, in one flat buffer per dtype (one collective each)."""
+    _all_reduce_flat(tensors, mean=True)
+
+
+def _all_reduce_flat(tensors: Sequence[torch.Tensor], *, mean: bool) -> None:
     if not is_distributed() or not tensors:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
-    n = float(world_size())
     for group in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in group])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(n)
+        if mean:
+            flat.div_(world_size())
         offset = 0
         for t in group:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -152,14 +162,19 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
-def _worker(rank_: int, world: int, port: int, backend: str, fn: Callable[..., Any], args: tuple[Any, ...], out_dir: str) -> None:
+def _worker(
+    rank_: int, world: int, port: int, backend: str, fn: Callable[..., Any], args: tuple[Any, ...],
+    kwargs: dict[str, Any], out_dir: str,
+) -> None:
     os.environ.update(
         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank_), "WORLD_SIZE": str(world)}
     )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if backend == "nccl":
+        torch.cuda.set_device(rank_ % torch.cuda.device_count())  # one GPU per process
     dist.init_process_group(backend=backend, rank=rank_, world_size=world)
     try:
-        value = fn(*args)
+        value = fn(*args, **kwargs)
         # A file, not a pipe: a large result in a pipe nobody reads before join() would deadlock.
         with open(os.path.join(out_dir, f"rank{rank_}.pkl"), "wb") as f:
             pickle.dump(value, f)
@@ -167,8 +182,8 @@ def _worker(rank_: int, world: int, port: int, backend: str, fn: Callable[..., A
         dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo") -> list[Any]:
-    """Run ``fn(*args)`` in ``nproc`` fresh processes forming one process group on this machine.
+def launch(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo", **kwargs: Any) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` in ``nproc`` fresh processes forming one process group on this machine.
 
     Returns each rank's return value, in rank order (values must be picklable). ``fn`` must be
     importable (a module-level function). For several machines, use ``torchrun`` and
@@ -180,7 +195,7 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo"
         raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
     with tempfile.TemporaryDirectory(prefix="lrpilot-launch-") as out_dir:
         mp.start_processes(
-            _worker, args=(nproc, free_port(), backend, fn, args, out_dir), nprocs=nproc, join=True,
+            _worker, args=(nproc, free_port(), backend, fn, args, kwargs, out_dir), nprocs=nproc, join=True,
             start_method="spawn",
         )
         values = []

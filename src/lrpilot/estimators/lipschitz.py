@@ -53,6 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrpilot import distributed as dist
+
 __all__ = [
     "GRAD_SQ_ESTIMATES",
     "LOSS_KINDS",
@@ -566,6 +568,11 @@ class PenultimateMonitor:
         if self._last is None:
             raise RuntimeError("no training batch went through the monitored layer yet")
         k_z, elem, k_a, rows = self._last
+        if dist.is_distributed():
+            # Each rank saw its shard of the batch: the whole batch's Frobenius norms are the root of the
+            # summed squares, and m is the global batch size (one small collective per step).
+            sq = dist.all_reduce_sum([float(k_z) ** 2, float(elem) ** 2, float(k_a) ** 2, rows])
+            return BatchStats(math.sqrt(sq[0]), math.sqrt(sq[1]), math.sqrt(sq[2]), int(sq[3]))
         return BatchStats(float(k_z), float(elem), float(k_a), rows)
 
     def epoch(self) -> BatchStats | None:
@@ -578,10 +585,20 @@ class PenultimateMonitor:
         if not e["k_z"]:
             return None
 
-        def top(values: list[torch.Tensor]) -> float:
-            return float(torch.stack([v.to(values[0].device) for v in values]).max()) if values else 0.0
+        distributed = dist.is_distributed()
 
-        return BatchStats(top(e["k_z"]), top(e["elementwise"]), top(e["k_a"]), e["rows"], e["batches"])
+        def top(values: list[torch.Tensor]) -> float:
+            if not values:
+                return 0.0
+            norms = torch.stack([v.to(values[0].device) for v in values])
+            if distributed:  # per-batch norms of this rank's shards -> of the global batches
+                squares = norms.double().square()
+                dist.all_reduce_sum_([squares])
+                norms = squares.sqrt()
+            return float(norms.max())
+
+        rows = int(dist.all_reduce_sum([e["rows"]])[0]) if distributed else e["rows"]
+        return BatchStats(top(e["k_z"]), top(e["elementwise"]), top(e["k_a"]), rows, e["batches"])
 
     def reset(self) -> None:
         """Start a new epoch's maxima."""

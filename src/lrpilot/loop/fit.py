@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrpilot import distributed as dist
 from lrpilot.loop.data import TensorLoader, check_batch, split_batch
 from lrpilot.loop.history import DecisionRecord, EpochRecord, History
 from lrpilot.loop.metrics import Metric, get_metric, loss_metric
@@ -129,6 +130,11 @@ class Trainer:
             device = first.device if first is not None else "cpu"
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        # Under torch.distributed every rank starts from rank 0's weights and, from then on, sees the
+        # same averaged gradients and the same reduced signals, so every pilot decides the same thing.
+        self._distributed = dist.is_distributed()
+        self._grads_synced_by_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        dist.broadcast_tensors_([t.detach() for t in (*self.model.parameters(), *self.model.buffers())])
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
         self.metric = _resolve_metric(metric, loss_fn, self.loss_fn)
         self.task_kind = task_kind or infer_task_kind(self.loss_fn)
@@ -136,7 +142,7 @@ class Trainer:
         self.val_loader = _on_device(val_loader, self.device)
         self.epochs = epochs
         self.seed = seed
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and dist.is_main_process()
         self.train_transform = train_transform
         self.extra_eval = extra_eval
 
@@ -216,9 +222,14 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         loss_sum, metric_sum, n = 0.0, 0.0, 0
+        # Distributed: each rank evaluates every world_size-th batch of a loader that is not sharded
+        # already, and the sums are reduced, so every rank gets the metric of the whole split.
+        share = dist.world_size() if self._distributed and not _is_sharded(loader) else 1
         try:
             with torch.no_grad(), self._eval_context():
-                for batch in loader:
+                for i, batch in enumerate(loader):
+                    if i % share != (dist.rank() if share > 1 else 0):
+                        continue
                     x, y = split_batch(batch, where="the evaluation loader")
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                     if batch_transform is not None:
@@ -230,6 +241,7 @@ class Trainer:
                     n += len(y)
         finally:
             self.model.train(was_training)
+        loss_sum, metric_sum, n = dist.all_reduce_sum([loss_sum, metric_sum, n])
         if n == 0:
             raise ValueError("the evaluation loader yielded no batches")
         return loss_sum / n, metric_sum / n * self.metric.scale
@@ -358,7 +370,7 @@ class Trainer:
         self.epoch += 1
         t_train = time.perf_counter()
 
-        weights_finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        weights_finite = not dist.any_true(not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()))
         if weights_finite and not nonfinite:
             val_loss, val_metric = self.evaluate()
             evals = self._run_extra_eval()
@@ -434,6 +446,10 @@ class Trainer:
         if n == 0 and not nonfinite:
             raise ValueError("train_loader yielded no batches this epoch: the training set is empty")
         self._data_checked = True
+        if self._distributed:
+            loss_sum, n = dist.all_reduce_sum([loss_sum, n])
+            # Buffers (BatchNorm statistics) saw only this rank's shard: take rank 0's, as DDP does.
+            dist.broadcast_tensors_(list(self.model.buffers()))
         return (math.nan if nonfinite else loss_sum / n), nonfinite, lr_in_force
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
@@ -449,18 +465,26 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.loss_fn(self.model(x), y)
                 loss.backward()
+                self._sync_gradients()
                 return loss
 
             loss = self.optimizer.step(closure, **kwargs)
-            return float(loss.detach()), True
+            value = float(loss.detach())
+            return (math.nan if dist.any_true(not math.isfinite(value)) else value), True
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(x), y)
         value = float(loss.detach())  # a CPU-GPU sync point, needed to catch a non-finite loss at once
-        if not math.isfinite(value):
-            return value, False  # never apply a non-finite gradient
+        if dist.any_true(not math.isfinite(value)):
+            return math.nan, False  # never apply a non-finite gradient (on any rank)
         loss.backward()
+        self._sync_gradients()
         self.optimizer.step(**kwargs)
         return value, True
+
+    def _sync_gradients(self) -> None:
+        """Average the gradients over ranks (unless a DistributedDataParallel model already does)."""
+        if self._distributed and not self._grads_synced_by_ddp:
+            dist.all_reduce_mean_([p.grad for p in self.model.parameters() if p.grad is not None])
 
     # ------------------------------------------------------------------------------------------------
     # signals
@@ -497,9 +521,13 @@ class Trainer:
         """Validation mini-batches for step signals, from the ``start``-th one on."""
         loader = self.val_loader
         if isinstance(loader, TensorLoader):
+            # The global training batch size (every rank takes the same validation batch: the validation
+            # gradient a step-level pilot contracts is then the same on every rank).
+            size = _batch_size(self.train_loader, default=loader.batch_size)
+            if self._distributed and _is_sharded(self.train_loader):
+                size *= dist.world_size()
             loader = TensorLoader(
-                loader.inputs, loader.targets, _batch_size(self.train_loader, default=loader.batch_size),
-                shuffle=True, seed=self.seed + 7919,  # its own stream, apart from the training order
+                loader.inputs, loader.targets, size, shuffle=True, seed=self.seed + 7919,  # its own stream
             )
         n_batches = len(loader)
         epoch, skip = divmod(start, n_batches)
@@ -782,6 +810,14 @@ def _set_epoch(loader: Any, epoch: int) -> None:
         if obj is not None and callable(getattr(obj, "set_epoch", None)):
             obj.set_epoch(epoch)
             return
+
+
+def _is_sharded(loader: Any) -> bool:
+    """The loader already gives each rank its own share (a sharded TensorLoader, a DistributedSampler)."""
+    if getattr(loader, "world_size", 1) > 1:
+        return True
+    sampler = getattr(loader, "sampler", None)
+    return isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
 
 
 def _batch_size(loader: Any, default: int) -> int:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrpilot import distributed as dist
 from lrpilot.estimators.hvp import gradient_with_graph, hvp
 from lrpilot.pilots.base import MethodParts
 from lrpilot.registry import BuildContext, MethodInfo, register, require_in
@@ -349,6 +350,9 @@ class HypergradientSGD(torch.optim.Optimizer):
         # tangents[k][i] = d w_i / d eta_k, for every weight i and every group's LR k
         tangents = [[self._state_tensor(p, "tangent")[k] for p in params] for k in range(n_groups)]
         grads, hz = self._gradient_and_hvps(loss, params, tangents, first, cls)
+        # Under torch.distributed each rank differentiated its own shard of the batch: average the
+        # gradient and the Hessian-vector products so every rank holds those of the global batch.
+        dist.all_reduce_mean_([*grads, *(t for hz_k in hz for t in hz_k)])
 
         if first:
             deltas = torch.zeros(n_groups, dtype=loss.dtype, device=loss.device)
@@ -369,7 +373,7 @@ class HypergradientSGD(torch.optim.Optimizer):
                 deltas = -torch.stack([_dot(contracted, tangents[k], ref=ref) for k in range(n_groups)])
         # the one sync point of the step
         values = torch.cat([loss.detach().reshape(1).to(deltas.dtype), deltas]).tolist()
-        if not math.isfinite(values[0]):
+        if dist.any_true(not math.isfinite(values[0])):
             return loss  # a non-finite training loss: change nothing (the loop ends the epoch)
 
         with torch.no_grad():

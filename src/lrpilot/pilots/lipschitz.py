@@ -39,6 +39,7 @@ from lrpilot.estimators.lipschitz import (
     has_hidden_layer,
     max_weight_norm,
 )
+from lrpilot import distributed as dist
 from lrpilot.loop.data import split_batch
 from lrpilot.loop.seeding import capture_rng, restore_rng
 from lrpilot.pilots.base import Decision, EpochSignals, MethodParts, Pilot
@@ -118,12 +119,15 @@ class LastLayerLipschitz:
 
 
 def _targets_norm(loader: Any) -> float:
-    """The largest Frobenius norm of a batch of targets (least squares' ``||y||``); reads targets only."""
-    best = 0.0
-    for batch in loader:
-        _, y = split_batch(batch, where="train_loader")
-        best = max(best, float(y.detach().double().norm()))
-    return best
+    """The largest Frobenius norm of a batch of targets (least squares' ``||y||``); reads targets only.
+
+    Under torch.distributed a rank's batches are shards of the global ones: their squared norms are
+    summed over ranks first.
+    """
+    squares = [float(split_batch(batch, where="train_loader")[1].detach().double().square().sum()) for batch in loader]
+    if dist.is_distributed():
+        squares = dist.all_reduce_sum(squares)
+    return math.sqrt(max(squares, default=0.0))
 
 
 def _safe_inverse(value: float) -> float | None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lrpilot import distributed as dist
 from lrpilot.estimators.mi import label_entropy, mi_continuous, mi_continuous_discrete, mi_ratio
 from lrpilot.pilots.base import PROBE, Decision, EpochSignals, MethodParts, Pilot, Probe, current_lrs
 from lrpilot.registry import BuildContext, MethodInfo, register, require_in, require_positive
@@ -537,9 +538,13 @@ class MIDecayPilot(Pilot):
 
     # -- MI ------------------------------------------------------------------------------------------
     def _estimate(self, t: torch.Tensor) -> float:
-        target = self.labels if self.classification else self.data.targets
-        return estimate_mi(t, target, classification=self.classification, k=self.k, mi_seed=self.mi_seed,
-                           mi_backend=self.mi_backend, device=self.device)
+        """ITY of ``t`` on the subset: computed on rank 0 and broadcast, so every rank decides alike."""
+        value = None
+        if dist.is_main_process():
+            target = self.labels if self.classification else self.data.targets
+            value = estimate_mi(t, target, classification=self.classification, k=self.k, mi_seed=self.mi_seed,
+                                mi_backend=self.mi_backend, device=self.device)
+        return dist.broadcast_object(value)
 
     def _observe(self, outputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """ITY of every group, and the loss/accuracy on the subset, from the probe's outputs."""
@@ -561,8 +566,11 @@ class MIDecayPilot(Pilot):
     # -- hooks ---------------------------------------------------------------------------------------
     def on_train_begin(self, signals: EpochSignals) -> Decision | None:  # type: ignore[override]
         if self.ixy is None:
-            self.mi = estimate_ceiling(self.data, kind=self.kind, ceiling=self.ceiling, k=self.k,
-                                       mi_seed=self.mi_seed, mi_backend=self.mi_backend, device=self.device)
+            mi = None
+            if dist.is_main_process():  # one rank estimates, every rank holds the same value
+                mi = estimate_ceiling(self.data, kind=self.kind, ceiling=self.ceiling, k=self.k,
+                                      mi_seed=self.mi_seed, mi_backend=self.mi_backend, device=self.device)
+            self.mi = dist.broadcast_object(mi)
             self.ixy = self.mi["ixy"]
         self.info.setdefault("mi", self.mi or {"ixy": self.ixy, "ceiling": "given"})
         obs = self._observe(signals[PROBE])
@@ -823,7 +831,8 @@ def _build(ctx: BuildContext, *, layerwise: bool, **o: Any) -> MethodParts:
     backend = o["mi_backend"]
     if backend == "auto":
         backend = "torch" if torch.device(ctx.device).type == "cuda" else "numpy"
-    probe = sample_probe(ctx.train_loader, o["mi_samples"], mi_seed)
+    # Every rank must probe the same subset: rank 0's (a sharded loader's reservoir would differ).
+    probe = dist.broadcast_object(sample_probe(ctx.train_loader, o["mi_samples"], mi_seed))
     kind = _task_kind(ctx, probe)
     if kind == "regression" and o["rrt_attribute"] in ("accuracy", "accuracy+ity"):
         raise ValueError(

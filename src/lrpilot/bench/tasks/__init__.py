@@ -25,6 +25,7 @@ from lrpilot.bench.tasks.sources import (
     load_sklearn,
 )
 from lrpilot.loop.adversarial import AdversarialConfig, adversarial_hooks
+from lrpilot import distributed as dist
 from lrpilot.loop.data import TensorLoader
 from lrpilot.loop.fit import Trainer
 from lrpilot.loop.metrics import Metric, get_metric
@@ -221,9 +222,14 @@ def run_task(
     epochs = info.epochs if epochs is None else epochs
     batch_size = info.batch_size if batch_size is None else batch_size
 
+    # Under torch.distributed each of the world_size ranks takes batch_size / world_size samples of
+    # every global batch (the same global batches as one process), and the loop averages gradients.
+    world, rank = dist.world_size(), dist.rank()
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {world} processes: pass --batch-size")
     seed_everything(seed)
     model = info.model()
-    train_loader, val_loader = make_loaders(data, batch_size, seed=seed)
+    train_loader, val_loader = make_loaders(data, batch_size // world, seed=seed, rank=rank, world_size=world)
     loss_fn, metric = info.loss(), info.build_metric(data)
     transform = extra_eval = None
     if adv is not None:
@@ -253,6 +259,7 @@ def run_task(
         "batch_size": batch_size,
         "device": str(device),
         "train_subset": train_subset,
+        "world_size": world,
         "method_options": resolved,
         "safety_net": (dict(safety_net) if isinstance(safety_net, Mapping) else {}) if safety_net else None,
         "adversarial": adv.as_dict() if adv is not None else None,
