@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.lrpilot-installed
 
-.PHONY: setup demo test test-slow data bench-speed clean
+.PHONY: setup demo test test-slow data clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
