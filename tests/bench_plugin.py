@@ -8,6 +8,7 @@ registry-generated contract tests never see them (``test-crash`` would end the t
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -36,6 +37,14 @@ def build_crash(ctx: BuildContext, lr: float) -> MethodParts:
     os._exit(3)  # a worker dying without a word (segfault, OOM kill)
 
 
+def build_print(ctx: BuildContext, lr: float) -> MethodParts:
+    # Python-level writes and a write to file descriptor 1 (as a C extension would): a run's log holds both.
+    print("fake-print: stdout", flush=True)
+    print("fake-print: stderr", file=sys.stderr, flush=True)
+    os.write(1, b"fake-print: fd 1\n")
+    return MethodParts(_sgd(ctx, lr))
+
+
 class _SlowSGD(torch.optim.SGD):
     def __init__(self, params: Any, lr: float, sleep: float) -> None:
         super().__init__(params, lr=lr)
@@ -56,6 +65,7 @@ FAKES = (
     MethodInfo("fake-raise", "test", "raises while being built", build_raise, {"lr": 0.1}),
     MethodInfo("fake-crash", "test", "kills its process while being built", build_crash, {"lr": 0.1}),
     MethodInfo("fake-sleep", "test", "SGD sleeping before every step", build_sleep, {"lr": 0.1, "sleep": 0.2}),
+    MethodInfo("fake-print", "test", "SGD that prints to stdout and stderr while being built", build_print, {"lr": 0.1}),
 )  # fmt: skip
 
 

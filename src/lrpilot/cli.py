@@ -144,6 +144,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tasks=_names(args.tasks),
         seeds=_seeds(args.seeds),
         workers=args.workers,
+        executor=args.executor,
+        address=args.address,
         retry_failed=args.retry_failed,
         timeout=args.timeout,
         imports=args.imports or (),
@@ -195,6 +197,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The quick suite (``lrpilot bench --suite quick``)."""
     args.suite, args.methods, args.tasks, args.seeds = "quick", None, None, None
     args.retry_failed, args.timeout, args.imports, args.no_report = False, None, None, False
+    args.executor, args.address = "local", None
     args.device, args.data_dir = "cpu", None
     return cmd_bench(args)
 
@@ -331,7 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run a suite (resumable), print the leaderboard, write DIR/report.html")
     p.add_argument("--suite", required=True, help="a shipped suite (`lrpilot list suites`) or a suite .json file")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: bench.sqlite, report.html, figures/, logs/")
-    p.add_argument("--workers", type=int, help="runs at a time (default: the cores available)")
+    p.add_argument("--workers", type=int, help="runs at a time (default: the cores available; on a Ray cluster: no cap)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: a process pool on this machine (default); ray: Ray tasks (pip install 'lrpilot[ray]')")
+    p.add_argument("--address", metavar="ADDR",
+                   help="with --executor ray: the cluster to join, `auto` or ray://HOST:10001 (default: a local Ray instance)")
     p.add_argument("--methods", help="comma-separated methods (labels or registry names) of the suite to run")
     p.add_argument("--tasks", help="comma-separated tasks of the suite to run")
     p.add_argument("--seeds", help="comma-separated seeds (replace the suite's)")

@@ -25,6 +25,8 @@ _EXPORTS = {
     "Executor": "executors",
     "LocalExecutor": "executors",
     "InlineExecutor": "executors",
+    "RayExecutor": "ray_executor",
+    "make_executor": "executors",
     "Outcome": "executors",
     "execute_run": "executors",
     "build_leaderboard": "leaderboard",

@@ -3,8 +3,8 @@
 The contract that keeps the store consistent: **workers never touch the store**. A worker runs
 :func:`execute_run` (train, catch any error) and hands back an :class:`Outcome`, plain data holding the
 run record; the driver alone writes it (:meth:`lrpilot.bench.store.Store.put`). An executor for a
-cluster (Ray, issue 10) implements :class:`Executor` the same way: submit ``execute_run`` remotely, yield
-each outcome as it arrives.
+cluster implements :class:`Executor` the same way: submit ``execute_run`` remotely, yield each outcome
+as it arrives (:mod:`lrpilot.bench.ray_executor`).
 
 * :class:`LocalExecutor` (the default): one fresh ``spawn``-ed process per run, at most ``workers`` at a
   time, each with its thread count set so that workers x threads <= cores. A run that raises, crashes
@@ -12,6 +12,10 @@ each outcome as it arrives.
   exits by itself when the driver dies (``kill -9``), so nothing is left running.
 * :class:`InlineExecutor`: runs in the calling process, one after the other (debugging, tests, and
   plug-in methods registered at run time without a module to import).
+* :class:`lrpilot.bench.ray_executor.RayExecutor`: Ray tasks, on a local Ray instance or a cluster (the
+  optional extra ``lrpilot[ray]``).
+
+:func:`make_executor` builds one by name (``lrpilot bench --executor local|ray``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 
 from lrpilot.bench.suites import RunSpec
 
-__all__ = ["Executor", "InlineExecutor", "LocalExecutor", "Outcome", "available_cores", "execute_run"]
+__all__ = ["EXECUTORS", "Executor", "InlineExecutor", "LocalExecutor", "Outcome", "available_cores", "execute_run", "make_executor"]
 
 # Environment variables that size the thread pools of torch's backends; set for every worker.
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -248,6 +252,41 @@ class LocalExecutor(Executor):
         if proc.is_alive():
             _stop(proc)
         return outcome
+
+
+#: The executors :func:`make_executor` (``lrpilot bench --executor``) knows.
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(
+    kind: str = "local",
+    *,
+    workers: int | None = None,
+    timeout: float | None = None,
+    imports: Sequence[str] = (),
+    log_dir: str | Path | None = None,
+    address: str | None = None,
+) -> Executor:
+    """The executor ``kind`` (one of :data:`EXECUTORS`) with the bench's common settings.
+
+    Args:
+        kind: ``"local"`` (:class:`LocalExecutor`) or ``"ray"`` (:class:`~lrpilot.bench.ray_executor.RayExecutor`).
+        workers: runs at a time (local: default the cores available; Ray: the local instance's CPUs, or a
+            cap on a cluster's runs in flight).
+        timeout: seconds after which a run is killed and recorded as failed.
+        imports: modules every worker imports before its run.
+        log_dir: where each run's stdout and stderr go (``<key>.log``).
+        address: Ray only: the cluster to join (``"auto"``, ``"ray://host:10001"``); ``None``: a local instance.
+    """
+    if kind == "local":
+        if address is not None:
+            raise ValueError(f"address={address!r} is for the Ray executor (--executor ray), not the local pool")
+        return LocalExecutor(workers, timeout=timeout, imports=imports, log_dir=log_dir)
+    if kind == "ray":
+        from lrpilot.bench.ray_executor import RayExecutor
+
+        return RayExecutor(workers, address=address, timeout=timeout, imports=imports, log_dir=log_dir)
+    raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
 
 
 def _failed(spec: RunSpec, error: str, started: float, proc: Any) -> Outcome:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lrpilot.bench.executors import Executor, LocalExecutor, Outcome, available_cores
+from lrpilot.bench.executors import Executor, LocalExecutor, Outcome, available_cores, make_executor
 from lrpilot.bench.store import Store
 from lrpilot.bench.suites import Plan, RunSpec
 
@@ -174,7 +174,8 @@ def bench(
     tasks: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     workers: int | None = None,
-    executor: Executor | None = None,
+    executor: Executor | str | None = None,
+    address: str | None = None,
     retry_failed: bool = False,
     timeout: float | None = None,
     imports: Sequence[str] = (),
@@ -190,8 +191,12 @@ def bench(
         suite: a shipped suite's name or a suite file.
         out: the output folder (``bench.sqlite``, ``report.html``, ``figures/``, ``logs/``).
         methods, tasks, seeds: subsets of the suite (seeds: any list).
-        workers: runs at a time (default: the cores available).
-        executor: where runs execute (default: a :class:`LocalExecutor`).
+        workers: runs at a time (default: the cores available; on a Ray cluster, no cap).
+        executor: where runs execute: an :class:`Executor`, or a name of
+            :data:`lrpilot.bench.executors.EXECUTORS` built with ``workers``, ``timeout``, ``imports``,
+            ``address`` and ``out/logs`` (default: ``"local"``, a :class:`LocalExecutor`).
+        address: the Ray cluster to join with ``executor="ray"`` (``"auto"``, ``"ray://host:10001"``;
+            default: a local Ray instance).
         retry_failed: run again the runs stored as failed.
         timeout: seconds after which a run is killed and recorded as failed.
         imports: modules that register extra methods or tasks, imported here and in every worker.
@@ -204,15 +209,17 @@ def bench(
     from lrpilot.bench.leaderboard import leaderboard_from_store
     from lrpilot.bench.suites import load_suite
 
+    if executor is None or isinstance(executor, str):
+        executor = make_executor(executor or "local", workers=workers, timeout=timeout, imports=imports,
+                                 log_dir=Path(out) / "logs", address=address)  # fmt: skip
+    elif address is not None:
+        raise ValueError("address is for executor='ray'; an executor given as an object carries its own")
     for module in imports:
         importlib.import_module(module)
     loaded = load_suite(suite)
     plan = loaded.resolve(methods=methods, tasks=tasks, seeds=seeds, device=device, data_dir=data_dir)
     if not plan.specs:
         raise ValueError(f"suite {loaded.name!r} resolves to no runnable run on this install (see the warnings above)")
-    if executor is None:
-        n = workers or available_cores()
-        executor = LocalExecutor(n, timeout=timeout, imports=imports, log_dir=Path(out) / "logs")
     result = run_bench(plan, out, executor=executor, retry_failed=retry_failed, progress=progress, argv=argv)
     with Store.open(out) as store:
         keys = {s.key for s in plan.specs}
