@@ -20,15 +20,11 @@ import pytest
 from lrpilot.bench.executors import Executor, LocalExecutor, make_executor
 from lrpilot.bench.runner import run_bench
 from lrpilot.bench.store import Store
-from lrpilot.bench.suites import RunSpec, Suite
+from lrpilot.bench.suites import RunSpec
+from tests.test_bench import PLUGIN, fakes, plan_of  # noqa: F401 - fakes is a fixture
 
-PLUGIN = "tests.bench_plugin"
 # Keys of the run record and store columns that measure time or place: the only things allowed to differ.
 _TIMING = ("wall_s", "train_s", "started_at", "finished_at", "run_s")
-
-
-def plan_of(data: dict, **resolve):
-    return Suite.from_json({"name": "t", **data}, source="test").resolve(**resolve)
 
 
 def _process_tree(pid: int) -> set[int]:
@@ -74,17 +70,6 @@ def ray_instance():
     owner.close()
     assert not ray.is_initialized()
     _wait_until(lambda: not any(_alive(p) for p in started), f"Ray processes outlived the shutdown: {started}", 60)
-
-
-@pytest.fixture
-def fakes():
-    """The fake methods of tests/bench_plugin.py, registered for one test only (workers import the module)."""
-    import importlib
-
-    plugin = importlib.import_module(PLUGIN)
-    plugin.register_fakes()
-    yield plugin
-    plugin.unregister_fakes()
 
 
 def _strip_timing(obj: Any) -> Any:
