@@ -216,3 +216,19 @@ def test_from_record_reads_the_run_record_contract():
     r = RunResult.from_record(record, tags=["tuned", "baseline"])
     assert (r.label, r.seed, r.tuned, r.search_steps, r.search_train_s) == ("fake-tuned", 3, True, 20.0, 2.5)
     assert r.time_to(TARGETS["t1"]) == (10.0, 1.0)
+
+
+def test_equal_scores_are_ordered_by_how_close_each_best_metric_came():
+    """Nobody reaches the target: every score is 0, and the table orders the methods by the mean rank of
+    their best metric over the tasks (loss-like metrics ranked from below), names only breaking exact ties."""
+    targets = {"t1": TARGETS["t1"], "loss": Target("loss", 1.0, "mae", higher_is_better=False)}
+    def loss_run(label: str, mae: float) -> RunResult:
+        return RunResult("loss", label, 0, "completed", ((10, 1.0, mae),), best=mae, final=mae, higher_is_better=False)
+
+    results = [run("t1", "a", 0, [0.5]), run("t1", "b", 0, [0.8]), run("t1", "c", 0, [0.7]),
+               loss_run("a", 5.0), loss_run("b", 3.0), loss_run("c", 2.0)]  # fmt: skip
+    board = build_leaderboard(results, targets)
+    assert all(board.scores["train_s"][lb] == 0.0 for lb in "abc")
+    assert board.best_rank == {"a": 3.0, "b": 1.5, "c": 1.5}
+    assert board.labels == ["b", "c", "a"]
+    assert "rank(best)" in board.to_text() and board.to_dict()["ranking"][0]["best_rank"] == 1.5

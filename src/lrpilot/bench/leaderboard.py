@@ -184,6 +184,9 @@ class Leaderboard:
     unscored: dict[str, str] = field(default_factory=dict)  # task -> why it is not in the score
     suite: str = ""
     r_max: float = R_MAX
+    # label -> mean over scored tasks of its rank by median best metric (1 = best): orders equal scores,
+    # e.g. the many methods at 0 when a one-seed bench reaches few targets.
+    best_rank: dict[str, float] = field(default_factory=dict)
 
     def cell(self, label: str, task: str) -> Cell | None:
         return self.cells.get((label, task))
@@ -200,7 +203,8 @@ class Leaderboard:
             "targets": {t: {"value": x.value, "metric": x.metric, "higher_is_better": x.higher_is_better} for t, x in self.targets.items()},
             "ranking": [
                 {"label": label, **{f"score_{m}": self.scores[m].get(label) for m in MEASURES}, "overhead": num(self.overhead.get(label)),
-                 "tasks": {task: {**{k: num(v) for k, v in c.times.items()}, "best": num(c.best), "final": num(c.final),
+                 "best_rank": num(self.best_rank.get(label)),
+                "tasks": {task: {**{k: num(v) for k, v in c.times.items()}, "best": num(c.best), "final": num(c.final),
                                   "seeds": c.seeds, "reached": c.reached, "failed": c.failed, "overhead": num(c.overhead)}
                            for task in self.tasks + list(self.unscored) if (c := self.cell(label, task)) is not None}}
                 for label in self.labels
@@ -216,12 +220,14 @@ class Leaderboard:
             "  score: training seconds to target (evaluation excluded), search before training charged; "
             "steps: the same in optimizer steps;",
             "  score*, steps*: the same with tuned baselines' search not charged; overhead: seconds per step / the "
-            f"reference's ({self.reference or 'none'}), geometric mean over tasks",
+            f"reference's ({self.reference or 'none'}), geometric mean over tasks;",
+            "  rank(best): mean over tasks of the rank by best validation metric, which orders equal scores",
         ]
         for task, why in self.unscored.items():
             lines.append(f"  not scored: {task} ({why})")
-        width = max([len(lb) for lb in self.labels] + [6]) + 2
-        head = f"{'#':>3}  {'method':<{width}}{'score':>7}{'steps':>7}{'score*':>8}{'steps*':>8}{'reached':>9}{'overhead':>10}"
+        width = max([len(lb) + (len(" (tuned)") if lb in self.tuned else 0) for lb in self.labels] + [6]) + 2
+        head = (f"{'#':>3}  {'method':<{width}}{'score':>7}{'steps':>7}{'score*':>8}{'steps*':>8}{'reached':>9}"
+                f"{'rank(best)':>11}{'overhead':>10}")  # fmt: skip
         lines += ["", head, "-" * len(head)]
         n_cells = len(self.tasks)
         for i, label in enumerate(self.labels, 1):
@@ -230,7 +236,8 @@ class Leaderboard:
             lines.append(
                 f"{i:>3}  {label + tag:<{width}}{self.scores['train_s'].get(label, 0.0):>7.3f}"
                 f"{self.scores['steps'].get(label, 0.0):>7.3f}{self.scores['train_s_free'].get(label, 0.0):>8.3f}"
-                f"{self.scores['steps_free'].get(label, 0.0):>8.3f}{f'{reached}/{n_cells}':>9}{_x(self.overhead.get(label)):>10}"
+                f"{self.scores['steps_free'].get(label, 0.0):>8.3f}{f'{reached}/{n_cells}':>9}"
+                f"{_rank(self.best_rank.get(label)):>11}{_x(self.overhead.get(label)):>10}"
             )
         if per_task:
             for task in self.tasks + list(self.unscored):
@@ -248,6 +255,10 @@ class Leaderboard:
                         f"{_metric(c.final):>8}{f'{c.failed}/{len(c.seeds)}' if c.failed else '':>7}{_x(c.overhead):>10}"
                     )
         return "\n".join(lines)
+
+
+def _rank(v: float | None) -> str:
+    return "" if v is None else f"{v:.1f}"
 
 
 def _x(v: float | None) -> str:
@@ -336,9 +347,26 @@ def build_leaderboard(
         scores[m] = benchmark_scores(table, r_max=r_max, tasks=tasks)
         profiles[m] = performance_profiles(table, r_max=r_max, tasks=tasks)
 
-    order = sorted(labels, key=lambda lb: (-scores["train_s"][lb], -scores["steps"][lb], lb))
+    best_rank = _mean_best_rank(cells, labels, tasks, targets)
+    order = sorted(labels, key=lambda lb: (-scores["train_s"][lb], -scores["steps"][lb], best_rank.get(lb, math.inf), lb))
     seeds = sorted({s for c in cells.values() for s in c.seeds})
-    return Leaderboard(order, tasks, dict(targets), cells, scores, profiles, overhead, tuned, ref, seeds, unscored, suite, r_max)
+    return Leaderboard(order, tasks, dict(targets), cells, scores, profiles, overhead, tuned, ref, seeds, unscored, suite,
+                       r_max, best_rank)  # fmt: skip
+
+
+def _mean_best_rank(
+    cells: Mapping[tuple[str, str], Cell], labels: Sequence[str], tasks: Sequence[str], targets: Mapping[str, Target]
+) -> dict[str, float]:
+    """label -> mean over the scored tasks of its rank by median best metric (ties share the lower rank;
+    a method without a finite best on a task ranks last there)."""
+    ranks: dict[str, list[float]] = defaultdict(list)
+    for task in tasks:
+        sign = 1.0 if targets[task].higher_is_better else -1.0
+        keyed = {lb: -sign * c.best if (c := cells.get((lb, task))) and c.best is not None else math.inf
+                 for lb in labels if (lb, task) in cells}  # fmt: skip
+        for lb, key in keyed.items():
+            ranks[lb].append(1.0 + sum(other < key for other in keyed.values()))
+    return {lb: float(np.mean(r)) for lb, r in ranks.items()}
 
 
 def latest_runs(store: Any, keys: Collection[str] | None = None) -> list[dict[str, Any]]:

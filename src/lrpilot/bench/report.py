@@ -16,6 +16,7 @@ import html
 import math
 import re
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -118,7 +119,8 @@ def _fig_curves(task: str, runs: Mapping[str, list[list[dict[str, Any]]]], targe
             continue
         values = np.array([[_nan(e["val_metric"]) for e in epochs[:n]] for epochs in seeds])
         secs = np.array([[e["train_s"] for e in epochs[:n]] for epochs in seeds])
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # an epoch where every seed is NaN (diverged) stays NaN, silently
+            warnings.simplefilter("ignore", RuntimeWarning)
             med = np.nanmedian(values, axis=0) if np.isfinite(values).any() else values[0]
         axes[0].plot(np.arange(1, n + 1), med, label=label, **styles[label])
         axes[1].plot(np.median(secs, axis=0), med, label=label, **styles[label])
