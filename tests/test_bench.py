@@ -269,3 +269,12 @@ def test_progress_lines_when_not_a_terminal_and_silence_when_asked(tmp_path, cap
     lines = capsys.readouterr().err.splitlines()
     assert [line.split("]")[0] for line in lines] == ["[1/2", "[2/2"]
     assert "iris-softmax sgd seed=0: completed, best accuracy" in lines[0]
+
+
+def test_runs_get_one_thread_whatever_the_number_of_workers():
+    """The thread count changes a run's result (float reduction order), so it must not follow --workers."""
+    from lrpilot.bench.executors import DEFAULT_THREADS, make_executor
+
+    assert DEFAULT_THREADS == 1
+    assert LocalExecutor(1).threads == LocalExecutor(2).threads == LocalExecutor(8).threads == 1
+    assert make_executor("local", workers=1, threads=3).threads == 3

@@ -73,3 +73,17 @@ def test_cuda_without_a_gpu_says_so(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA device"):
         main(["train", "--task", "iris-softmax", "--method", "sgd", "--device", "cuda"])
+
+
+def test_train_threads_sets_torchs_thread_count_and_rejects_zero(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # restored afterwards; --threads sets it for --nproc children
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", "--task", "iris-softmax", "--method", "sgd", "--epochs", "1", "--threads", "1", "--quiet"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main(["train", "--task", "iris-softmax", "--method", "sgd", "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err

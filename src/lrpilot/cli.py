@@ -10,6 +10,7 @@ import argparse
 import ast
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -71,6 +72,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lrpilot.loop.history import save_record
 
     _check_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # processes started by --nproc inherit it
     kwargs = dict(
         epochs=args.epochs,
         seed=args.seed,
@@ -144,6 +152,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tasks=_names(args.tasks),
         seeds=_seeds(args.seeds),
         workers=args.workers,
+        threads=args.threads,
         executor=args.executor,
         address=args.address,
         retry_failed=args.retry_failed,
@@ -197,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The quick suite (``lrpilot bench --suite quick``)."""
     args.suite, args.methods, args.tasks, args.seeds = "quick", None, None, None
     args.retry_failed, args.timeout, args.imports, args.no_report = False, None, None, False
-    args.executor, args.address = "local", None
+    args.executor, args.address, args.threads = "local", None, None
     args.device, args.data_dir = "cpu", None
     return cmd_bench(args)
 
@@ -298,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=method_names(), metavar="METHOD", help="see `lrpilot list methods`")
     p.add_argument("--epochs", type=int, help="budget in epochs (default: the task's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads (per process with --nproc; default: torch's); the bench runs with 1")
     p.add_argument("--lr", type=float, help="the method's (initial) LR")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int)
@@ -335,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", required=True, help="a shipped suite (`lrpilot list suites`) or a suite .json file")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: bench.sqlite, report.html, figures/, logs/")
     p.add_argument("--workers", type=int, help="runs at a time (default: the cores available; on a Ray cluster: no cap)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads per run (default 1, whatever --workers: the count changes a run's result)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: a process pool on this machine (default); ray: Ray tasks (pip install 'lrpilot[ray]')")
     p.add_argument("--address", metavar="ADDR",

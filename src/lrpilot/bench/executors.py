@@ -7,7 +7,7 @@ cluster implements :class:`Executor` the same way: submit ``execute_run`` remote
 as it arrives (:mod:`lrpilot.bench.ray_executor`).
 
 * :class:`LocalExecutor` (the default): one fresh ``spawn``-ed process per run, at most ``workers`` at a
-  time, each with its thread count set so that workers x threads <= cores. A run that raises, crashes
+  time, each with a fixed thread count (:data:`DEFAULT_THREADS`). A run that raises, crashes
   its process (segfault, OOM kill) or passes its timeout is a failed outcome; the others go on. A worker
   exits by itself when the driver dies (``kill -9``), so nothing is left running.
 * :class:`InlineExecutor`: runs in the calling process, one after the other (debugging, tests, and
@@ -39,6 +39,11 @@ from typing import Any
 from lrpilot.bench.suites import RunSpec
 
 __all__ = ["EXECUTORS", "Executor", "InlineExecutor", "LocalExecutor", "Outcome", "available_cores", "execute_run", "make_executor"]
+
+#: Torch threads per run unless told otherwise, for every executor: a fixed count, because the count
+#: changes the order of float reductions and hence the run's result (``docs/bench.md``), so a run must
+#: not inherit it from the number of workers or the size of the machine.
+DEFAULT_THREADS = 1
 
 # Environment variables that size the thread pools of torch's backends; set for every worker.
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -159,7 +164,9 @@ class LocalExecutor(Executor):
 
     Args:
         workers: runs at a time (default: the cores available).
-        threads: torch threads per run (default: cores // workers, at least 1).
+        threads: torch threads per run (default 1, whatever ``workers`` is: the thread count changes the
+            order of torch's float reductions and so a run's result, which must not depend on how many
+            runs share the machine; give more threads to trade that for speed on big models).
         timeout: seconds after which a run is killed and recorded as failed (default: none).
         imports: modules every worker imports before its run (plug-ins registering methods or tasks).
         log_dir: if given, each run's stdout and stderr go to ``log_dir/<key>.log`` instead of the terminal.
@@ -182,7 +189,7 @@ class LocalExecutor(Executor):
         self.workers = cores if workers is None else int(workers)
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers!r}")
-        self.threads = max(1, cores // self.workers) if threads is None else int(threads)
+        self.threads = DEFAULT_THREADS if threads is None else int(threads)
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads!r}")
         if timeout is not None and not timeout > 0:
@@ -262,6 +269,7 @@ def make_executor(
     kind: str = "local",
     *,
     workers: int | None = None,
+    threads: int | None = None,
     timeout: float | None = None,
     imports: Sequence[str] = (),
     log_dir: str | Path | None = None,
@@ -273,6 +281,7 @@ def make_executor(
         kind: ``"local"`` (:class:`LocalExecutor`) or ``"ray"`` (:class:`~lrpilot.bench.ray_executor.RayExecutor`).
         workers: runs at a time (local: default the cores available; Ray: the local instance's CPUs, or a
             cap on a cluster's runs in flight).
+        threads: torch threads per run (Ray: the CPUs each run asks); default :data:`DEFAULT_THREADS`.
         timeout: seconds after which a run is killed and recorded as failed.
         imports: modules every worker imports before its run.
         log_dir: where each run's stdout and stderr go (``<key>.log``).
@@ -281,11 +290,12 @@ def make_executor(
     if kind == "local":
         if address is not None:
             raise ValueError(f"address={address!r} is for the Ray executor (--executor ray), not the local pool")
-        return LocalExecutor(workers, timeout=timeout, imports=imports, log_dir=log_dir)
+        return LocalExecutor(workers, threads=threads, timeout=timeout, imports=imports, log_dir=log_dir)
     if kind == "ray":
         from lrpilot.bench.ray_executor import RayExecutor
 
-        return RayExecutor(workers, address=address, timeout=timeout, imports=imports, log_dir=log_dir)
+        return RayExecutor(workers, address=address, cpus_per_run=threads or DEFAULT_THREADS, timeout=timeout,
+                           imports=imports, log_dir=log_dir)  # fmt: skip
     raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
 
 

@@ -174,6 +174,7 @@ def bench(
     tasks: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     workers: int | None = None,
+    threads: int | None = None,
     executor: Executor | str | None = None,
     address: str | None = None,
     retry_failed: bool = False,
@@ -192,6 +193,7 @@ def bench(
         out: the output folder (``bench.sqlite``, ``report.html``, ``figures/``, ``logs/``).
         methods, tasks, seeds: subsets of the suite (seeds: any list).
         workers: runs at a time (default: the cores available; on a Ray cluster, no cap).
+        threads: torch threads per run (default 1, whatever ``workers``: the count changes a run's result).
         executor: where runs execute: an :class:`Executor`, or a name of
             :data:`lrpilot.bench.executors.EXECUTORS` built with ``workers``, ``timeout``, ``imports``,
             ``address`` and ``out/logs`` (default: ``"local"``, a :class:`LocalExecutor`).
@@ -210,7 +212,7 @@ def bench(
     from lrpilot.bench.suites import load_suite
 
     if executor is None or isinstance(executor, str):
-        executor = make_executor(executor or "local", workers=workers, timeout=timeout, imports=imports,
+        executor = make_executor(executor or "local", workers=workers, threads=threads, timeout=timeout, imports=imports,
                                  log_dir=Path(out) / "logs", address=address)  # fmt: skip
     elif address is not None:
         raise ValueError("address is for executor='ray'; an executor given as an object carries its own")
