@@ -21,7 +21,7 @@ from lrpilot.bench.executors import Executor, LocalExecutor, make_executor
 from lrpilot.bench.runner import run_bench
 from lrpilot.bench.store import Store
 from lrpilot.bench.suites import RunSpec
-from tests.test_bench import PLUGIN, fakes, plan_of  # noqa: F401 - fakes is a fixture
+from tests.test_bench import PLUGIN, _alive, fakes, plan_of  # noqa: F401 - fakes is a fixture
 
 # Keys of the run record and store columns that measure time or place: the only things allowed to differ.
 _TIMING = ("wall_s", "train_s", "started_at", "finished_at", "run_s")
@@ -37,15 +37,6 @@ def _process_tree(pid: int) -> set[int]:
         out.update(kids)
         todo.extend(kids)
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split()[2] == "Z")
 
 
 def _wait_until(condition: Any, what: str, deadline_s: float = 60) -> None:
