@@ -1172,109 +1172,24 @@ def _build_optimizer(
     return _step_parts(ctx, opt, source, guard_options, method)
 
 
-def build_adamo(
-    ctx: BuildContext,
-    lr: float,
-    beta: float,
-    weight_decay: float,
-    update: str,
-    initial_lr: float | None,
-    bias_correction: str,
-    ls_form: str,
-    **guard: Any,
-) -> MethodParts:
-    def make(source: LastLayerLipschitz) -> _LipschitzOptimizer:
-        return AdaMo(
-            ctx.params(),
-            source,
-            lr=lr,
-            beta=beta,
-            weight_decay=weight_decay,
-            update=update,
-            initial_lr=initial_lr,
-            steps_per_epoch=ctx.steps_per_epoch,
-            bias_correction=bias_correction,
-        )
+def _adaptive_builder(method: str, cls: type[_LipschitzOptimizer]) -> Callable[..., MethodParts]:
+    """The registry builder of a per-step Lipschitz optimizer: the guard's options go to the guard,
+    ``ls_form`` to the constant's source, every other option (the registry has checked them against the
+    method's defaults) to ``cls`` itself."""
 
-    return _build_optimizer("adamo", make, ctx, ls_form, guard, elementwise=False)
+    def build(ctx: BuildContext, ls_form: str, **options: Any) -> MethodParts:
+        guard = {name: options.pop(name) for name in _GUARD}
+        # AdaMo needs only the constant; the adaptive denominators need the element-wise norms too,
+        # unless max ||grad^2|| is estimated from the first-order bound alone.
+        elementwise = cls is not AdaMo and options.get("grad_sq_estimate") != "first"
 
+        def make(source: LastLayerLipschitz) -> _LipschitzOptimizer:
+            return cls(ctx.params(), source, steps_per_epoch=ctx.steps_per_epoch, **options)
 
-def build_auto_adam(
-    ctx: BuildContext,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    eps_inside_sqrt: bool,
-    weight_decay: float,
-    grad_sq_estimate: str,
-    k1_init: float,
-    k2_init: float,
-    update: str,
-    initial_lr: float | None,
-    bias_correction: str,
-    ls_form: str,
-    **guard: Any,
-) -> MethodParts:
-    def make(source: LastLayerLipschitz) -> _LipschitzOptimizer:
-        return AutoAdam(
-            ctx.params(),
-            source,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            eps_inside_sqrt=eps_inside_sqrt,
-            weight_decay=weight_decay,
-            grad_sq_estimate=grad_sq_estimate,
-            k1_init=k1_init,
-            k2_init=k2_init,
-            update=update,
-            initial_lr=initial_lr,
-            steps_per_epoch=ctx.steps_per_epoch,
-            bias_correction=bias_correction,
-        )
+        return _build_optimizer(method, make, ctx, ls_form, guard, elementwise=elementwise)
 
-    return _build_optimizer("auto-adam", make, ctx, ls_form, guard, elementwise=grad_sq_estimate != "first")
-
-
-def build_lipschitz_rmsprop(
-    ctx: BuildContext,
-    lr: float,
-    rho: float,
-    eps: float,
-    eps_inside_sqrt: bool,
-    weight_decay: float,
-    grad_sq_estimate: str,
-    k2_init: float,
-    denominator: str,
-    update: str,
-    initial_lr: float | None,
-    bias_correction: str,
-    ls_form: str,
-    **guard: Any,
-) -> MethodParts:
-    def make(source: LastLayerLipschitz) -> _LipschitzOptimizer:
-        return LipschitzRMSprop(
-            ctx.params(),
-            source,
-            lr=lr,
-            rho=rho,
-            eps=eps,
-            eps_inside_sqrt=eps_inside_sqrt,
-            weight_decay=weight_decay,
-            grad_sq_estimate=grad_sq_estimate,
-            k2_init=k2_init,
-            denominator=denominator,
-            update=update,
-            initial_lr=initial_lr,
-            steps_per_epoch=ctx.steps_per_epoch,
-            bias_correction=bias_correction,
-        )
-
-    return _build_optimizer(
-        "lipschitz-rmsprop", make, ctx, ls_form, guard, elementwise=grad_sq_estimate != "first"
-    )
+    build.__name__ = build.__qualname__ = f"build_{method.replace('-', '_')}"
+    return build
 
 
 _PAPER = "Yedida & Saha, LipschitzLR (shared/papers/003_8119a118a538bf06.txt)"
@@ -1323,7 +1238,7 @@ def _register_all() -> None:
             "adamo",
             "lipschitz",
             "AdaMo: momentum SGD with LR = 1/EMA of per-batch Lipschitz constants (Algorithm 1)",
-            build_adamo,
+            _adaptive_builder("adamo", AdaMo),
             {"lr": 1.0, "beta": 0.9, **_ADAPTIVE, "initial_lr": 0.1},
             lr_granularity="step",
             kind="step-pilot",
@@ -1342,7 +1257,7 @@ def _register_all() -> None:
             "lipschitz-rmsprop",
             "lipschitz",
             "Adaptive RMSprop: LR = (sqrt(K2)+eps)/L from Lipschitz averages (section 6.2)",
-            build_lipschitz_rmsprop,
+            _adaptive_builder("lipschitz-rmsprop", LipschitzRMSprop),
             {
                 "lr": 1.0,
                 "rho": 0.9,
@@ -1367,7 +1282,7 @@ def _register_all() -> None:
             "auto-adam",
             "lipschitz",
             "Auto-Adam: Adam with LR = (sqrt(K2)+eps)/K1 from Lipschitz averages (Algorithm 3)",
-            build_auto_adam,
+            _adaptive_builder("auto-adam", AutoAdam),
             {
                 "lr": 1.0,
                 "beta1": 0.9,
