@@ -21,7 +21,7 @@ of the paper's housing sets, which are not bundled). Everything runs in float64 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,6 +315,11 @@ def _epochs(value: int | None, cap: int) -> str:
     return f">{cap}" if value is None else str(value)
 
 
+def _paper(ours: str, paper: Mapping[str, Any] | None, key: str) -> str:
+    """Our value, with the paper's in brackets where the paper has the row."""
+    return f"{ours} [{paper[key]}]" if paper else ours
+
+
 def format_tables(table1: Sequence[ConvergenceRow], table2: Sequence[AccuracyRow]) -> str:
     """Markdown tables with the paper's values beside ours."""
     lines = [
@@ -327,15 +332,11 @@ def format_tables(table1: Sequence[ConvergenceRow], table2: Sequence[AccuracyRow
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table1:
-        p = r.paper
         lines.append(
-            f"| {r.dataset} | {r.scaling} | {r.m} | {_num(r.threshold)} | {_num(r.inv_lipschitz)}"
-            + (f" [{p['inv_l']}]" if p else "")
-            + f" | {_epochs(r.epochs_fixed, r.max_epochs)}"
-            + (f" [{p['epochs_fixed']}]" if p else "")
-            + f" | {_epochs(r.epochs_lipschitz, r.max_epochs)}"
-            + (f" [{p['epochs_lipschitz']}]" if p else "")
-            + f" | {_num(r.inv_smoothness)} | {_epochs(r.epochs_smoothness, r.max_epochs)} |"
+            f"| {r.dataset} | {r.scaling} | {r.m} | {_num(r.threshold)} | {_paper(_num(r.inv_lipschitz), r.paper, 'inv_l')}"
+            f" | {_paper(_epochs(r.epochs_fixed, r.max_epochs), r.paper, 'epochs_fixed')}"
+            f" | {_paper(_epochs(r.epochs_lipschitz, r.max_epochs), r.paper, 'epochs_lipschitz')}"
+            f" | {_num(r.inv_smoothness)} | {_epochs(r.epochs_smoothness, r.max_epochs)} |"
         )
     lines += [
         "",
@@ -345,14 +346,10 @@ def format_tables(table1: Sequence[ConvergenceRow], table2: Sequence[AccuracyRow
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table2:
-        p = r.paper
         lines.append(
-            f"| {r.dataset} | {r.scaling} | {r.epochs} | {r.m} | {_num(r.inv_lipschitz)}"
-            + (f" [{p['inv_l']}]" if p else "")
-            + f" | {r.acc_fixed:.2f}"
-            + (f" [{p['acc_fixed']}]" if p else "")
-            + f" | {r.acc_lipschitz:.2f}"
-            + (f" [{p['acc_lipschitz']}]" if p else "")
-            + f" | {_num(r.inv_smoothness)} | {r.acc_smoothness:.2f} |"
+            f"| {r.dataset} | {r.scaling} | {r.epochs} | {r.m} | {_paper(_num(r.inv_lipschitz), r.paper, 'inv_l')}"
+            f" | {_paper(f'{r.acc_fixed:.2f}', r.paper, 'acc_fixed')}"
+            f" | {_paper(f'{r.acc_lipschitz:.2f}', r.paper, 'acc_lipschitz')}"
+            f" | {_num(r.inv_smoothness)} | {r.acc_smoothness:.2f} |"
         )
     return "\n".join(lines)
