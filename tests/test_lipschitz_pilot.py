@@ -19,6 +19,7 @@ from lrpilot.estimators.lipschitz import (
 )
 from lrpilot.loop.data import TensorLoader
 from lrpilot.loop.fit import Trainer
+from lrpilot.loop.history import History
 from lrpilot.loop.seeding import seed_everything
 from lrpilot.pilots.base import EpochSignals
 from lrpilot.pilots.lipschitz import LipschitzGuard, LipschitzPilot
@@ -195,21 +196,17 @@ def _exploding_regression():
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)), loader
 
 
+def _train_exploding(method: str, options: dict) -> tuple[Trainer, History]:
+    """Three epochs of ``method`` on the exploding regression: the trainer and its history."""
+    model, loader = _exploding_regression()
+    trainer = Trainer(model, loader, loader, method=method, epochs=3, seed=0, progress=False, loss_fn=nn.MSELoss(),
+                      method_options=options)  # fmt: skip
+    return trainer, trainer.run()
+
+
 def test_a_diverging_first_epoch_is_retried_with_a_smaller_lr() -> None:
     """A non-finite loss: a tanh regression network at an absurd first LR."""
-    model, loader = _exploding_regression()
-    trainer = Trainer(
-        model,
-        loader,
-        loader,
-        method="lipschitz",
-        epochs=3,
-        seed=0,
-        progress=False,
-        loss_fn=nn.MSELoss(),
-        method_options={"initial_lr": 1e8, "backoff": 1e-9},
-    )
-    history = trainer.run()
+    trainer, history = _train_exploding("lipschitz", {"initial_lr": 1e8, "backoff": 1e-9})
     reasons = [d.reason for d in history.decisions]
     assert reasons[:3] == ["lipschitz-initial-fixed", "lipschitz-diverged-rollback", "lipschitz-epoch"]
     assert history.decisions[1].lr[0] == pytest.approx(0.1)
@@ -286,19 +283,7 @@ def test_an_epoch_worse_than_the_initial_model_counts_as_exploded() -> None:
 
 
 def test_adamo_recovers_from_a_diverging_multiplier() -> None:
-    model, loader = _exploding_regression()
-    trainer = Trainer(
-        model,
-        loader,
-        loader,
-        method="adamo",
-        epochs=3,
-        seed=0,
-        progress=False,
-        loss_fn=nn.MSELoss(),
-        method_options={"lr": 1e30, "backoff": 1e-30},
-    )
-    history = trainer.run()
+    trainer, history = _train_exploding("adamo", {"lr": 1e30, "backoff": 1e-30})
     reasons = [d.reason for d in history.decisions]
     assert reasons == [
         "lipschitz-checkpoint",
