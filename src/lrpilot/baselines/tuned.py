@@ -166,22 +166,18 @@ def _register_all() -> None:
     tags = frozenset({"baseline", "tuned"})
     bad = (({"grid": ()}, r"grid"), ({"grid": (0.1, -1.0)}, r"grid"), ({"criterion": "median"}, r"criterion"),
            ({"search_epochs": 0}, r"search_epochs"))
-    register(MethodInfo(
-        "sgd-cosine-tuned", "tuned",
-        "sgd-cosine with its LR chosen by a full-budget grid search on the validation metric (6 runs)",
-        partial(build_tuned, base="sgd-cosine", name="sgd-cosine-tuned"),
-        {"grid": DEFAULT_GRIDS["sgd-cosine"], **SEARCH_DEFAULTS, **SGD_COSINE_OPTIONS},
-        lr_granularity="step", kind="schedule", tags=tags,
-        test_options={"grid": (0.03, 0.1), "search_epochs": 1}, invalid_options=bad,
-    ))
-    register(MethodInfo(
-        "adam-cosine-tuned", "tuned",
-        "adam-cosine with its LR chosen by a full-budget grid search on the validation metric (6 runs)",
-        partial(build_tuned, base="adam-cosine", name="adam-cosine-tuned"),
-        {"grid": DEFAULT_GRIDS["adam-cosine"], **SEARCH_DEFAULTS, **ADAM_COSINE_OPTIONS},
-        lr_granularity="step", kind="schedule", tags=tags,
-        test_options={"grid": (1e-3, 1e-2), "search_epochs": 1}, invalid_options=bad,
-    ))
+    for base, options, test_grid in (("sgd-cosine", SGD_COSINE_OPTIONS, (0.03, 0.1)),
+                                     ("adam-cosine", ADAM_COSINE_OPTIONS, (1e-3, 1e-2))):  # fmt: skip
+        name = f"{base}-tuned"
+        register(MethodInfo(
+            name, "tuned",
+            f"{base} with its LR chosen by a full-budget grid search on the validation metric "
+            f"({len(DEFAULT_GRIDS[base])} runs)",
+            partial(build_tuned, base=base, name=name),
+            {"grid": DEFAULT_GRIDS[base], **SEARCH_DEFAULTS, **options},
+            lr_granularity="step", kind="schedule", tags=tags,
+            test_options={"grid": test_grid, "search_epochs": 1}, invalid_options=bad,
+        ))  # fmt: skip
 
 
 _register_all()
