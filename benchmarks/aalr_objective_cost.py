@@ -22,9 +22,9 @@ import time
 import torch
 
 from lrpilot.bench.tasks import get_task, make_loaders
+from lrpilot.core.seeding import seed_everything
 from lrpilot.loop.adversarial import AdversarialConfig, adversarial_hooks
 from lrpilot.loop.fit import Trainer
-from lrpilot.loop.seeding import seed_everything
 
 
 def measure(task_name: str, repeats: int, adversarial: bool) -> dict[str, float]:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lrpilot.registry import BuildContext, build_method
+from lrpilot.core.registry import BuildContext, build_method
 
 VARIANTS = [f"hyperreg-{d}-{a}" for d in ("kl", "rkl", "hellinger", "chi2") for a in (1, 2, 3)]
 DEFAULT_METHODS = ["sgd", *VARIANTS, "adagrad-diag", "wngrad"]

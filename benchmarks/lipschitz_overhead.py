@@ -28,8 +28,8 @@ import time
 import torch
 
 from lrpilot.bench.tasks import get_task, make_loaders
+from lrpilot.core.seeding import seed_everything
 from lrpilot.loop.fit import Trainer
-from lrpilot.loop.seeding import seed_everything
 
 OPTIONS = {
     "sgd": {"lr": 0.01, "momentum": 0.0},

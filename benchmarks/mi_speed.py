@@ -72,11 +72,12 @@ def bench_estimators(repeats: int) -> None:
 
 def bench_overhead(epochs: int) -> None:
     from lrpilot.bench.tasks import DataUnavailableError, get_task, make_loaders
+    from lrpilot.core.contract import Probe
+    from lrpilot.core.seeding import seed_everything
     from lrpilot.loop.fit import Trainer
     from lrpilot.loop.probe import run_probe
-    from lrpilot.loop.seeding import seed_everything
-    from lrpilot.pilots.base import Probe
-    from lrpilot.pilots.mi_decay import _layers, estimate_ceiling, estimate_mi, sample_probe
+    from lrpilot.pilots.mi_decay import estimate_ceiling, estimate_mi, sample_probe
+    from lrpilot.pilots.mi_decay import layer_groups as _layers
 
     info = get_task("fmnist-lenet")
     try:

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 from lrpilot.bench.tasks import get_task
-from lrpilot.loop.data import TensorLoader
+from lrpilot.core.data import TensorLoader
+from lrpilot.core.seeding import seed_everything
 from lrpilot.loop.fit import Trainer
-from lrpilot.loop.seeding import seed_everything
 
 HD_METHODS = ("hd-train", "hd-val", "rt-hpo")
 # The budgets: MNIST-1D's default (30 epochs, all 8k training samples but the holdout); Fashion-MNIST on

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from lrpilot.pilots.base import MethodParts
-from lrpilot.registry import _REGISTRY, BuildContext, MethodInfo, register
+from lrpilot.core.contract import MethodParts
+from lrpilot.core.registry import _REGISTRY, BuildContext, MethodInfo, register
 
 #: What ``fake-tuned`` reports its (pretend) grid search cost: fixed numbers the tests can check.
 FAKE_SEARCH = {"grid": [0.01, 0.1], "chosen": 0.1, "runs": 2, "total_epochs": 4, "total_steps": 100, "total_train_s": 5.0}

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lrpilot.bench.tasks.models import MLP
-from lrpilot.loop.data import TensorLoader
-from lrpilot.loop.seeding import seed_everything
+from lrpilot.core.data import TensorLoader
+from lrpilot.core.seeding import seed_everything
 
 # One thread: the default suite must not fight the other CI core, and results must repeat.
 torch.set_num_threads(1)

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lrpilot
-from lrpilot.loop.data import TensorLoader
+from lrpilot.core.contract import TRAIN_EVAL_LOSS, EpochSignals
+from lrpilot.core.data import TensorLoader
+from lrpilot.core.registry import get_method
 from lrpilot.loop.fit import Trainer
 from lrpilot.pilots.aalr import AALR, BEST_TAG, INITIAL_TAG, REASONS
-from lrpilot.pilots.base import TRAIN_EVAL_LOSS, EpochSignals
-from lrpilot.registry import get_method
 from tests.conftest import TinyTask
 
 NAN, INF = math.nan, math.inf
@@ -395,11 +395,11 @@ def test_bad_state_and_bad_options_raise_clear_errors():
         pilot.load_state_dict({**pilot.state_dict(), "format": 99})
     with pytest.raises(ValueError, match="unknown keys"):
         pilot.load_state_dict({**pilot.state_dict(), "bogus": 1})
-    with pytest.raises(ValueError, match=r"patience of AALR must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"patience of method 'aalr' must be an integer >= 1"):
         _pilot(patience=0)
-    with pytest.raises(ValueError, match=r"trial_length of AALR must be one of \['p', 'p\+1'\]"):
+    with pytest.raises(ValueError, match=r"trial_length of method 'aalr' must be one of \['p', 'p\+1'\]"):
         _pilot(trial_length="prose")
-    with pytest.raises(ValueError, match=r"restore_best of AALR must be True or False"):
+    with pytest.raises(ValueError, match=r"restore_best of method 'aalr' must be True or False"):
         _pilot(restore_best="yes")
     with pytest.raises(ValueError, match="finite loss of the initial model"):
         Drive(_pilot(), j0=NAN)

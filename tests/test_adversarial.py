@@ -14,10 +14,17 @@ from torch.nn import functional as F
 import lrpilot
 from lrpilot.bench.tasks import run_task
 from lrpilot.cli import main
-from lrpilot.loop.adversarial import AdversarialConfig, AdversarialEval, FGSMTransform, adversarial_hooks, fgsm, pgd
+from lrpilot.core.contract import TRAIN_EVAL_LOSS, Pilot
+from lrpilot.loop.adversarial import (
+    AdversarialConfig,
+    AdversarialEval,
+    FGSMTransform,
+    adversarial_hooks,
+    fgsm,
+    pgd,
+)
 from lrpilot.loop.fit import Trainer
 from lrpilot.loop.metrics import get_metric
-from lrpilot.pilots.base import TRAIN_EVAL_LOSS, Pilot
 from tests.conftest import TinyTask, blobs, needs_fmnist
 
 CE = nn.CrossEntropyLoss()
@@ -41,7 +48,7 @@ def trained() -> nn.Module:
 def digits():
     """``digits-mlp`` trained for 8 epochs (~97 % validation accuracy) and its validation split."""
     from lrpilot.bench.tasks import get_task, make_loaders
-    from lrpilot.loop.seeding import seed_everything
+    from lrpilot.core.seeding import seed_everything
 
     info = get_task("digits-mlp")
     data = info.load_data()

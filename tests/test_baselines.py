@@ -10,7 +10,7 @@ import torch
 import lrpilot
 from lrpilot.baselines.lars import LARS
 from lrpilot.baselines.schedules import PlateauPilot
-from lrpilot.pilots.base import EpochSignals
+from lrpilot.core.contract import EpochSignals
 from tests.conftest import TinyTask
 
 

@@ -7,7 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from lrpilot.bench.calibrate import FALLBACK_METHODS, calibrate, calibration_plan, compute_targets, default_targets_path
+from lrpilot.bench.calibrate import (
+    FALLBACK_METHODS,
+    calibrate,
+    calibration_plan,
+    compute_targets,
+    default_targets_path,
+)
 from lrpilot.bench.executors import InlineExecutor, Outcome
 from lrpilot.bench.leaderboard import load_targets
 from lrpilot.bench.store import Store
@@ -58,7 +64,7 @@ def test_lower_is_better_takes_the_lowest_median(tmp_path):
 
 
 def _no_tuned_methods(monkeypatch):
-    import lrpilot.registry as registry
+    import lrpilot.core.registry as registry
 
     real = registry.list_methods
     monkeypatch.setattr(registry, "list_methods", lambda *a, tags=(), **k: [] if "tuned" in tags else real(*a, tags=tags, **k))

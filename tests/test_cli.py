@@ -8,7 +8,7 @@ import pytest
 
 from lrpilot.bench.tasks import list_tasks
 from lrpilot.cli import main
-from lrpilot.registry import list_methods
+from lrpilot.core.registry import list_methods
 
 
 def test_list_methods_is_name_tab_description(capsys):

@@ -12,8 +12,8 @@ import re
 import pytest
 import torch
 
+from lrpilot.core.registry import build_method, get_method, list_methods, resolve_options
 from lrpilot.loop.fit import Trainer
-from lrpilot.registry import build_method, get_method, list_methods, resolve_options
 from tests.conftest import TinyTask
 
 EPOCHS = 4
@@ -100,7 +100,7 @@ def test_record_is_complete(name: str) -> None:
 
 
 def test_registry_rejects_duplicates() -> None:
-    from lrpilot.registry import register
+    from lrpilot.core.registry import register
 
     with pytest.raises(ValueError, match="already registered"):
         register(get_method("sgd"))
@@ -112,7 +112,7 @@ def test_unknown_method_lists_the_valid_ones() -> None:
 
 
 def test_build_method_rejects_a_bad_factory_result() -> None:
-    from lrpilot.registry import BuildContext, MethodInfo, _REGISTRY
+    from lrpilot.core.registry import _REGISTRY, BuildContext, MethodInfo
 
     info = MethodInfo("broken-test-method", "test", "returns nonsense", lambda ctx: "oops")
     _REGISTRY[info.name] = info
@@ -124,7 +124,7 @@ def test_build_method_rejects_a_bad_factory_result() -> None:
 
 
 def test_listing_follows_the_family_modules_whatever_the_import_order():
-    from lrpilot.registry import _FAMILY_MODULES, _ORIGIN
+    from lrpilot.core.registry import _FAMILY_MODULES, _ORIGIN
 
     names = [info.name for info in list_methods()]
     assert names[0] == "sgd"  # baselines first, although `import lrpilot` imports some families earlier

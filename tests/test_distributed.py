@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrpilot import distributed as D
+from lrpilot.core import distributed as D
 
 
 def test_single_process_helpers_are_identities():

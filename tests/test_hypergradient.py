@@ -14,8 +14,8 @@ from torch import nn
 from torch.func import functional_call
 
 import lrpilot
+from lrpilot.core.data import TensorLoader
 from lrpilot.estimators.hvp import hessian_reference
-from lrpilot.loop.data import TensorLoader
 from lrpilot.pilots.hypergradient import RTHPO, SGDHD, HypergradientSGD, SGDHDVal
 
 F = nn.functional

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lrpilot
+from lrpilot.core.registry import get_method
 from lrpilot.estimators.lambertw import lambertw, lambertw_nonneg, lambertw_reference
 from lrpilot.estimators.phi_divergence import (
     DIVERGENCES,
@@ -24,7 +25,6 @@ from lrpilot.estimators.phi_divergence import (
     stationarity_residual,
 )
 from lrpilot.pilots.hyperreg import HyperRegularization
-from lrpilot.registry import get_method
 from tests.conftest import TinyTask, needs_fmnist
 
 F64 = torch.float64
@@ -278,7 +278,7 @@ def test_growth_clipping_bounds_hold_for_every_registered_variant(name):
 
 
 def _ctx(model):
-    from lrpilot.registry import BuildContext
+    from lrpilot.core.registry import BuildContext
 
     return BuildContext(model=model, epochs=1, steps_per_epoch=1)
 

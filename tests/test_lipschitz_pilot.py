@@ -9,6 +9,9 @@ import torch
 from torch import nn
 
 from lrpilot.bench.tasks.models import MLP, LinearModel
+from lrpilot.core.contract import EpochSignals
+from lrpilot.core.data import TensorLoader
+from lrpilot.core.seeding import seed_everything
 from lrpilot.estimators.lipschitz import (
     LossSpec,
     estimate_weight_bound,
@@ -17,11 +20,8 @@ from lrpilot.estimators.lipschitz import (
     max_weight_norm,
     softmax_regression_lipschitz,
 )
-from lrpilot.loop.data import TensorLoader
 from lrpilot.loop.fit import Trainer
 from lrpilot.loop.history import History
-from lrpilot.loop.seeding import seed_everything
-from lrpilot.pilots.base import EpochSignals
 from lrpilot.pilots.lipschitz import LipschitzGuard, LipschitzPilot
 from tests.conftest import TinyTask, blobs
 
@@ -254,7 +254,7 @@ def test_a_collapsed_network_is_rolled_back() -> None:
     model(torch.randn(5, 4))
     decision = pilot.on_epoch_end(_signals(1, 0.1, False))
     assert decision.reason == "lipschitz-collapsed-rollback" and decision.restore == "lipschitz-last-good"
-    pilot.max_rollbacks = 1
+    pilot.rollback.max_rollbacks = 1
     model(torch.randn(5, 4))
     assert pilot.on_epoch_end(_signals(2, 0.01, False)).stop  # out of rollbacks: stop, with the reason
 

@@ -15,7 +15,7 @@ from lrpilot.bench.reproduce_lipschitz import (
     sum_to_one,
 )
 from lrpilot.cli import main
-from lrpilot.loop.data import TensorLoader
+from lrpilot.core.data import TensorLoader
 from lrpilot.loop.fit import Trainer
 
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import lrpilot
-from lrpilot.loop.data import TensorLoader
+from lrpilot.core.contract import TRAIN_EVAL_LOSS, Decision, EpochSignals, MethodParts, Pilot
+from lrpilot.core.data import TensorLoader
 from lrpilot.loop.fit import Trainer
 from lrpilot.loop.history import RECORD_FORMAT, load_record, save_record
-from lrpilot.pilots.base import TRAIN_EVAL_LOSS, Decision, EpochSignals, MethodParts, Pilot
 from tests.conftest import TinyTask, blobs
 
 
@@ -318,7 +318,7 @@ def test_trial_trains_a_copy_from_the_initial_weights_and_leaves_the_run_alone(t
         seen["trial_moved"] = not all(torch.equal(a, b) for a, b in zip(before, trial.model.parameters()))
         return MethodParts(torch.optim.SGD(ctx.params(), lr=lr))
 
-    from lrpilot.registry import _REGISTRY, MethodInfo
+    from lrpilot.core.registry import _REGISTRY, MethodInfo
 
     info = MethodInfo("trial-test-method", "test", "runs a trial first", build, {"lr": 0.1})
     _REGISTRY[info.name] = info

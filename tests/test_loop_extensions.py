@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import lrpilot
+from lrpilot.core.contract import Decision, MethodParts, Pilot, StepSignals
 from lrpilot.loop.fit import Trainer
-from lrpilot.pilots.base import Decision, MethodParts, Pilot, StepSignals
 from tests.conftest import TinyTask
 
 

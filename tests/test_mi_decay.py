@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 import lrpilot
-from lrpilot.loop.data import TensorLoader
+from lrpilot.core.contract import PROBE, EpochSignals, Pilot, Probe
+from lrpilot.core.data import TensorLoader
 from lrpilot.loop.fit import Trainer
 from lrpilot.loop.probe import run_probe
-from lrpilot.pilots import mi_decay
-from lrpilot.pilots.base import PROBE, EpochSignals, Pilot, Probe
 from lrpilot.pilots.mi_decay import mi_decay_lr, run_range_test, sample_probe, saturation, select_bounds
+from lrpilot.pilots.mi_decay import pilot as mi_decay
 from tests.conftest import TinyTask, blobs
 
 BOUNDS = {"lr_min": 0.001, "lr_max": 0.2, "lr_top": 0.05, "epsilon": 0.03}
@@ -224,10 +224,13 @@ def test_probe_hands_module_outputs_in_eval_mode_and_leaves_no_hooks(tiny):
     lrpilot.fit(model, tiny.train, tiny.val, method=pilot, epochs=2, progress=False)
     assert len(pilot.seen) == 3  # before training and after each epoch
     model.eval()
+    # Close, not bit-equal: the loop may run the probe with another thread count than this test, and
+    # BLAS then sums in another order. Dropout left on would zero half the units and double the rest.
+    close = dict(rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        assert torch.equal(pilot.seen[-1][""], model(x))
-        assert torch.equal(pilot.seen[-1]["0"], model[0](x))
-        assert torch.equal(pilot.seen[-1]["2"], torch.relu(model[0](x)))  # dropout off in eval mode
+        torch.testing.assert_close(pilot.seen[-1][""], model(x), **close)
+        torch.testing.assert_close(pilot.seen[-1]["0"], model[0](x), **close)
+        torch.testing.assert_close(pilot.seen[-1]["2"], torch.relu(model[0](x)), **close)  # dropout off in eval mode
     assert not torch.equal(pilot.seen[0][""], pilot.seen[-1][""])  # the model trained in between
     assert all(not m._forward_hooks for m in model.modules())
 

@@ -13,9 +13,9 @@ from torch import nn
 
 import lrpilot
 from lrpilot.baselines.peers import WeightAverage, dadapt_sgd_lr
+from lrpilot.core.registry import MissingExtraError, get_method, list_methods
+from lrpilot.core.seeding import seed_everything
 from lrpilot.loop.fit import Trainer
-from lrpilot.loop.seeding import seed_everything
-from lrpilot.registry import MissingExtraError, get_method, list_methods
 from tests.conftest import TinyTask
 
 PEERS = {

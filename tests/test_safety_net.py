@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import lrpilot
+from lrpilot.core.contract import TRAIN_EVAL_LOSS, Decision, EpochSignals, Pilot
+from lrpilot.core.registry import get_method
 from lrpilot.loop.fit import Trainer
-from lrpilot.pilots.base import TRAIN_EVAL_LOSS, Decision, EpochSignals, Pilot
 from lrpilot.pilots.safety_net import CHECKPOINT_TAG, SafetyNet
-from lrpilot.registry import get_method
 from tests.conftest import TinyTask
 
 STEPS = 6  # TinyTask: optimizer steps per epoch

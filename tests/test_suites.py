@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lrpilot.bench.suites import RunSpec, Suite, list_suites, load_suite, run_key, task_problem
-from lrpilot.registry import get_method, list_methods
+from lrpilot.core.registry import get_method, list_methods
 
 SHIPPED = {"quick", "standard", "aalr", "mi-decay", "rt-hpo", "lipschitz", "hyperreg"}
 
@@ -56,7 +56,7 @@ def test_methods_from_other_branches_or_missing_packages_are_skipped_and_said(ca
 def test_missing_optional_package_is_skipped_with_the_install_command(monkeypatch):
     from dataclasses import replace
 
-    from lrpilot.registry import _REGISTRY
+    from lrpilot.core.registry import _REGISTRY
 
     info = replace(get_method("adam"), name="needs-pkg", requires=("no_such_package_xyz",), extra="peers")
     monkeypatch.setitem(_REGISTRY, "needs-pkg", info)

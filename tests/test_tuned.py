@@ -8,10 +8,11 @@ import json
 import pytest
 
 import lrpilot
-from lrpilot.baselines.tuned import ADAM_COSINE_OPTIONS, DEFAULT_GRIDS, SGD_COSINE_OPTIONS
+from lrpilot.baselines.register import ADAM_COSINE_OPTIONS, SGD_COSINE_OPTIONS
+from lrpilot.baselines.tuned import DEFAULT_GRIDS
 from lrpilot.bench.tasks import run_task
+from lrpilot.core.registry import get_method
 from lrpilot.loop.fit import Trainer
-from lrpilot.registry import get_method
 from tests.conftest import TinyTask
 
 SEARCH_KEYS = {"base", "criterion", "search_epochs", "grid", "chosen", "at_edge", "runs", "total_epochs",

@@ -8,34 +8,20 @@ Practitioner's one line::
 """
 
 from lrpilot._version import __version__
-from lrpilot.baselines.lars import LARS
-from lrpilot.loop.data import TensorLoader
+from lrpilot.core.contract import Decision, EpochSignals, MethodParts, Pilot, StepSignals
+from lrpilot.core.data import TensorLoader
+from lrpilot.core.families import PUBLIC_NAMES
+from lrpilot.core.registry import BuildContext, MethodInfo, get_method, list_methods, register
 from lrpilot.loop.fit import Trainer, fit
 from lrpilot.loop.history import History, load_record, save_record
 from lrpilot.loop.metrics import Metric
-from lrpilot.pilots.base import Decision, EpochSignals, MethodParts, Pilot, StepSignals
-from lrpilot.registry import BuildContext, MethodInfo, get_method, list_methods, register
 
 # The method families' public classes load on first use, so that `import lrpilot` stays cheap (some
-# families pull in SciPy); the registry lists methods in its own order whatever is imported first.
-_LAZY = {
-    "AALR": "lrpilot.pilots.aalr",
-    "AdaMo": "lrpilot.pilots.lipschitz",
-    "AutoAdam": "lrpilot.pilots.lipschitz",
-    "HyperRegularization": "lrpilot.pilots.hyperreg",
-    "HypergradientSGD": "lrpilot.pilots.hypergradient",
-    "LipschitzPilot": "lrpilot.pilots.lipschitz",
-    "LipschitzRMSprop": "lrpilot.pilots.lipschitz",
-    "MIDecayPilot": "lrpilot.pilots.mi_decay",
-    "RTHPO": "lrpilot.pilots.hypergradient",
-    "SGDHD": "lrpilot.pilots.hypergradient",
-    "SGDHDVal": "lrpilot.pilots.hypergradient",
-    "SafetyNet": "lrpilot.pilots.safety_net",
-}
+# families pull in SciPy); lrpilot.core.families lists them.
 
 
 def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
+    module = PUBLIC_NAMES.get(name)
     if module is None:
         raise AttributeError(f"module 'lrpilot' has no attribute {name!r}")
     import importlib
@@ -44,31 +30,18 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(PUBLIC_NAMES))
 
 
 __all__ = [
-    "AALR",
-    "AdaMo",
-    "AutoAdam",
     "BuildContext",
     "Decision",
     "EpochSignals",
     "History",
-    "HyperRegularization",
-    "HypergradientSGD",
-    "LARS",
-    "LipschitzPilot",
-    "LipschitzRMSprop",
-    "MIDecayPilot",
     "Metric",
     "MethodInfo",
     "MethodParts",
     "Pilot",
-    "RTHPO",
-    "SGDHD",
-    "SGDHDVal",
-    "SafetyNet",
     "StepSignals",
     "TensorLoader",
     "Trainer",
@@ -80,3 +53,4 @@ __all__ = [
     "register",
     "save_record",
 ]
+__all__ += sorted(PUBLIC_NAMES)

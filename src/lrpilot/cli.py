@@ -59,7 +59,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         for task in list_tasks():
             print(f"{task.name}\t{task.description}")
     else:
-        from lrpilot.registry import list_methods
+        from lrpilot.core.registry import list_methods
 
         for info in list_methods():
             print(f"{info.name}\t{info.description}")
@@ -67,8 +67,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lrpilot import distributed as dist
     from lrpilot.bench.tasks import run_task
+    from lrpilot.core import distributed as dist
     from lrpilot.loop.history import save_record
 
     _check_device(args.device)
@@ -241,7 +241,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_score_algoperf(args: argparse.Namespace) -> int:
-    from lrpilot.bench.algoperf import Workloads, read_evaluations, score_evaluations, thin_for_scoring, write_compact
+    from lrpilot.bench.algoperf import (
+        Workloads,
+        read_evaluations,
+        score_evaluations,
+        thin_for_scoring,
+        write_compact,
+    )
 
     workloads = Workloads.from_files(args.workloads, args.held_out) if args.workloads else Workloads.v05()
     evaluations = read_evaluations(args.path, workloads)
@@ -289,9 +295,9 @@ def _fmt(value: float | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lrpilot import __version__
+    from lrpilot._version import __version__
     from lrpilot.bench.tasks import task_names
-    from lrpilot.registry import method_names
+    from lrpilot.core.registry import method_names
 
     parser = argparse.ArgumentParser(prog="lrpilot", description="Learning-rate autopilots for PyTorch, and their bench.")
     parser.add_argument("--version", action="version", version=f"lrpilot {__version__}")

@@ -18,7 +18,7 @@ registry name          package (``lrpilot[peers]``)  what it adapts
 
 Every default is the authors' recommendation; ``docs/methods/peers.md`` lists each with its source.
 
-What each needs from the loop is done here, once, through :class:`~lrpilot.pilots.base.MethodParts`:
+What each needs from the loop is done here, once, through :class:`~lrpilot.core.contract.MethodParts`:
 
 * **Schedule-Free** evaluates at ``x`` but takes gradients at ``y``: ``eval_context`` calls
   ``optimizer.eval()`` (and first refreshes the BatchNorm statistics at ``x`` on training batches, as its
@@ -37,32 +37,28 @@ What each needs from the loop is done here, once, through :class:`~lrpilot.pilot
   warmed-up Schedule-Free LR or DoG's ``eta`` instead of the constant ``lr`` multiplier.
 
 The packages are imported only when a method is built, so the registry works without them; a missing one
-raises :class:`~lrpilot.registry.MissingExtraError` naming ``pip install 'lrpilot[peers]'``.
+raises :class:`~lrpilot.core.registry.MissingExtraError` naming ``pip install 'lrpilot[peers]'``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import io
 import itertools
 import logging
 import math
 from collections.abc import Iterator, Mapping
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
-from torch.optim import lr_scheduler
 
-from lrpilot.baselines.schedules import SchedulePilot
-from lrpilot.loop.data import split_batch
-from lrpilot.pilots.base import MethodParts, Pilot, StepSignals
-from lrpilot.registry import BuildContext, MethodInfo, register, require_in, require_positive
+from lrpilot.core.contract import Pilot, StepSignals
+from lrpilot.core.data import split_batch
 
 __all__ = [
+    "AveragingPilot",
     "ScheduleFreeModes",
+    "has_batchnorm",
     "WeightAverage",
     "dadapt_adam_lr",
     "dadapt_sgd_lr",
@@ -270,231 +266,3 @@ class AveragingPilot(Pilot):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         pass
-
-
-# ----------------------------------------------------------------------------------------------------
-# Factories
-# ----------------------------------------------------------------------------------------------------
-def _quiet(cls: type, *args: Any, **kwargs: Any) -> Any:
-    """Construct a package optimizer; its ``print`` calls (e.g. "Using decoupled weight decay") go to the log."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        obj = cls(*args, **kwargs)
-    if buf.getvalue().strip():
-        log.debug("%s: %s", cls.__name__, buf.getvalue().strip())
-    return obj
-
-
-def _check_unit(name: str, value: Any, method: str, *, closed_high: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and 0 <= value and (value <= 1 if closed_high else value < 1)
-    if not ok:
-        raise ValueError(f"option {name} of method {method!r} must be in [0, 1{']' if closed_high else ')'}, got {value!r}")
-
-
-def _check_growth(growth_rate: Any, method: str) -> None:
-    ok = isinstance(growth_rate, (int, float)) and not isinstance(growth_rate, bool) and growth_rate >= 1
-    if not ok:  # inf (the default) means unbounded
-        raise ValueError(f"option growth_rate of method {method!r} must be a number >= 1 (inf: unbounded), got {growth_rate!r}")
-
-
-def _schedule(ctx: BuildContext, optimizer: torch.optim.Optimizer, schedule: str, method: str) -> Pilot | None:
-    """The LR schedule the D-Adaptation/Prodigy authors recommend using on top: per-step cosine to 0."""
-    require_in("schedule", schedule, ("cosine", "none"), method=method)
-    if schedule == "none":
-        return None
-    sched = lr_scheduler.CosineAnnealingLR(optimizer, T_max=ctx.total_steps)
-    return SchedulePilot(optimizer, sched, per="step", name="cosine")
-
-
-def build_dadapt_sgd(
-    ctx: BuildContext, lr: float, momentum: float, weight_decay: float, d0: float, growth_rate: float, schedule: str,
-) -> MethodParts:
-    from dadaptation import DAdaptSGD
-
-    _check_unit("momentum", momentum, "dadapt-sgd")
-    _check_growth(growth_rate, "dadapt-sgd")
-    require_positive("weight_decay", weight_decay, method="dadapt-sgd", allow_zero=True)
-    opt = _quiet(DAdaptSGD, ctx.params(), lr=lr, momentum=momentum, weight_decay=weight_decay, d0=d0,
-                 growth_rate=growth_rate)
-    return MethodParts(opt, _schedule(ctx, opt, schedule, "dadapt-sgd"), effective_lr=partial(dadapt_sgd_lr, opt))
-
-
-def build_dadapt_adam(
-    ctx: BuildContext, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decouple: bool,
-    use_bias_correction: bool, d0: float, growth_rate: float, schedule: str,
-) -> MethodParts:
-    from dadaptation import DAdaptAdam
-
-    _check_growth(growth_rate, "dadapt-adam")
-    opt = _quiet(DAdaptAdam, ctx.params(), lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-                 decouple=decouple, use_bias_correction=use_bias_correction, d0=d0, growth_rate=growth_rate)
-    return MethodParts(opt, _schedule(ctx, opt, schedule, "dadapt-adam"), effective_lr=partial(dadapt_adam_lr, opt))
-
-
-def build_prodigy(
-    ctx: BuildContext, lr: float, beta1: float, beta2: float, beta3: float | None, eps: float, weight_decay: float,
-    decouple: bool, use_bias_correction: bool, safeguard_warmup: bool, d0: float, d_coef: float,
-    growth_rate: float, slice_p: int, schedule: str,
-) -> MethodParts:
-    from prodigyopt import Prodigy
-
-    _check_growth(growth_rate, "prodigy")
-    require_positive("d_coef", d_coef, method="prodigy")
-    if beta3 is not None:
-        _check_unit("beta3", beta3, "prodigy")
-    if not (isinstance(slice_p, int) and not isinstance(slice_p, bool) and slice_p >= 1):
-        raise ValueError(f"option slice_p of method 'prodigy' must be an integer >= 1, got {slice_p!r}")
-    opt = _quiet(Prodigy, ctx.params(), lr=lr, betas=(beta1, beta2), beta3=beta3, eps=eps, weight_decay=weight_decay,
-                 decouple=decouple, use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup,
-                 d0=d0, d_coef=d_coef, growth_rate=growth_rate, slice_p=slice_p)
-    return MethodParts(opt, _schedule(ctx, opt, schedule, "prodigy"), effective_lr=partial(prodigy_lr, opt))
-
-
-def _schedulefree_parts(ctx: BuildContext, opt: torch.optim.Optimizer, bn_refresh_batches: int, method: str) -> MethodParts:
-    if not (isinstance(bn_refresh_batches, int) and not isinstance(bn_refresh_batches, bool) and bn_refresh_batches >= 0):
-        raise ValueError(f"option bn_refresh_batches of method {method!r} must be an integer >= 0, got {bn_refresh_batches!r}")
-    modes = ScheduleFreeModes(opt, ctx.model, ctx.train_loader, bn_refresh_batches, ctx.device)
-    return MethodParts(opt, eval_context=modes.eval_context, train_mode=modes.train,
-                       effective_lr=partial(schedulefree_lr, opt))
-
-
-def _warmup_steps(ctx: BuildContext, warmup_fraction: float, method: str) -> int:
-    _check_unit("warmup_fraction", warmup_fraction, method)
-    return round(warmup_fraction * ctx.total_steps)
-
-
-def build_schedulefree_sgd(
-    ctx: BuildContext, lr: float, momentum: float, weight_decay: float, warmup_fraction: float, r: float,
-    weight_lr_power: float, bn_refresh_batches: int,
-) -> MethodParts:
-    from schedulefree import SGDScheduleFree
-
-    require_positive("weight_lr_power", weight_lr_power, method="schedulefree-sgd", allow_zero=True)
-    opt = SGDScheduleFree(ctx.params(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                          warmup_steps=_warmup_steps(ctx, warmup_fraction, "schedulefree-sgd"), r=r,
-                          weight_lr_power=weight_lr_power)
-    return _schedulefree_parts(ctx, opt, bn_refresh_batches, "schedulefree-sgd")
-
-
-def build_schedulefree_adamw(
-    ctx: BuildContext, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, warmup_fraction: float,
-    r: float, weight_lr_power: float, bn_refresh_batches: int,
-) -> MethodParts:
-    from schedulefree import AdamWScheduleFree
-
-    # The package checks none of these; a beta1 of 0 would divide by zero in eval().
-    _check_unit("beta2", beta2, "schedulefree-adamw")
-    if not (isinstance(beta1, (int, float)) and 0 < beta1 < 1):
-        raise ValueError(f"option beta1 of method 'schedulefree-adamw' must be in (0, 1), got {beta1!r}")
-    require_positive("eps", eps, method="schedulefree-adamw")
-    require_positive("weight_decay", weight_decay, method="schedulefree-adamw", allow_zero=True)
-    require_positive("weight_lr_power", weight_lr_power, method="schedulefree-adamw", allow_zero=True)
-    opt = AdamWScheduleFree(ctx.params(), lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-                            warmup_steps=_warmup_steps(ctx, warmup_fraction, "schedulefree-adamw"), r=r,
-                            weight_lr_power=weight_lr_power)
-    return _schedulefree_parts(ctx, opt, bn_refresh_batches, "schedulefree-adamw")
-
-
-@functools.cache
-def _dog_class(layerwise: bool) -> type:
-    """The package's ``DoG``/``LDoG`` with ``load_state_dict`` keeping the state on the parameters' device.
-
-    The package's ``load_state_dict`` moves every tensor of a param group except ``init_buffer`` to the
-    CPU, so on a GPU the first step after a resume or a rollback mixes devices (``G += ...`` on a CPU
-    tensor; L-DoG's per-tensor ``rbar`` in ``torch.maximum``). Moving ``rbar``, ``G`` and ``eta`` back
-    to the parameters' device fixes it; on the CPU it changes nothing.
-    """
-    from dog import DoG, LDoG
-
-    base = LDoG if layerwise else DoG
-
-    class DeviceSafe(base):  # type: ignore[misc, valid-type]
-        def load_state_dict(self, state_dict: dict) -> None:
-            super().load_state_dict(state_dict)
-            for group in self.param_groups:
-                device = group["params"][0].device
-                for key in ("rbar", "G"):
-                    if isinstance(group.get(key), torch.Tensor):
-                        group[key] = group[key].to(device)
-                if isinstance(group.get("eta"), list):
-                    group["eta"] = [e.to(device) if isinstance(e, torch.Tensor) else e for e in group["eta"]]
-
-    DeviceSafe.__name__ = DeviceSafe.__qualname__ = base.__name__
-    return DeviceSafe
-
-
-def _build_dog(
-    ctx: BuildContext, lr: float, reps_rel: float | None, weight_decay: float, eps: float, init_eta: float | None,
-    average: bool, gamma: float, *, layerwise: bool,
-) -> MethodParts:
-    method = "ldog" if layerwise else "dog"
-    require_positive("gamma", gamma, method=method, allow_zero=True)
-    if not isinstance(average, bool):
-        raise ValueError(f"option average of method {method!r} must be True or False, got {average!r}")
-    if reps_rel is None:  # the README: 1e-6, or 1e-4 for models with batch normalisation
-        reps_rel = 1e-4 if has_batchnorm(ctx.model) else 1e-6
-    opt = _dog_class(layerwise)(ctx.params(), reps_rel=reps_rel, lr=lr, weight_decay=weight_decay, eps=eps, init_eta=init_eta)
-    effective = partial(dog_lr, opt)
-    if not average:
-        return MethodParts(opt, effective_lr=effective)
-    avg = WeightAverage(ctx.model, gamma)
-    return MethodParts(opt, AveragingPilot(opt, avg), eval_context=avg.eval_context, train_mode=avg.train,
-                       effective_lr=effective, extra_state={"average": avg})
-
-
-build_dog = partial(_build_dog, layerwise=False)
-build_ldog = partial(_build_dog, layerwise=True)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Registry
-# ----------------------------------------------------------------------------------------------------
-_PEER = frozenset({"peer"})
-_DADAPT = {"d0": 1e-6, "growth_rate": math.inf, "schedule": "cosine"}
-_SF = {"r": 0.0, "weight_lr_power": 2.0, "warmup_fraction": 0.02, "bn_refresh_batches": 50}
-_DOG = {"lr": 1.0, "reps_rel": None, "weight_decay": 0.0, "eps": 1e-8, "init_eta": None, "average": True, "gamma": 8.0}
-
-
-def _register_all() -> None:
-    common = dict(lr_granularity="step", kind="step-pilot", tags=_PEER, extra="peers")
-    entries = [
-        MethodInfo("dadapt-sgd", "peers", "D-Adaptation SGD (Defazio & Mishchenko 2023), momentum 0.9, cosine",
-                   build_dadapt_sgd, {"lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, **_DADAPT},
-                   requires=("dadaptation",), paper="Defazio & Mishchenko, ICML 2023",
-                   invalid_options=(({"d0": 0.0}, r"d0"), ({"schedule": "step"}, r"schedule"),
-                                    ({"momentum": 1.0}, r"momentum")), **common),
-        MethodInfo("dadapt-adam", "peers", "D-Adaptation Adam (Defazio & Mishchenko 2023), cosine", build_dadapt_adam,
-                   {"lr": 1.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "decouple": False,
-                    "use_bias_correction": False, **_DADAPT},
-                   requires=("dadaptation",), paper="Defazio & Mishchenko, ICML 2023",
-                   invalid_options=(({"beta1": 1.5}, r"beta"), ({"growth_rate": 0.5}, r"growth_rate")), **common),
-        MethodInfo("prodigy", "peers", "Prodigy (Mishchenko & Defazio 2024), Adam-based, cosine", build_prodigy,
-                   {"lr": 1.0, "beta1": 0.9, "beta2": 0.999, "beta3": None, "eps": 1e-8, "weight_decay": 0.0,
-                    "decouple": True, "use_bias_correction": False, "safeguard_warmup": False, "d0": 1e-6,
-                    "d_coef": 1.0, "growth_rate": math.inf, "slice_p": 1, "schedule": "cosine"},
-                   requires=("prodigyopt",), paper="Mishchenko & Defazio, ICML 2024",
-                   invalid_options=(({"d_coef": 0.0}, r"d_coef"), ({"d0": -1.0}, r"d0")), **common),
-        MethodInfo("schedulefree-sgd", "peers", "Schedule-Free SGD (Defazio et al. 2024), lr 1.0, 2% warm-up",
-                   build_schedulefree_sgd, {"lr": 1.0, "momentum": 0.9, "weight_decay": 0.0, **_SF},
-                   requires=("schedulefree",), paper="Defazio et al., NeurIPS 2024",
-                   invalid_options=(({"momentum": 1.0}, r"[Mm]omentum"), ({"warmup_fraction": 1.5}, r"warmup_fraction"),
-                                    ({"bn_refresh_batches": -1}, r"bn_refresh_batches")), **common),
-        MethodInfo("schedulefree-adamw", "peers", "Schedule-Free AdamW (Defazio et al. 2024), lr 0.0025, 2% warm-up",
-                   build_schedulefree_adamw,
-                   {"lr": 0.0025, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, **_SF},
-                   requires=("schedulefree",), paper="Defazio et al., NeurIPS 2024",
-                   invalid_options=(({"beta1": 0.0}, r"beta1"), ({"warmup_fraction": -0.1}, r"warmup_fraction")),
-                   **common),
-        MethodInfo("dog", "peers", "DoG (Ivgi, Hinder & Carmon 2023) with polynomial-decay averaging", build_dog,
-                   dict(_DOG), requires=("dog",), paper="Ivgi, Hinder & Carmon, ICML 2023",
-                   invalid_options=(({"reps_rel": -1.0}, r"reps_rel"), ({"gamma": -1.0}, r"gamma")), **common),
-        MethodInfo("ldog", "peers", "Layer-wise DoG (Ivgi, Hinder & Carmon 2023) with polynomial-decay averaging",
-                   build_ldog, dict(_DOG), requires=("dog",), paper="Ivgi, Hinder & Carmon, ICML 2023",
-                   invalid_options=(({"reps_rel": -1.0}, r"reps_rel"), ({"average": "yes"}, r"average")), **common),
-    ]
-    for info in entries:
-        register(info)
-
-
-_register_all()

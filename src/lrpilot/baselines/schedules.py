@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lrpilot.pilots.base import Decision, EpochSignals, Pilot, StepSignals, current_lrs
+from lrpilot.core.contract import Decision, EpochSignals, Pilot, StepSignals, current_lrs
 
 __all__ = ["PlateauPilot", "SchedulePilot", "poly_decay"]
 

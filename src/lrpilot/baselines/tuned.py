@@ -28,11 +28,10 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
-from lrpilot.pilots.base import MethodParts
-from lrpilot.registry import BuildContext, MethodInfo, build_method, register, require_in
+from lrpilot.core.checks import require_in
+from lrpilot.core.registry import BuildContext
 
 __all__ = ["DEFAULT_GRIDS", "grid_search"]
 
@@ -144,40 +143,3 @@ def grid_search(
         "total_train_s": sum(r["train_s"] for r in runs),
         "total_wall_s": sum(r["wall_s"] for r in runs),
     }
-
-
-def build_tuned(
-    ctx: BuildContext, *, base: str, name: str, grid: Sequence[float], search_epochs: int | None, criterion: str,
-    **options: Any,
-) -> MethodParts:
-    search = grid_search(ctx, base, grid, search_epochs=search_epochs, criterion=criterion, method=name, **options)
-    parts = build_method(base, ctx, {**options, "lr": search["chosen"]["lr"]})
-    parts.info = {**parts.info, "search": search}
-    return parts
-
-
-#: The base methods' options other than ``lr`` (a test checks they match the base records).
-SEARCH_DEFAULTS = {"search_epochs": None, "criterion": "best"}
-SGD_COSINE_OPTIONS = {"momentum": 0.9, "weight_decay": 0.0, "nesterov": False, "min_lr_factor": 0.0}
-ADAM_COSINE_OPTIONS = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "min_lr_factor": 0.0}
-
-
-def _register_all() -> None:
-    tags = frozenset({"baseline", "tuned"})
-    bad = (({"grid": ()}, r"grid"), ({"grid": (0.1, -1.0)}, r"grid"), ({"criterion": "median"}, r"criterion"),
-           ({"search_epochs": 0}, r"search_epochs"))
-    for base, options, test_grid in (("sgd-cosine", SGD_COSINE_OPTIONS, (0.03, 0.1)),
-                                     ("adam-cosine", ADAM_COSINE_OPTIONS, (1e-3, 1e-2))):  # fmt: skip
-        name = f"{base}-tuned"
-        register(MethodInfo(
-            name, "tuned",
-            f"{base} with its LR chosen by a full-budget grid search on the validation metric "
-            f"({len(DEFAULT_GRIDS[base])} runs)",
-            partial(build_tuned, base=base, name=name),
-            {"grid": DEFAULT_GRIDS[base], **SEARCH_DEFAULTS, **options},
-            lr_granularity="step", kind="schedule", tags=tags,
-            test_options={"grid": test_grid, "search_epochs": 1}, invalid_options=bad,
-        ))  # fmt: skip
-
-
-_register_all()

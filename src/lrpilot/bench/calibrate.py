@@ -73,7 +73,7 @@ def calibration_plan(
         methods: the methods (default: every available method tagged ``tuned``, else the fallback).
     """
     from lrpilot.bench.tasks import task_names
-    from lrpilot.registry import list_methods
+    from lrpilot.core.registry import list_methods
 
     fallback = False
     if methods is None:
@@ -95,7 +95,7 @@ def calibration_plan(
 
 def compute_targets(store: Store, plan: Plan, *, fallback: bool) -> dict[str, dict[str, Any]]:
     """Per task of ``plan``: the target and how it was computed, from the runs in ``store``."""
-    from lrpilot import __version__
+    from lrpilot._version import __version__
 
     wanted = {s.key: s for s in plan.specs}
     bests: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from lrpilot.bench.tasks import get_task, make_loaders
+from lrpilot.core.registry import get_method, resolve_options
+from lrpilot.core.seeding import seed_everything
 from lrpilot.loop.fit import Trainer
-from lrpilot.loop.history import _jsonable
+from lrpilot.loop.history import jsonable
 from lrpilot.loop.metrics import Metric
-from lrpilot.loop.seeding import seed_everything
-from lrpilot.registry import get_method, resolve_options
 
 __all__ = ["range_test", "range_test_task"]
 
@@ -64,7 +64,7 @@ def range_test(
     )
     info = trainer.parts.info
     # Plain JSON (non-finite numbers as None), like the run record it is a part of.
-    return _jsonable({"range_test": info["range_test"], "search": info["search"], "mi": info["mi"]})
+    return jsonable({"range_test": info["range_test"], "search": info["search"], "mi": info["mi"]})
 
 
 def range_test_task(

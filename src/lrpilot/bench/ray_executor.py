@@ -96,7 +96,7 @@ def _run_task(spec: RunSpec, threads: int, imports: Sequence[str], log_limit: in
 
 
 def _execute(spec: RunSpec, threads: int, imports: Sequence[str]) -> Outcome:
-    from lrpilot import __version__
+    from lrpilot._version import __version__
 
     if spec.lrpilot_version != __version__:
         # The run key hashes the driver's version: a record made by other code must not be stored under it.

@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from lrpilot.bench.leaderboard import MEASURES, Leaderboard, Target, latest_runs, leaderboard_from_store, load_targets
+from lrpilot.bench.leaderboard import (
+    MEASURES,
+    Leaderboard,
+    Target,
+    latest_runs,
+    leaderboard_from_store,
+    load_targets,
+)
 from lrpilot.bench.store import Store
 
 __all__ = ["REPORT_NAME", "write_report"]
@@ -334,7 +341,7 @@ def _lr_series(store: Store, row: Mapping[str, Any]) -> dict[str, Any]:
 def _page(out: Path, board: Leaderboard, info: Mapping[str, Any], targets: Mapping[str, Target],
           latest: Mapping[Any, dict[str, Any]], skips: list[dict[str, Any]], counts: Mapping[str, int],
           invocations: list[dict[str, Any]], images: Mapping[str, str], everything: bool) -> str:  # fmt: skip
-    from lrpilot import __version__
+    from lrpilot._version import __version__
 
     suite = info.get("name", "")
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lrpilot bench: {_e(suite or out.name)}</title>",

@@ -186,7 +186,7 @@ class Store:
         with self._transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
-                from lrpilot import __version__
+                from lrpilot._version import __version__
 
                 db.executemany(
                     "INSERT INTO meta(key, value) VALUES (?, ?)",
@@ -236,7 +236,7 @@ class Store:
         suite_info: Mapping[str, Any] | None = None,
     ) -> int:
         """Record a bench invocation and the keys of its plan; returns its id."""
-        from lrpilot import __version__
+        from lrpilot._version import __version__
 
         with self._transaction() as db:
             cur = db.execute(

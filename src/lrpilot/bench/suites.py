@@ -115,7 +115,7 @@ class RunSpec:
         if not self.label:
             object.__setattr__(self, "label", self.method)
         if not self.lrpilot_version:
-            from lrpilot import __version__
+            from lrpilot._version import __version__
 
             object.__setattr__(self, "lrpilot_version", __version__)
 
@@ -271,7 +271,7 @@ class Suite:
             data_dir: where Fashion-MNIST lies, if not in the default place.
         """
         from lrpilot.bench.tasks import get_task
-        from lrpilot.registry import get_method, resolve_options
+        from lrpilot.core.registry import get_method, resolve_options
 
         skipped: dict[tuple[str, str], Skip] = {}
 
@@ -339,7 +339,7 @@ class Suite:
         return plan
 
     def _variants(self, block: Mapping[str, Any], skip: Any) -> Iterable[_Variant]:
-        from lrpilot.registry import list_methods
+        from lrpilot.core.registry import list_methods
 
         seen: set[tuple[str, str]] = set()
         for raw in block["methods"]:

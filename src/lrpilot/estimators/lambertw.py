@@ -29,7 +29,7 @@ import torch
 
 from lrpilot.estimators import scratch
 
-__all__ = ["lambertw", "lambertw_nonneg", "lambertw_reference"]
+__all__ = ["lambertw", "lambertw_nonneg", "lambertw_nonneg_", "lambertw_reference"]
 
 _INV_E = math.exp(-1.0)
 #: FSC corrections after the initial guess: two reach the float64 rounding error (x + 1/e > 1e-8).
@@ -98,7 +98,7 @@ def lambertw_nonneg(x: torch.Tensor, *, iterations: int | None = None) -> torch.
     return torch.where(x >= tiny, w, x)  # W(x) = x to rounding for zero and subnormals
 
 
-def _lambertw_nonneg_(x: torch.Tensor, *, iterations: int | None = None) -> torch.Tensor:
+def lambertw_nonneg_(x: torch.Tensor, *, iterations: int | None = None) -> torch.Tensor:
     """:func:`lambertw_nonneg` that may overwrite ``x``, with three temporaries from
     :func:`lrpilot.estimators.scratch.empty_like`; returns ``W(x)``, with ``W(0) = W(tiny)`` (the
     smallest normal number) instead of 0."""

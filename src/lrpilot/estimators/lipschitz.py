@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrpilot import distributed as dist
+from lrpilot.core import distributed as dist
 
 __all__ = [
     "GRAD_SQ_ESTIMATES",

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from lrpilot.estimators import scratch
-from lrpilot.estimators.lambertw import _lambertw_nonneg_, lambertw_nonneg
+from lrpilot.estimators.lambertw import lambertw_nonneg_, lambertw_nonneg
 
 __all__ = [
     "DIVERGENCES",
@@ -161,7 +161,7 @@ def _cubic_ratio_(b: torch.Tensor) -> torch.Tensor:
 def _kl_ratio_(a: torch.Tensor) -> torch.Tensor:
     """In place: ``u = exp(W(2a) / 2) = sqrt(2a / W(2a))`` (``W e^W = x``; a square root is cheaper)."""
     x = a.mul_(2.0)
-    w = _lambertw_nonneg_(x)  # clamps x at the smallest normal number: x / w = 1 there
+    w = lambertw_nonneg_(x)  # clamps x at the smallest normal number: x / w = 1 there
     return torch.div(x, w, out=w).sqrt_()
 
 

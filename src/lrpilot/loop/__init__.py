@@ -1,6 +1,6 @@
 """The thin training loop, its data helpers, telemetry and seeding."""
 
-from lrpilot.loop.data import TensorLoader
+from lrpilot.core.data import TensorLoader
 from lrpilot.loop.fit import Trainer, fit
 from lrpilot.loop.history import History
 from lrpilot.loop.metrics import Metric

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrpilot.loop.data import split_batch
+from lrpilot.core.data import split_batch
 from lrpilot.loop.metrics import Metric
 
 __all__ = ["AdversarialConfig", "AdversarialEval", "FGSMTransform", "adversarial_hooks", "fgsm", "pgd"]

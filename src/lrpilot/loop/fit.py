@@ -3,8 +3,8 @@
 The loop is deliberately thin. It owns what every method shares: seeding, data checks, the
 forward/backward/step, evaluation, timing, telemetry, checkpoints and rollbacks, non-finite losses.
 Everything that decides an LR lives in the method's optimizer (step-level pilots) or in its
-:class:`~lrpilot.pilots.base.Pilot` (epoch-level pilots), which talks to the loop only through
-signals and :class:`~lrpilot.pilots.base.Decision` objects.
+:class:`~lrpilot.core.contract.Pilot` (epoch-level pilots), which talks to the loop only through
+signals and :class:`~lrpilot.core.contract.Decision` objects.
 """
 
 from __future__ import annotations
@@ -21,13 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrpilot import distributed as dist
-from lrpilot.loop.data import TensorLoader, check_batch, split_batch
-from lrpilot.loop.history import DecisionRecord, EpochRecord, History
-from lrpilot.loop.metrics import Metric, get_metric, loss_metric
-from lrpilot.loop.probe import run_probe
-from lrpilot.loop.seeding import capture_rng, restore_rng, seed_everything
-from lrpilot.pilots.base import (
+from lrpilot.core import distributed as dist
+from lrpilot.core.contract import (
     PROBE,
     TRAIN_EVAL_LOSS,
     Decision,
@@ -37,7 +32,12 @@ from lrpilot.pilots.base import (
     StepSignals,
     set_lrs,
 )
-from lrpilot.registry import BuildContext, build_method, get_method
+from lrpilot.core.data import TensorLoader, check_batch, split_batch
+from lrpilot.core.registry import BuildContext, build_method, get_method
+from lrpilot.core.seeding import capture_rng, restore_rng, seed_everything
+from lrpilot.loop.history import DecisionRecord, EpochRecord, History
+from lrpilot.loop.metrics import Metric, get_metric, loss_metric
+from lrpilot.loop.probe import run_probe
 
 __all__ = ["Trainer", "fit", "infer_task_kind"]
 
@@ -697,7 +697,7 @@ def fit(
 
     Example:
         >>> import torch, lrpilot
-        >>> from lrpilot.loop.data import TensorLoader
+        >>> from lrpilot.core.data import TensorLoader
         >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
         >>> model = torch.nn.Linear(4, 3)
         >>> hist = lrpilot.fit(model, TensorLoader(x, y, 16), TensorLoader(x, y, 64, shuffle=False),

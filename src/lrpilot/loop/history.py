@@ -19,7 +19,7 @@ import torch
 
 from lrpilot.loop.metrics import Metric
 
-__all__ = ["RECORD_FORMAT", "DecisionRecord", "EpochRecord", "History", "load_record", "save_record"]
+__all__ = ["RECORD_FORMAT", "DecisionRecord", "EpochRecord", "History", "jsonable", "load_record", "save_record"]
 
 #: Version of the run-record JSON format (``format`` field).
 RECORD_FORMAT = 1
@@ -153,9 +153,9 @@ class History:
         config: Mapping[str, Any],
     ) -> dict[str, Any]:
         """The run record: the versioned JSON document ``lrpilot train --out`` writes."""
-        from lrpilot import __version__
+        from lrpilot._version import __version__
 
-        return _jsonable(
+        return jsonable(
             {
                 "format": RECORD_FORMAT,
                 "lrpilot_version": __version__,
@@ -203,16 +203,16 @@ def _floats(entry: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Plain JSON: non-finite floats become ``null`` (JSON has no NaN), tuples lists, tensors floats."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
     return repr(obj)

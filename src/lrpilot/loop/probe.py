@@ -1,8 +1,8 @@
-"""The :data:`~lrpilot.pilots.base.PROBE` signal: module outputs on a pilot's fixed probe inputs.
+"""The :data:`~lrpilot.core.contract.PROBE` signal: module outputs on a pilot's fixed probe inputs.
 
 A pilot that wants to look inside the network (the MI pilots estimate I(T; Y) of each layer's
 activations T) lists ``PROBE`` in its ``needs`` and sets ``pilot.probe`` to a
-:class:`~lrpilot.pilots.base.Probe`. The loop then runs the model on those inputs in evaluation mode,
+:class:`~lrpilot.core.contract.Probe`. The loop then runs the model on those inputs in evaluation mode,
 without gradients and inside the method's ``eval_context``, with a forward hook on every requested
 module, and hands the outputs to the pilot in ``EpochSignals.extra["probe"]``.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrpilot.pilots.base import Probe
+from lrpilot.core.contract import Probe
 
 __all__ = ["run_probe"]
 
@@ -35,7 +35,7 @@ def run_probe(
     train/eval mode is restored and every hook removed, whatever happens.
     """
     if not isinstance(probe, Probe):
-        raise TypeError(f"the pilot's probe must be a lrpilot.pilots.base.Probe, got {type(probe).__name__}")
+        raise TypeError(f"the pilot's probe must be a lrpilot.core.contract.Probe, got {type(probe).__name__}")
     if not (isinstance(probe.batch_size, int) and probe.batch_size > 0):
         raise ValueError(f"probe batch_size must be a positive integer, got {probe.batch_size!r}")
     named = dict(model.named_modules())

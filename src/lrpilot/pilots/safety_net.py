@@ -52,7 +52,7 @@ a further non-finite loss ends the run as ``diverged`` as it would without it.
 
 Example:
     >>> import lrpilot, torch
-    >>> from lrpilot.loop.data import TensorLoader
+    >>> from lrpilot.core.data import TensorLoader
     >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     >>> hist = lrpilot.fit(torch.nn.Linear(4, 3), TensorLoader(x, y, 16), TensorLoader(x, y, 64, shuffle=False),
     ...                    method="sgd", lr=1e4, epochs=3, safety_net=True, progress=False)
@@ -62,14 +62,14 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from lrpilot.pilots.base import (
+from lrpilot.core.checks import require_int, require_range
+from lrpilot.core.contract import (
     TRAIN_EVAL_LOSS,
     Decision,
     EpochSignals,
@@ -79,6 +79,7 @@ from lrpilot.pilots.base import (
     current_lrs,
     set_lrs,
 )
+from lrpilot.core.rollback import Rollback
 
 __all__ = ["CHECKPOINT_TAG", "SafetyNet", "with_safety_net"]
 
@@ -116,27 +117,24 @@ class SafetyNet(Pilot):
         max_rollbacks: int = 10,
     ) -> None:
         super().__init__(optimizer)
-        _check("factor", factor, 0.0, 1.0, open_low=True, open_high=True)
-        _check("explode_factor", explode_factor, 1.0, math.inf, open_low=True, open_high=True)
-        _check("initial_factor", initial_factor, 1.0, math.inf, open_low=True)
-        _check("floor", floor, 0.0, 1.0)
-        if not (isinstance(max_rollbacks, int) and not isinstance(max_rollbacks, bool) and max_rollbacks >= 0):
-            raise ValueError(f"safety net option max_rollbacks must be an integer >= 0, got {max_rollbacks!r}")
+        net = "safety net"
+        require_range("factor", factor, 0.0, 1.0, open_low=True, open_high=True, owner=net)
+        require_range("explode_factor", explode_factor, 1.0, math.inf, open_low=True, open_high=True, owner=net)
+        require_range("initial_factor", initial_factor, 1.0, math.inf, open_low=True, owner=net)
+        require_range("floor", floor, 0.0, 1.0, owner=net)
+        require_int("max_rollbacks", max_rollbacks, owner=net)
         if inner is not None and inner.optimizer is not optimizer:
             raise ValueError("the safety net and the pilot it wraps must drive the same optimizer")
         self.inner = inner
-        self.factor = float(factor)
+        # The checkpoint it restores, the rollbacks left, the LR scale s, and the inner pilot's state then.
+        self.rollback = Rollback(CHECKPOINT_TAG, factor=factor, max_rollbacks=max_rollbacks)
         self.explode_factor = float(explode_factor)
         self.initial_factor = float(initial_factor)
         self.floor = float(floor)
-        self.max_rollbacks = max_rollbacks
-        self.scale = 1.0
-        self.rollbacks = 0
         self.initial_loss = math.nan
         self.ref_loss = math.nan
         self._inner_lr: tuple[float, ...] = current_lrs(optimizer)  # the LR as the method set it
         self._stored_lr: tuple[float, ...] = self._inner_lr  # what we wrote into param_groups
-        self._saved: dict[str, Any] | None = None  # inner pilot state and LR at the checkpoint
         self._begun = False
 
     # -- what the loop reads -----------------------------------------------------------------------
@@ -148,7 +146,7 @@ class SafetyNet(Pilot):
     @property
     def handles_nonfinite(self) -> bool:  # type: ignore[override]
         inner = self.inner is not None and self.inner.handles_nonfinite
-        return inner or self.rollbacks < self.max_rollbacks
+        return inner or not self.rollback.exhausted
 
     # -- hooks ---------------------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module) -> None:
@@ -160,7 +158,7 @@ class SafetyNet(Pilot):
         losses = [v for v in (signals.val_loss, signals.extra.get(TRAIN_EVAL_LOSS, math.nan)) if math.isfinite(v)]
         self.initial_loss = self.ref_loss = max(losses) if losses else math.nan
         decisions = self._call_inner("on_train_begin", signals)
-        return decisions + [self._save(decisions)]
+        return decisions + self._save(decisions)
 
     def on_step_end(self, signals: StepSignals) -> None:
         if self.inner is not None:
@@ -173,12 +171,12 @@ class SafetyNet(Pilot):
             # The method rolls back by itself (e.g. AALR): let it, and checkpoint what it restores. That
             # state's loss is unknown here: measure from the untrained model's until the next best epoch.
             self.ref_loss = self.initial_loss
-            return decisions + [self._save(decisions)]
-        if why is not None and self.rollbacks < self.max_rollbacks:
+            return decisions + self._save(decisions)
+        if why is not None and not self.rollback.exhausted:
             return [self._rollback(why, signals.train_loss)]  # the inner pilot is rewound: drop its answer
         if why is None and not signals.train_loss > self.ref_loss:  # no worse than the checkpoint: the new best
             self.ref_loss = signals.train_loss
-            return decisions + [self._save(decisions)]
+            return decisions + self._save(decisions)
         return decisions  # worse but not diverged (keep the checkpoint), or out of rollbacks (stand aside)
 
     def on_train_end(self) -> list[Decision]:  # type: ignore[override]
@@ -202,7 +200,7 @@ class SafetyNet(Pilot):
         return None
 
     # -- decisions ------------------------------------------------------------------------------------
-    def _save(self, inner_decisions: Sequence[Decision]) -> Decision:
+    def _save(self, inner_decisions: Sequence[Decision]) -> list[Decision]:
         # The LR the method will have once its decisions are applied, in its own (unscaled) units.
         inner_lr = self._unscaled()
         for d in inner_decisions:
@@ -210,30 +208,40 @@ class SafetyNet(Pilot):
                 inner_lr = tuple(v / self.scale for v in d.lr) if self.scale != 1.0 else d.lr
         self._inner_lr = inner_lr
         self._stored_lr = tuple(v * self.scale for v in inner_lr)
-        inner_state = copy.deepcopy(self.inner.state_dict()) if self.inner is not None else None
-        self._saved = {"inner": inner_state, "inner_lr": inner_lr}
-        return Decision(reason="safety-net-checkpoint", save=CHECKPOINT_TAG)
+        inner_state = self.inner.state_dict() if self.inner is not None else None
+        checkpoint = self.rollback.checkpoint(
+            "safety-net-checkpoint", pilot_state={"inner": inner_state, "inner_lr": inner_lr}
+        )
+        return [checkpoint] if checkpoint is not None else []
 
     def _rollback(self, why: str, train_loss: float) -> Decision:
-        assert self._saved is not None, "on_train_begin saves the first checkpoint"
+        saved = self.rollback.saved_pilot_state
+        assert saved is not None, "on_train_begin saves the first checkpoint"
         if self.inner is not None:
-            self.inner.load_state_dict(copy.deepcopy(self._saved["inner"]))
-        self.rollbacks += 1
-        self.scale *= self.factor
-        self._inner_lr = tuple(self._saved["inner_lr"])
-        self._stored_lr = tuple(v * self.scale for v in self._inner_lr)
-        return Decision(
-            reason="safety-net-rollback",
-            restore=CHECKPOINT_TAG,
+            self.inner.load_state_dict(saved["inner"])
+        self._inner_lr = tuple(saved["inner_lr"])
+        self._stored_lr = tuple(v * (self.scale * self.rollback.factor) for v in self._inner_lr)
+        return self.rollback.roll_back(
+            "safety-net-rollback",
             lr=self._stored_lr,
-            info={
+            persist=True,  # s <- s * factor, for good
+            info=lambda rb: {
                 "why": why,
                 "train_loss": train_loss,
                 "threshold": self.threshold(),
-                "scale": self.scale,
-                "rollbacks": self.rollbacks,
+                "scale": rb.scale,
+                "rollbacks": rb.rollbacks,
             },
         )
+
+    @property
+    def scale(self) -> float:
+        """The LR scale ``s``: the product of the factors of every rollback so far."""
+        return self.rollback.scale
+
+    @property
+    def rollbacks(self) -> int:
+        return self.rollback.rollbacks
 
     def _call_inner(self, hook: str, signals: Any) -> list[Decision]:
         """Call the inner pilot's ``hook`` with the LR it set in ``param_groups``; rescale what it sets."""
@@ -268,25 +276,22 @@ class SafetyNet(Pilot):
     def state_dict(self) -> dict[str, Any]:
         return {
             "inner": self.inner.state_dict() if self.inner is not None else None,
-            "scale": self.scale,
-            "rollbacks": self.rollbacks,
+            "rollback": self.rollback.state_dict(),
             "initial_loss": self.initial_loss,
             "ref_loss": self.ref_loss,
             "inner_lr": self._inner_lr,
             "stored_lr": self._stored_lr,
-            "saved": self._saved,
             "begun": self._begun,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if "scale" not in state or "saved" not in state:
+        if "rollback" not in state or "inner_lr" not in state:
             raise ValueError("this state was not saved by a SafetyNet: build the trainer with the same safety_net")
         if self.inner is not None:
             self.inner.load_state_dict(state["inner"])
-        self.scale, self.rollbacks = state["scale"], state["rollbacks"]
+        self.rollback.load_state_dict(state["rollback"])
         self.initial_loss, self.ref_loss = state["initial_loss"], state["ref_loss"]
         self._inner_lr, self._stored_lr = tuple(state["inner_lr"]), tuple(state["stored_lr"])
-        self._saved = state["saved"]
         self._begun = state["begun"]
 
 
@@ -316,11 +321,3 @@ def _replace_lr(signals: EpochSignals, lr: tuple[float, ...]) -> EpochSignals:
     import dataclasses
 
     return dataclasses.replace(signals, lr=lr)
-
-
-def _check(name: str, value: Any, low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-    ok = ok and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
-    if not ok:
-        lo, hi = ("(" if open_low else "["), (")" if open_high else "]")
-        raise ValueError(f"safety net option {name} must be in {lo}{low}, {high}{hi}, got {value!r}")

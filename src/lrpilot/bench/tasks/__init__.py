@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrpilot.bench.tasks.models import LeNet5, LinearModel, MLP, MNIST1DConvNet, ResNet20
+from lrpilot.bench.tasks.models import MLP, LeNet5, LinearModel, MNIST1DConvNet, ResNet20
 from lrpilot.bench.tasks.sources import (
     DataUnavailableError,
     TaskData,
@@ -24,13 +24,13 @@ from lrpilot.bench.tasks.sources import (
     load_mnist1d,
     load_sklearn,
 )
+from lrpilot.core import distributed as dist
+from lrpilot.core.data import TensorLoader
+from lrpilot.core.registry import get_method, resolve_options
+from lrpilot.core.seeding import seed_everything
 from lrpilot.loop.adversarial import AdversarialConfig, adversarial_hooks
-from lrpilot import distributed as dist
-from lrpilot.loop.data import TensorLoader
 from lrpilot.loop.fit import Trainer
 from lrpilot.loop.metrics import Metric, get_metric
-from lrpilot.loop.seeding import seed_everything
-from lrpilot.registry import get_method, resolve_options
 
 __all__ = [
     "DataUnavailableError",

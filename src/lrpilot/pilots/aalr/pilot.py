@@ -13,7 +13,7 @@ the training loss J(theta), compared with the best loss L* seen so far:
   -> new checkpoint, double the LR, p = 1; otherwise train a second trial of p epochs at the same LR,
   and if that one does not improve either, halve the LR and double p (no rollback).
 
-:class:`AALR` is that state machine as an epoch-level :class:`~lrpilot.pilots.base.Pilot`: it never
+:class:`AALR` is that state machine as an epoch-level :class:`~lrpilot.core.contract.Pilot`: it never
 trains, it asks the loop to checkpoint, roll back, reset the optimizer and set the LR, always with a
 reason (:data:`REASONS`). ``docs/methods/aalr.md`` explains every choice below and gives the figures.
 """
@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from lrpilot.pilots.base import TRAIN_EVAL_LOSS, Decision, EpochSignals, MethodParts, Pilot, current_lrs
-from lrpilot.registry import BuildContext, MethodInfo, register, require_in, require_positive
+from lrpilot.core.checks import require_bool, require_in, require_int
+from lrpilot.core.contract import TRAIN_EVAL_LOSS, Decision, EpochSignals, Pilot, current_lrs
+from lrpilot.core.rollback import Rollback
 
-__all__ = ["AALR", "REASONS"]
+__all__ = ["AALR", "BEST_TAG", "INITIAL_TAG", "REASONS"]
 
 #: Checkpoint tags: the initial model (phase 1 restarts from it) and the algorithm's checkpoint
 #: (theta and L* saved at the end of phase 1 and at every phase-2 improvement).
@@ -116,7 +117,7 @@ class AALR(Pilot):
 
     Example:
         >>> import torch, lrpilot
-        >>> from lrpilot.loop.data import TensorLoader
+        >>> from lrpilot.core.data import TensorLoader
         >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
         >>> model = torch.nn.Linear(4, 3)
         >>> pilot = lrpilot.AALR(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), patience=2)
@@ -151,20 +152,15 @@ class AALR(Pilot):
         epochs: int | None = None,
     ) -> None:
         super().__init__(optimizer)
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"option patience of AALR must be an integer >= 1 (epochs), got {patience!r}")
-        for name, value, choices in (
-            ("trial_length", trial_length, TRIAL_LENGTHS),
-            ("objective", objective, OBJECTIVES),
-            ("rollback_optimizer", rollback_optimizer, ROLLBACK_OPTIMIZER),
-        ):
-            if value not in choices:
-                raise ValueError(f"option {name} of AALR must be one of {list(choices)}, got {value!r}")
-        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-            raise ValueError(f"option epochs of AALR must be a positive integer or None, got {epochs!r}")
-        for name, value in (("phase1_reset_best", phase1_reset_best), ("restore_best", restore_best)):
-            if not isinstance(value, bool):
-                raise ValueError(f"option {name} of AALR must be True or False, got {value!r}")
+        # Messages name the registry method: the registry builds this class with the user's options as they are.
+        require_int("patience", patience, minimum=1, method="aalr")
+        require_in("trial_length", trial_length, TRIAL_LENGTHS, method="aalr")
+        require_in("objective", objective, OBJECTIVES, method="aalr")
+        require_in("rollback_optimizer", rollback_optimizer, ROLLBACK_OPTIMIZER, method="aalr")
+        if epochs is not None:
+            require_int("epochs", epochs, minimum=1, method="aalr")
+        require_bool("phase1_reset_best", phase1_reset_best, method="aalr")
+        require_bool("restore_best", restore_best, method="aalr")
         # Configuration.
         self.patience1 = patience
         self.trial_length = trial_length
@@ -188,6 +184,8 @@ class AALR(Pilot):
         self.epochs_since_checkpoint = 0  # epochs the model has moved away from the checkpoint
         self.epoch = 0  # epochs seen (the loop's budget counter)
         self.loss_in_hand: float | None = None  # J of the model in hand, when known
+        # Lines 19-23: a non-finite trial reloads the checkpoint and halves the LR, as often as it happens.
+        self.rollback = Rollback(BEST_TAG, factor=0.5)
 
     # -- signals -----------------------------------------------------------------------------------
     @property
@@ -321,15 +319,14 @@ class AALR(Pilot):
         return Decision(reason="phase2-halve", lr=self.lr, info=self._info(loss))
 
     def _nan_rollback(self, loss: float) -> Decision:
-        self.lr = tuple(v / 2 for v in self.lr)
+        self.lr = tuple(v * self.rollback.factor for v in self.lr)
         self.patience, self.trial, self.trial_epochs = 2 * self.patience, 1, 0
         self.epochs_since_checkpoint = 0
         self.loss_in_hand = self.checkpoint_loss
-        return Decision(
-            reason="nan-rollback",
-            restore=BEST_TAG,
-            reset_optimizer=self.rollback_optimizer == "reset",
+        return self.rollback.roll_back(
+            "nan-rollback",
             lr=self.lr,
+            reset_optimizer=self.rollback_optimizer == "reset",
             info=self._info(loss),
         )
 
@@ -344,7 +341,8 @@ class AALR(Pilot):
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, **{k: v for k, v in self.__dict__.items() if k != "optimizer"}}
+        plain = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "rollback")}
+        return {"format": STATE_FORMAT, **plain, "rollback": self.rollback.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         state = dict(state)
@@ -354,79 +352,6 @@ class AALR(Pilot):
         unknown = set(state) - set(self.__dict__)
         if unknown:
             raise ValueError(f"AALR state has unknown keys {sorted(unknown)}")
+        self.rollback.load_state_dict(state.pop("rollback", {}))
         self.__dict__.update(state)
         self.lr = tuple(self.lr)
-
-
-# ----------------------------------------------------------------------------------------------------
-# registry
-# ----------------------------------------------------------------------------------------------------
-#: eta_0 when ``lr`` is not given: the paper's 0.1 for SGD, Adam's own default for Adam (the paper runs
-#: Adam under AALR but gives no eta_0 for it; starting Adam at 0.1 spends phase 1 halving 6-7 times).
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
-
-
-def build_aalr(
-    ctx: BuildContext,
-    *,
-    lr: float | None,
-    optimizer: str,
-    momentum: float,
-    weight_decay: float,
-    **pilot_options: Any,
-) -> MethodParts:
-    require_in("optimizer", optimizer, tuple(DEFAULT_LR), method="aalr")
-    require_positive("weight_decay", weight_decay, method="aalr", allow_zero=True)
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    if optimizer == "sgd":
-        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-            raise ValueError(f"option momentum of method 'aalr' must be in [0, 1), got {momentum!r}")
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            ctx.params(), lr=lr, momentum=momentum, weight_decay=weight_decay
-        )
-    else:
-        opt = torch.optim.Adam(ctx.params(), lr=lr, weight_decay=weight_decay)
-    try:
-        pilot = AALR(opt, epochs=ctx.epochs, **pilot_options)
-    except ValueError as err:
-        raise ValueError(str(err).replace("of AALR", "of method 'aalr'")) from None
-    return MethodParts(opt, pilot)
-
-
-def _register_all() -> None:
-    register(
-        MethodInfo(
-            "aalr",
-            "aalr",
-            "AALR: LR halving search, then optimistic doubling with checkpoint rollback (SGD momentum 0.9)",
-            build_aalr,
-            {
-                "lr": None,
-                "optimizer": "sgd",
-                "momentum": 0.9,
-                "weight_decay": 0.0,
-                "patience": 10,
-                "trial_length": "p",
-                "objective": "train-eval",
-                "phase1_reset_best": True,
-                "rollback_optimizer": "reset",
-                "restore_best": True,
-            },
-            lr_granularity="epoch",
-            kind="epoch-pilot",
-            tags=frozenset({"seed-method"}),
-            paper="001_a4e9763b494f3f8e (AALR, Algorithm 1)",
-            handles_nonfinite=True,
-            # Tiny task, 4 epochs: phase 1 ends after one epoch, then three one-epoch phase-2 trials.
-            test_options={"patience": 1},
-            invalid_options=(
-                ({"patience": 0}, r"patience"),
-                ({"trial_length": "p+2"}, r"trial_length"),
-                ({"optimizer": "lbfgs"}, r"optimizer"),
-                ({"objective": "test"}, r"objective"),
-            ),
-        )
-    )
-
-
-_register_all()

@@ -4,10 +4,9 @@ The CLI's choices, ``lrpilot list methods``, the bench suites and the contract t
 (``tests/test_contract.py``) are all generated from :func:`list_methods`, so a method registered here
 is tested and runnable without touching any other file.
 
-Each method family registers its records at import time in its own module; :data:`_FAMILY_MODULES`
-lists those modules and is the one place to add a new family. They are imported lazily, on first
-lookup, so ``import lrpilot`` stays cheap and an optional dependency is only needed when its method is
-built.
+Each method family registers its records at import time in its ``register`` module; the families
+are listed once, in :mod:`lrpilot.core.families`. They are imported lazily, on first lookup, so
+``import lrpilot`` stays cheap and an optional dependency is only needed when its method is built.
 """
 
 from __future__ import annotations
@@ -17,14 +16,15 @@ import importlib
 import importlib.util
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
-from lrpilot.pilots.base import MethodParts
+from lrpilot.core.contract import MethodParts
+from lrpilot.core.families import FAMILIES, register_module
 
 __all__ = [
     "BuildContext",
@@ -39,16 +39,7 @@ __all__ = [
 ]
 
 # Modules that register methods, in the order `lrpilot list methods` shows them.
-_FAMILY_MODULES: tuple[str, ...] = (
-    "lrpilot.baselines.torch_methods",
-    "lrpilot.baselines.tuned",
-    "lrpilot.baselines.peers",
-    "lrpilot.pilots.aalr",
-    "lrpilot.pilots.mi_decay",
-    "lrpilot.pilots.hypergradient",
-    "lrpilot.pilots.lipschitz",
-    "lrpilot.pilots.hyperreg",
-)
+_FAMILY_MODULES: tuple[str, ...] = tuple(register_module(package) for package in FAMILIES)
 
 _REGISTRY: dict[str, MethodInfo] = {}
 _ORIGIN: dict[str, str] = {}  # method name -> module that registered it
@@ -256,17 +247,3 @@ def build_method(name: str, ctx: BuildContext, options: Mapping[str, Any] | None
     if not isinstance(parts, MethodParts):
         raise TypeError(f"factory of method {name!r} returned {type(parts).__name__}, not MethodParts")
     return parts
-
-
-def require_positive(name: str, value: Any, *, method: str, allow_zero: bool = False) -> None:
-    """Raise a ``ValueError`` naming the option unless ``value`` is a finite number > 0 (or >= 0)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"option {name} of method {method!r} must be a finite number {bound}, got {value!r}")
-
-
-def require_in(name: str, value: Any, choices: Sequence[Any], *, method: str) -> None:
-    if value not in choices:
-        raise ValueError(f"option {name} of method {method!r} must be one of {list(choices)}, got {value!r}")

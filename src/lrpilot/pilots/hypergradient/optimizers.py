@@ -43,10 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrpilot import distributed as dist
+from lrpilot.core import distributed as dist
 from lrpilot.estimators.hvp import gradient_with_graph, hvp
-from lrpilot.pilots.base import MethodParts
-from lrpilot.registry import BuildContext, MethodInfo, register, require_in
 
 __all__ = ["RTHPO", "SGDHD", "HypergradientSGD", "SGDHDVal"]
 
@@ -54,7 +52,7 @@ Closure = Callable[..., torch.Tensor]
 ValClosure = Callable[[], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-_OBJECTIVES = ("train", "val")
+OBJECTIVES = ("train", "val")
 _HORIZONS = ("one-step", "full")
 _LR_UPDATES = ("before-step", "after-step")
 _GLOBAL = "hypergradient"  # key of the optimizer-wide state in ``self.state`` (saved by state_dict)
@@ -159,7 +157,7 @@ class HypergradientSGD(torch.optim.Optimizer):
         if nesterov and momentum <= 0:
             raise ValueError(f"{cls}: nesterov=True needs momentum > 0, got momentum={momentum!r}")
         for name, value, choices in (
-            ("objective", objective, _OBJECTIVES),
+            ("objective", objective, OBJECTIVES),
             ("horizon", horizon, _HORIZONS),
             ("lr_update", lr_update, _LR_UPDATES),
         ):
@@ -734,65 +732,3 @@ def _reject(cls: str, options: dict[str, Any], fixed: Sequence[str]) -> None:
     for name in fixed:
         if name in options:
             raise TypeError(f"{cls} fixes {name}; use HypergradientSGD to choose it")
-
-
-# ----------------------------------------------------------------------------------------------------
-# registry
-# ----------------------------------------------------------------------------------------------------
-#: The RT-HPO paper states no values for the initial LR or beta (Table 1 aggregates over grids it does
-#: not list). Its First-order (Train) baseline is Baydin et al. 2018, whose SGD-HD setting is
-#: alpha_0 = 1e-3 and beta = 1e-3 (section 5 and the authors' run.sh); we use it for all three methods.
-_HD_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-3,
-    "beta": 1e-3,
-    "momentum": 0.0,
-    "nesterov": False,
-    "weight_decay": 0.0,
-    "min_lr": 0.0,
-    "max_lr": None,
-    "lr_update": "before-step",
-}
-_PAPER = "Majumder, Donini & Chaudhari (shared/papers/002); Baydin et al. 2018"
-
-
-def _parts(opt: HypergradientSGD) -> MethodParts:
-    signals = frozenset({"val_closure"}) if opt.needs_val_closure else frozenset()
-    return MethodParts(opt, step_kwargs=signals, needs_closure=opt.needs_closure)
-
-
-def build_hd_train(ctx: BuildContext, **options: Any) -> MethodParts:
-    return _parts(SGDHD(ctx.params(), **options))
-
-
-def build_hd_val(ctx: BuildContext, **options: Any) -> MethodParts:
-    return _parts(SGDHDVal(ctx.params(), **options))
-
-
-def build_rt_hpo(ctx: BuildContext, objective: str, **options: Any) -> MethodParts:
-    require_in("objective", objective, _OBJECTIVES, method="rt-hpo")
-    return _parts(RTHPO(ctx.params(), objective=objective, **options))
-
-
-def _register_all() -> None:
-    tags = frozenset({"seed-method"})
-    test = {"lr": 0.05, "beta": 1e-3}
-    bad = (({"beta": -1.0}, r"beta"), ({"momentum": 1.5}, r"momentum"), ({"lr_update": "x"}, r"lr_update"))
-    common: dict[str, Any] = {
-        "lr_granularity": "step", "kind": "step-pilot", "tags": tags, "paper": _PAPER, "test_options": test
-    }
-    for info in (
-        MethodInfo("hd-train", "hypergradient",
-                   "First-order (Train): SGD-HD, LR += beta <g_prev, g> every step (Baydin et al. 2018)",
-                   build_hd_train, _HD_DEFAULTS, invalid_options=bad, **common),
-        MethodInfo("hd-val", "hypergradient",
-                   "First-order (Val): LR += beta <g_prev, validation gradient> every step",
-                   build_hd_val, _HD_DEFAULTS, invalid_options=bad, **common),
-        MethodInfo("rt-hpo", "hypergradient",
-                   "RT-HPO: LR follows the validation hypergradient, forward-mode tangent with HVPs (eq. 5)",
-                   build_rt_hpo, {**_HD_DEFAULTS, "objective": "val"},
-                   invalid_options=(*bad, ({"objective": "test"}, r"objective")), **common),
-    ):
-        register(info)
-
-
-_register_all()

@@ -1,0 +1,77 @@
+"""The AALR family's registry records and their builder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lrpilot.core.checks import require_in, require_positive
+from lrpilot.core.contract import MethodParts
+from lrpilot.core.registry import BuildContext, MethodInfo, register
+from lrpilot.pilots.aalr.pilot import AALR
+
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
+
+
+def build_aalr(
+    ctx: BuildContext,
+    *,
+    lr: float | None,
+    optimizer: str,
+    momentum: float,
+    weight_decay: float,
+    **pilot_options: Any,
+) -> MethodParts:
+    require_in("optimizer", optimizer, tuple(DEFAULT_LR), method="aalr")
+    require_positive("weight_decay", weight_decay, method="aalr", allow_zero=True)
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    if optimizer == "sgd":
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise ValueError(f"option momentum of method 'aalr' must be in [0, 1), got {momentum!r}")
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            ctx.params(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+    else:
+        opt = torch.optim.Adam(ctx.params(), lr=lr, weight_decay=weight_decay)
+    pilot = AALR(opt, epochs=ctx.epochs, **pilot_options)
+    return MethodParts(opt, pilot)
+
+
+def _register_all() -> None:
+    register(
+        MethodInfo(
+            "aalr",
+            "aalr",
+            "AALR: LR halving search, then optimistic doubling with checkpoint rollback (SGD momentum 0.9)",
+            build_aalr,
+            {
+                "lr": None,
+                "optimizer": "sgd",
+                "momentum": 0.9,
+                "weight_decay": 0.0,
+                "patience": 10,
+                "trial_length": "p",
+                "objective": "train-eval",
+                "phase1_reset_best": True,
+                "rollback_optimizer": "reset",
+                "restore_best": True,
+            },
+            lr_granularity="epoch",
+            kind="epoch-pilot",
+            tags=frozenset({"seed-method"}),
+            paper="001_a4e9763b494f3f8e (AALR, Algorithm 1)",
+            handles_nonfinite=True,
+            # Tiny task, 4 epochs: phase 1 ends after one epoch, then three one-epoch phase-2 trials.
+            test_options={"patience": 1},
+            invalid_options=(
+                ({"patience": 0}, r"patience"),
+                ({"trial_length": "p+2"}, r"trial_length"),
+                ({"optimizer": "lbfgs"}, r"optimizer"),
+                ({"objective": "test"}, r"objective"),
+            ),
+        )
+    )
+
+
+_register_all()

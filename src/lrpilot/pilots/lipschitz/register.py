@@ -1,0 +1,245 @@
+"""The LipschitzLR family's registry records (lipschitz, adamo, lipschitz-rmsprop, auto-adam) and their builders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrpilot.core.checks import is_number, option_error, require_in, require_positive
+from lrpilot.core.contract import MethodParts
+from lrpilot.core.registry import BuildContext, MethodInfo, register
+from lrpilot.estimators.lipschitz import LossSpec, PenultimateMonitor, find_head
+from lrpilot.pilots.lipschitz.guard import LipschitzGuard
+from lrpilot.pilots.lipschitz.optimizers import AdaMo, AutoAdam, LipschitzOptimizer, LipschitzRMSprop
+from lrpilot.pilots.lipschitz.pilot import LastLayerLipschitz, LipschitzPilot, targets_norm
+
+
+def _loss_spec(ctx: BuildContext, method: str) -> LossSpec:
+    head = find_head(ctx.model)
+    try:
+        return LossSpec.from_loss(
+            ctx.loss_fn if ctx.loss_fn is not None else nn.CrossEntropyLoss(), head.out_features
+        )
+    except ValueError as err:
+        raise option_error(method, err) from None
+
+
+def build_lipschitz(
+    ctx: BuildContext,
+    initial_lr: float | None,
+    momentum: float,
+    weight_decay: float,
+    mode: str,
+    constant: str,
+    ls_form: str,
+    weight_bound: str,
+    backoff: float,
+    max_rollbacks: int,
+    explode_factor: float | None,
+) -> MethodParts:
+    name = "lipschitz"
+    require_positive("weight_decay", weight_decay, method=name, allow_zero=True)
+    if not (is_number(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"option momentum of method {name!r} must be in [0, 1), got {momentum!r}")
+    if initial_lr is not None:
+        require_positive("initial_lr", initial_lr, method=name)
+    spec = _loss_spec(ctx, name)
+    # The LR is set before the first step (probe or initial_lr); this placeholder is never applied.
+    opt = torch.optim.SGD(ctx.params(), lr=initial_lr or 1e-3, momentum=momentum, weight_decay=weight_decay)
+    try:
+        pilot = LipschitzPilot(
+            opt, loss=spec, train_loader=ctx.train_loader, mode=mode, initial_lr=initial_lr, constant=constant,
+            ls_form=ls_form, weight_bound=weight_bound, backoff=backoff, max_rollbacks=max_rollbacks,
+            explode_factor=explode_factor,
+        )  # fmt: skip
+    except ValueError as err:
+        raise option_error(name, err) from None
+    return MethodParts(opt, pilot, info={"loss": spec.kind})
+
+
+def _source(ctx: BuildContext, method: str, ls_form: str, elementwise: bool) -> LastLayerLipschitz:
+    spec = _loss_spec(ctx, method)
+    require_in("ls_form", ls_form, ("paper", "bound"), method=method)
+    y_norm = (
+        targets_norm(ctx.train_loader)
+        if spec.kind == "least_squares" and ctx.train_loader is not None
+        else 0.0
+    )
+    monitor = PenultimateMonitor(ctx.model, elementwise=elementwise, outputs=spec.kind == "least_squares")
+    return LastLayerLipschitz(monitor, spec, y_norm, ls_form)
+
+
+def _step_parts(
+    ctx: BuildContext,
+    opt: LipschitzOptimizer,
+    source: LastLayerLipschitz,
+    guard_options: dict[str, Any],
+    method: str,
+) -> MethodParts:
+    try:
+        guard = LipschitzGuard(opt, monitor=source.monitor, **guard_options)
+    except ValueError as err:
+        source.monitor.remove()
+        raise option_error(method, err) from None
+    return MethodParts(opt, guard, effective_lr=opt.effective_lrs, info={"loss": source.loss.kind})
+
+
+def _build_optimizer(
+    method: str,
+    make: Callable[[LastLayerLipschitz], LipschitzOptimizer],
+    ctx: BuildContext,
+    ls_form: str,
+    guard_options: dict[str, Any],
+    elementwise: bool = True,
+) -> MethodParts:
+    source = _source(ctx, method, ls_form, elementwise)
+    try:
+        opt = make(source)
+    except ValueError as err:
+        source.monitor.remove()
+        raise option_error(method, err) from None
+    return _step_parts(ctx, opt, source, guard_options, method)
+
+
+def _adaptive_builder(method: str, cls: type[LipschitzOptimizer]) -> Callable[..., MethodParts]:
+    """The registry builder of a per-step Lipschitz optimizer: the guard's options go to the guard,
+    ``ls_form`` to the constant's source, every other option (the registry has checked them against the
+    method's defaults) to ``cls`` itself."""
+
+    def build(ctx: BuildContext, ls_form: str, **options: Any) -> MethodParts:
+        guard = {name: options.pop(name) for name in _GUARD}
+        # AdaMo needs only the constant; the adaptive denominators need the element-wise norms too,
+        # unless max ||grad^2|| is estimated from the first-order bound alone.
+        elementwise = cls is not AdaMo and options.get("grad_sq_estimate") != "first"
+
+        def make(source: LastLayerLipschitz) -> LipschitzOptimizer:
+            return cls(ctx.params(), source, steps_per_epoch=ctx.steps_per_epoch, **options)
+
+        return _build_optimizer(method, make, ctx, ls_form, guard, elementwise=elementwise)
+
+    build.__name__ = build.__qualname__ = f"build_{method.replace('-', '_')}"
+    return build
+
+
+_PAPER = "Yedida & Saha, LipschitzLR (shared/papers/003_8119a118a538bf06.txt)"
+_GUARD = {"backoff": 0.1, "max_rollbacks": 3, "explode_factor": 10.0}
+_ADAPTIVE = {
+    "weight_decay": 0.0,
+    "update": "step",
+    "initial_lr": None,
+    "bias_correction": "none",
+    "ls_form": "paper",
+    **_GUARD,
+}
+
+
+def _register_all() -> None:
+    seed = frozenset({"seed-method"})
+    entries = [
+        MethodInfo(
+            "lipschitz",
+            "lipschitz",
+            "SGD with LR = 1/L, the loss's closed-form Lipschitz constant (per epoch for networks, fixed for classical models)",
+            build_lipschitz,
+            {
+                "initial_lr": None,
+                "momentum": 0.0,
+                "weight_decay": 0.0,
+                "mode": "auto",
+                "constant": "paper",
+                "ls_form": "paper",
+                "weight_bound": "all",
+                **_GUARD,
+            },
+            lr_granularity="epoch",
+            kind="epoch-pilot",
+            tags=seed,
+            paper=_PAPER,
+            handles_nonfinite=True,
+            invalid_options=(
+                ({"mode": "deep"}, r"mode"),
+                ({"initial_lr": -1.0}, r"initial_lr"),
+                ({"backoff": 1.5}, r"backoff"),
+                ({"momentum": 1.0}, r"momentum"),
+            ),
+        ),
+        MethodInfo(
+            "adamo",
+            "lipschitz",
+            "AdaMo: momentum SGD with LR = 1/EMA of per-batch Lipschitz constants (Algorithm 1)",
+            _adaptive_builder("adamo", AdaMo),
+            {"lr": 1.0, "beta": 0.9, **_ADAPTIVE, "initial_lr": 0.1},
+            lr_granularity="step",
+            kind="step-pilot",
+            tags=seed,
+            paper=_PAPER,
+            handles_nonfinite=True,
+            invalid_options=(
+                ({"beta": 1.0}, r"beta"),
+                ({"update": "batch"}, r"update"),
+                ({"initial_lr": -0.1}, r"initial_lr"),
+                ({"bias_correction": True}, r"bias_correction"),
+                ({"update": "epoch", "initial_lr": None}, r"initial_lr"),
+            ),
+        ),
+        MethodInfo(
+            "lipschitz-rmsprop",
+            "lipschitz",
+            "Adaptive RMSprop: LR = (sqrt(K2)+eps)/L from Lipschitz averages (section 6.2)",
+            _adaptive_builder("lipschitz-rmsprop", LipschitzRMSprop),
+            {
+                "lr": 1.0,
+                "rho": 0.9,
+                "eps": 1e-8,
+                "eps_inside_sqrt": True,
+                "grad_sq_estimate": "remedy",
+                "k2_init": 0.0,
+                "denominator": "kz",
+                **_ADAPTIVE,
+            },
+            lr_granularity="step",
+            kind="step-pilot",
+            paper=_PAPER,
+            handles_nonfinite=True,
+            invalid_options=(
+                ({"rho": 1.5}, r"rho"),
+                ({"grad_sq_estimate": "third"}, r"grad_sq_estimate"),
+                ({"denominator": "k1"}, r"denominator"),
+            ),
+        ),
+        MethodInfo(
+            "auto-adam",
+            "lipschitz",
+            "Auto-Adam: Adam with LR = (sqrt(K2)+eps)/K1 from Lipschitz averages (Algorithm 3)",
+            _adaptive_builder("auto-adam", AutoAdam),
+            {
+                "lr": 1.0,
+                "beta1": 0.9,
+                "beta2": 0.999,
+                "eps": 1e-8,
+                "eps_inside_sqrt": True,
+                "grad_sq_estimate": "remedy",
+                "k1_init": 0.0,
+                "k2_init": 0.0,
+                **_ADAPTIVE,
+            },
+            lr_granularity="step",
+            kind="step-pilot",
+            tags=seed,
+            paper=_PAPER,
+            handles_nonfinite=True,
+            invalid_options=(
+                ({"beta2": 1.0}, r"beta2"),
+                ({"k1_init": -1.0}, r"k1_init"),
+                ({"eps": -1.0}, r"eps"),
+            ),
+        ),
+    ]
+    for info in entries:
+        register(info)
+
+
+_register_all()
