@@ -128,7 +128,7 @@ def test_the_estimators_package_exports_what_its_docstring_promises() -> None:
     promised = set(re.findall(r":(?:func|class):`(\w+)`", estimators.__doc__ or ""))
     assert promised and promised <= set(estimators.__all__)
     from lrpilot.estimators import hvp, mi_continuous_discrete  # the import that used to fail
-    from lrpilot.estimators.hvp import hvp as hvp_home
+    from lrpilot.estimators.curvature import hvp as hvp_home
     from lrpilot.estimators.mi import mi_continuous_discrete as mi_home
 
     assert hvp is hvp_home and mi_continuous_discrete is mi_home

@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 import lrpilot
 from lrpilot.core.data import TensorLoader
-from lrpilot.estimators.hvp import hessian_reference
+from lrpilot.estimators.curvature import hessian_reference
 from lrpilot.pilots.hypergradient import RTHPO, SGDHD, HypergradientSGD, SGDHDVal
 
 F = nn.functional

@@ -16,7 +16,7 @@ import torch
 
 import lrpilot
 from lrpilot.core.registry import get_method
-from lrpilot.estimators.lambertw import lambertw, lambertw_nonneg, lambertw_reference
+from lrpilot.estimators.lambert import lambertw, lambertw_nonneg, lambertw_reference
 from lrpilot.estimators.phi_divergence import (
     DIVERGENCES,
     growth,

@@ -5,10 +5,10 @@
 * Lipschitz constants (:mod:`~lrpilot.estimators.lipschitz`): :func:`classical_lipschitz`,
   :func:`cross_entropy_lipschitz`, :func:`binary_cross_entropy_lipschitz`, :func:`smoothness`,
   :class:`LossSpec`, :class:`PenultimateMonitor`;
-* Hessian-vector products (:mod:`~lrpilot.estimators.hvp`): :func:`hvp`, :func:`gradient_with_graph`,
+* Hessian-vector products (:mod:`~lrpilot.estimators.curvature`): :func:`hvp`, :func:`gradient_with_graph`,
   :func:`hvp_reference`, :func:`hessian_reference`;
 * phi-divergence closed forms and the Lambert W function (:mod:`~lrpilot.estimators.phi_divergence`,
-  :mod:`~lrpilot.estimators.lambertw`).
+  :mod:`~lrpilot.estimators.lambert`).
 
 Example:
     >>> import numpy as np
@@ -34,8 +34,8 @@ _HOME = {
          "cross_entropy_lipschitz", "smoothness"),
         "lrpilot.estimators.lipschitz",
     ),
-    **dict.fromkeys(("gradient_with_graph", "hessian_reference", "hvp", "hvp_reference"), "lrpilot.estimators.hvp"),
-    **dict.fromkeys(("lambertw", "lambertw_nonneg"), "lrpilot.estimators.lambertw"),
+    **dict.fromkeys(("gradient_with_graph", "hessian_reference", "hvp", "hvp_reference"), "lrpilot.estimators.curvature"),
+    **dict.fromkeys(("lambertw", "lambertw_nonneg"), "lrpilot.estimators.lambert"),
 }  # fmt: skip
 
 __all__ = sorted(_HOME)

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from lrpilot.core import distributed as dist
-from lrpilot.estimators.hvp import gradient_with_graph, hvp
+from lrpilot.estimators.curvature import gradient_with_graph, hvp
 
 __all__ = ["RTHPO", "SGDHD", "HypergradientSGD", "SGDHDVal"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from lrpilot.estimators.hvp import gradient_with_graph, hessian_reference, hvp, hvp_reference
+from lrpilot.estimators.curvature import gradient_with_graph, hessian_reference, hvp, hvp_reference
 
 
 def _tiny_model() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
