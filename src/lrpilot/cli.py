@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{args.task} {args.method} seed={args.seed}: best {metric} {_fmt(s['best_val_metric'])}, "
         f"final {_fmt(s['final_val_metric'])}, {s['epochs']} epochs, {s['steps']} steps, "
         f"{s['wall_s']:.1f} s, {s['status']}"
-        + (f", {sum(d['reason'] == 'safety-net-rollback' for d in record['decisions'])} rollbacks" if args.safety_net else "")
+        + (f", {sum(d['action'] == 'rollback' for d in record['decisions'])} rollbacks" if args.safety_net else "")
         + (f" -> {args.out}" if args.out else "")
     )
     adv = [e["extra"]["adv_val_metric"] for e in record["epochs"] if e["extra"].get("adv_val_metric") is not None]
@@ -297,7 +297,7 @@ def _fmt(value: float | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from lrpilot._version import __version__
     from lrpilot.bench.tasks import task_names
-    from lrpilot.core.registry import method_names
+    from lrpilot.core.registry import RANGE_TEST_TAG, list_methods, method_names
 
     parser = argparse.ArgumentParser(prog="lrpilot", description="Learning-rate autopilots for PyTorch, and their bench.")
     parser.add_argument("--version", action="version", version=f"lrpilot {__version__}")
@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("range-test", help="the MI LR range test (Vasudevan 2020, Algorithm 2): LR bounds for mi-decay")
     p.add_argument("--task", required=True, choices=task_names(), metavar="TASK", help="see `lrpilot list tasks`")
-    p.add_argument("--method", default="mi-decay", choices=["mi-decay", "mi-decay-layerwise"])
+    range_tested = [info.name for info in list_methods(tags=[RANGE_TEST_TAG])]
+    p.add_argument("--method", default=range_tested[0], choices=range_tested)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int)

@@ -34,6 +34,8 @@ __all__ = [
     "Probe",
     "StepSignals",
     "TRAIN_EVAL_LOSS",
+    "TRAIN_PASS",
+    "TrainPass",
     "current_lrs",
     "set_lrs",
 ]
@@ -48,6 +50,17 @@ TRAIN_EVAL_LOSS = "train_eval_loss"
 #: ``{module name: tensor (n, ...)}`` (``""`` is the model's output), computed in evaluation mode with
 #: forward hooks before ``on_train_begin`` and after every epoch (e.g. the MI pilots' activations).
 PROBE = "probe"
+
+#: Signal name: a :data:`TrainPass` over the training data, for pilots that need statistics of the data
+#: before they set the first LR (the Lipschitz constants at initialisation). The pass is the loop's, so
+#: no pilot walks a loader or saves random state itself.
+TRAIN_PASS = "train_pass"
+
+#: ``train_pass(fn)`` calls ``fn(x, y)`` on every training batch (on the model's device, the model in
+#: evaluation mode, under ``torch.no_grad()``; ``fn`` may run the model) and leaves every random source as
+#: it found it, the global RNGs and a ``DataLoader``'s own generator: it changes neither the training
+#: order nor the weights. Provided as the :data:`TRAIN_PASS` signal and by ``BuildContext.train_pass``.
+TrainPass = Callable[[Callable[[torch.Tensor, torch.Tensor], None]], None]
 
 
 @dataclass(frozen=True)

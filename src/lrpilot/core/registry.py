@@ -23,13 +23,14 @@ from typing import Any
 
 import torch
 
-from lrpilot.core.contract import MethodParts
+from lrpilot.core.contract import MethodParts, TrainPass
 from lrpilot.core.families import FAMILIES, register_module
 
 __all__ = [
     "BuildContext",
     "MethodInfo",
     "MissingExtraError",
+    "RANGE_TEST_TAG",
     "build_method",
     "get_method",
     "list_methods",
@@ -40,6 +41,10 @@ __all__ = [
 
 # Modules that register methods, in the order `lrpilot list methods` shows them.
 _FAMILY_MODULES: tuple[str, ...] = tuple(register_module(package) for package in FAMILIES)
+
+#: The tag of methods whose LR bounds come from an LR range test that can run on its own
+#: (``lrpilot range-test``).
+RANGE_TEST_TAG = "range-test"
 
 _REGISTRY: dict[str, MethodInfo] = {}
 _ORIGIN: dict[str, str] = {}  # method name -> module that registered it
@@ -78,6 +83,7 @@ class BuildContext:
     param_groups: list[dict[str, Any]] | None = None
     metric: Any = None
     trial_runner: Callable[..., Any] | None = None  # set by the training loop, see trial()
+    data_pass: TrainPass | None = None  # set by the training loop, see train_pass()
 
     @property
     def total_steps(self) -> int:
@@ -94,6 +100,13 @@ class BuildContext:
         if self.trial_runner is None:
             raise RuntimeError("trial runs need the training loop: build the method through lrpilot.fit or Trainer")
         return self.trial_runner(method, epochs=epochs, seed=seed, **options)
+
+    def train_pass(self, fn: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Call ``fn(x, y)`` on every training batch, through the loop (see
+        :data:`~lrpilot.core.contract.TrainPass`): for methods that need statistics of the data when built."""
+        if self.data_pass is None:
+            raise RuntimeError("a pass over the training data needs the training loop: build the method through lrpilot.fit or Trainer")
+        self.data_pass(fn)
 
     def params(self) -> list[dict[str, Any]] | Iterable[torch.nn.Parameter]:
         """The parameters to optimise: the user's param groups, or every trainable parameter."""

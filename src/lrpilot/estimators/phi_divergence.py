@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from lrpilot.estimators import scratch
-from lrpilot.estimators.lambert import lambertw_nonneg_, lambertw_nonneg
+from lrpilot.estimators.lambert import lambertw_nonneg, lambertw_nonneg_
 
 __all__ = [
     "DIVERGENCES",

@@ -25,6 +25,7 @@ from lrpilot.core import distributed as dist
 from lrpilot.core.contract import (
     PROBE,
     TRAIN_EVAL_LOSS,
+    TRAIN_PASS,
     Decision,
     EpochSignals,
     MethodParts,
@@ -34,7 +35,7 @@ from lrpilot.core.contract import (
 )
 from lrpilot.core.data import TensorLoader, check_batch, split_batch
 from lrpilot.core.registry import BuildContext, build_method, get_method
-from lrpilot.core.seeding import capture_rng, restore_rng, seed_everything
+from lrpilot.core.seeding import capture_rng, restore_rng, rng_preserved, seed_everything
 from lrpilot.loop.history import DecisionRecord, EpochRecord, History
 from lrpilot.loop.metrics import Metric, get_metric, loss_metric
 from lrpilot.loop.probe import run_probe
@@ -166,6 +167,7 @@ class Trainer:
             param_groups=param_groups,
             metric=self.metric,
             trial_runner=self._trial,
+            data_pass=self.train_pass,
         )
         self.method_name, self.parts = _build_parts(method, ctx, dict(method_options or {}), self.model)
         if safety_net:
@@ -252,8 +254,7 @@ class Trainer:
         Runs on this trainer's data, loss and metric; the global RNG is restored afterwards so the
         main run does not depend on how many trials ran before it.
         """
-        rng = capture_rng()
-        try:
+        with rng_preserved(self.train_loader, self.val_loader):
             trainer = Trainer(
                 copy.deepcopy(self.model),
                 self.train_loader,
@@ -271,9 +272,21 @@ class Trainer:
                 extra_eval=self.extra_eval,
             )
             trainer.run()
-        finally:
-            restore_rng(rng)
         return trainer
+
+    def train_pass(self, fn: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Call ``fn(x, y)`` on every training batch, the model in evaluation mode, without gradients,
+        leaving the training order and every random source as they were
+        (:data:`~lrpilot.core.contract.TrainPass`; the :data:`~lrpilot.core.contract.TRAIN_PASS` signal)."""
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad(), rng_preserved(self.train_loader):
+                for batch in self.train_loader:
+                    x, y = split_batch(batch, where="train_loader")
+                    fn(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        finally:
+            self.model.train(was_training)
 
     def state_dict(self) -> dict[str, Any]:
         """A deep snapshot of everything needed to continue this run identically."""
@@ -543,7 +556,11 @@ class Trainer:
         needs = self.pilot.needs if self.pilot is not None else frozenset()
         for name in needs:
             if name == TRAIN_EVAL_LOSS:
-                extra[name] = self.evaluate(self.train_loader, transform=True)[0]
+                # A shuffling DataLoader would draw its order: leave the training order as it was.
+                with rng_preserved(self.train_loader):
+                    extra[name] = self.evaluate(self.train_loader, transform=True)[0]
+            elif name == TRAIN_PASS:
+                extra[name] = self.train_pass
             elif name == PROBE:
                 probe = self.pilot.probe
                 if probe is None:

@@ -31,10 +31,8 @@ from torch import nn
 
 from lrpilot.core import distributed as dist
 from lrpilot.core.checks import is_number, require_in
-from lrpilot.core.contract import Decision, EpochSignals, Pilot
-from lrpilot.core.data import split_batch
+from lrpilot.core.contract import TRAIN_PASS, Decision, EpochSignals, Pilot, TrainPass
 from lrpilot.core.rollback import Rollback, check_backoff, exploded
-from lrpilot.core.seeding import capture_rng, restore_rng
 from lrpilot.estimators.lipschitz import (
     BatchStats,
     LossSpec,
@@ -109,13 +107,15 @@ class LastLayerLipschitz:
         ), stats
 
 
-def targets_norm(loader: Any) -> float:
-    """The largest Frobenius norm of a batch of targets (least squares' ``||y||``); reads targets only.
+def targets_norm(train_pass: TrainPass) -> float:
+    """The largest Frobenius norm of a batch of targets (least squares' ``||y||``), from the loop's pass over
+    the training data; reads targets only.
 
     Under torch.distributed a rank's batches are shards of the global ones: their squared norms are
     summed over ranks first.
     """
-    squares = [float(split_batch(batch, where="train_loader")[1].detach().double().square().sum()) for batch in loader]
+    squares: list[float] = []
+    train_pass(lambda x, y: squares.append(float(y.detach().double().square().sum())))
     if dist.is_distributed():
         squares = dist.all_reduce_sum(squares)
     return math.sqrt(max(squares, default=0.0))
@@ -163,8 +163,6 @@ class LipschitzPilot(Pilot):
         optimizer: an SGD optimizer over the model's parameters; its groups' ``weight_decay`` is the
             :math:`\lambda` of the L2 term.
         loss: the loss's closed form.
-        train_loader: the training data, for the first-epoch probe, the classical mode and least
-            squares' :math:`\lVert y\rVert`.
         mode: ``"network"``, ``"classical"`` or ``"auto"`` (classical when the model has no hidden layer).
         initial_lr: the first epoch's LR in network mode; ``None`` probes the data.
         constant: ``"paper"`` (:math:`1/L`) or ``"smoothness"`` (:math:`1/\beta`, the last layer's
@@ -202,7 +200,6 @@ class LipschitzPilot(Pilot):
         optimizer: torch.optim.Optimizer,
         *,
         loss: LossSpec,
-        train_loader: Any = None,
         mode: str = "auto",
         initial_lr: float | None = None,
         constant: str = "paper",
@@ -223,7 +220,6 @@ class LipschitzPilot(Pilot):
             )
         check_backoff(backoff, max_rollbacks, explode_factor)
         self.loss = loss
-        self.train_loader = train_loader
         self.mode = mode
         self.initial_lr = None if initial_lr is None else float(initial_lr)
         self.constant = constant
@@ -233,6 +229,7 @@ class LipschitzPilot(Pilot):
         self.rollback = Rollback(CHECKPOINT_TAG, factor=backoff, max_rollbacks=max_rollbacks)
         self.explode_factor = explode_factor
         # run state (saved by state_dict)
+        self.begun = False
         self.initial_loss = math.nan  # the validation loss before training, the yardstick of an explosion
         self.epochs_done = 0  # finite epochs
         self.y_norm = 0.0
@@ -256,17 +253,21 @@ class LipschitzPilot(Pilot):
             elementwise=False,
             outputs=self.loss.kind == "least_squares",
         )
-        if self.mode == "classical" and self.train_loader is None:
-            raise ValueError("the classical mode computes 1/L from the training data: pass train_loader")
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        """The loop's pass over the training data, until training begins (see :meth:`on_train_begin`)."""
+        return frozenset() if self.begun else frozenset({TRAIN_PASS})
 
     def on_train_begin(self, signals: EpochSignals) -> Decision:
         if self.monitor is None:
             raise RuntimeError("LipschitzPilot.attach(model) must run before training (the loop does it)")
+        self.begun = True
         self.initial_loss = float(signals.val_loss)
         if self.loss.kind == "least_squares" and self.mode == "network":
-            self.y_norm = targets_norm(self.train_loader) if self.train_loader is not None else 0.0
+            self.y_norm = targets_norm(signals[TRAIN_PASS])
         if self.mode == "classical":
-            lipschitz, info = self._classical_constant()
+            lipschitz, info = self._classical_constant(signals[TRAIN_PASS])
             lr = _safe_inverse(lipschitz)
             if lr is None:
                 raise ValueError(
@@ -276,11 +277,7 @@ class LipschitzPilot(Pilot):
             return Decision("lipschitz-classical", lr=self._per_group(lr), save=self._save, info=self.last)
         if self.initial_lr is not None:
             return Decision("lipschitz-initial-fixed", lr=self._per_group(self.initial_lr), save=self._save)
-        if self.train_loader is None:
-            raise ValueError(
-                "the first epoch's LR needs a probe of the training data: pass train_loader or initial_lr"
-            )
-        stats = self._probe()
+        stats = self._probe(signals[TRAIN_PASS])
         lrs, info = self._network_lrs(stats)
         self.monitor.reset()
         if lrs is None:
@@ -357,28 +354,19 @@ class LipschitzPilot(Pilot):
             info.update(k_a=stats.k_a, y_norm=self.y_norm)
         return tuple(lrs), info
 
-    def _probe(self) -> BatchStats:
+    def _probe(self, train_pass: TrainPass) -> BatchStats:
         """K_z of the initial model over the training data, in evaluation mode (the authors' epoch-start pass)."""
         assert self.model is not None and self.monitor is not None
-        device = next(self.model.parameters()).device
-        rng = capture_rng()  # a shuffling DataLoader draws from the global RNG: leave it as it was
-        was_training = self.model.training
+        model = self.model
         self.monitor.reset()
-        try:
-            self.model.eval()
-            with torch.no_grad(), self.monitor.recording():
-                for batch in self.train_loader:
-                    x, _ = split_batch(batch, where="train_loader")
-                    self.model(x.to(device))
-        finally:
-            self.model.train(was_training)
-            restore_rng(rng)
+        with self.monitor.recording():
+            train_pass(lambda x, y: model(x))
         stats = self.monitor.epoch()
         if stats is None:
             raise ValueError("train_loader yielded no batches")
         return stats
 
-    def _classical_constant(self) -> tuple[float, dict[str, Any]]:
+    def _classical_constant(self, train_pass: TrainPass) -> tuple[float, dict[str, Any]]:
         """The paper's classical-model constant from the data, streamed batch by batch.
 
         Each norm is the largest over the loader's batches and ``m`` the largest batch: with one full
@@ -386,7 +374,7 @@ class LipschitzPilot(Pilot):
         """
         assert self.model is not None and self.monitor is not None
         if self.loss.kind != "least_squares":
-            stats = self._probe()
+            stats = self._probe(train_pass)
             self.monitor.reset()
             if self.constant == "smoothness":
                 value = self.loss.smoothness(stats.k_z, stats.rows) + self._max_weight_decay()
@@ -394,23 +382,26 @@ class LipschitzPilot(Pilot):
                 value = self.loss.lipschitz(stats.k_z, stats.rows)
             return value, {"k_z": stats.k_z, "m": stats.rows}
         head = self.monitor.layer
-        rows = 0
-        total_rows = 0
-        col_sum = col_max = None
-        gram = cross = k_z = 0.0
-        device = next(self.model.parameters()).device
-        for batch in self.train_loader:
-            x, y = split_batch(batch, where="train_loader")
-            a = _head_input(self.model, head, x.to(device)).double()
+        model = self.model
+        acc: dict[str, Any] = {"rows": 0, "total_rows": 0, "col_sum": None, "col_max": None,
+                               "gram": 0.0, "cross": 0.0, "k_z": 0.0}  # fmt: skip
+
+        def add(x: torch.Tensor, y: torch.Tensor) -> None:
+            a = _head_input(model, head, x).double()
             if head.bias is not None:
                 a = torch.cat([torch.ones(len(a), 1, dtype=a.dtype, device=a.device), a], dim=1)
-            y = y.to(device).double().reshape(len(a), -1)
-            rows, total_rows = max(rows, len(a)), total_rows + len(a)
-            col_sum = a.sum(0) if col_sum is None else col_sum + a.sum(0)
-            col_max = a.max(0).values if col_max is None else torch.maximum(col_max, a.max(0).values)
-            gram = max(gram, float(torch.linalg.matrix_norm(a.T @ a)))
-            cross = max(cross, float(torch.linalg.matrix_norm(y.T @ a)))
-            k_z = max(k_z, float(a.norm()))
+            y = y.double().reshape(len(a), -1)
+            acc["rows"], acc["total_rows"] = max(acc["rows"], len(a)), acc["total_rows"] + len(a)
+            s, m = a.sum(0), a.max(0).values
+            acc["col_sum"] = s if acc["col_sum"] is None else acc["col_sum"] + s
+            acc["col_max"] = m if acc["col_max"] is None else torch.maximum(acc["col_max"], m)
+            acc["gram"] = max(acc["gram"], float(torch.linalg.matrix_norm(a.T @ a)))
+            acc["cross"] = max(acc["cross"], float(torch.linalg.matrix_norm(y.T @ a)))
+            acc["k_z"] = max(acc["k_z"], float(a.norm()))
+
+        train_pass(add)
+        rows, total_rows, col_sum, col_max = acc["rows"], acc["total_rows"], acc["col_sum"], acc["col_max"]
+        gram, cross, k_z = acc["gram"], acc["cross"], acc["k_z"]
         assert col_sum is not None and col_max is not None
         # The paper's K = (a + b)/2 over the whole training set (section 7.1).
         k = (float(col_sum.sum()) / total_rows + float(col_max.mean())) / 2
@@ -472,6 +463,7 @@ class LipschitzPilot(Pilot):
     def state_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
+            "begun": self.begun,
             "initial_loss": self.initial_loss,
             "scale": self.rollback.scale,
             "rollbacks": self.rollback.rollbacks,
@@ -483,6 +475,7 @@ class LipschitzPilot(Pilot):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.mode = state.get("mode", self.mode)
+        self.begun = state.get("begun", True)
         self.initial_loss = state.get("initial_loss", math.nan)
         self.rollback.load_state_dict(state)
         self.epochs_done = state.get("epochs_done", 0)

@@ -51,7 +51,7 @@ def build_lipschitz(
     opt = torch.optim.SGD(ctx.params(), lr=initial_lr or 1e-3, momentum=momentum, weight_decay=weight_decay)
     try:
         pilot = LipschitzPilot(
-            opt, loss=spec, train_loader=ctx.train_loader, mode=mode, initial_lr=initial_lr, constant=constant,
+            opt, loss=spec, mode=mode, initial_lr=initial_lr, constant=constant,
             ls_form=ls_form, weight_bound=weight_bound, backoff=backoff, max_rollbacks=max_rollbacks,
             explode_factor=explode_factor,
         )  # fmt: skip
@@ -63,11 +63,7 @@ def build_lipschitz(
 def _source(ctx: BuildContext, method: str, ls_form: str, elementwise: bool) -> LastLayerLipschitz:
     spec = _loss_spec(ctx, method)
     require_in("ls_form", ls_form, ("paper", "bound"), method=method)
-    y_norm = (
-        targets_norm(ctx.train_loader)
-        if spec.kind == "least_squares" and ctx.train_loader is not None
-        else 0.0
-    )
+    y_norm = targets_norm(ctx.train_pass) if spec.kind == "least_squares" else 0.0
     monitor = PenultimateMonitor(ctx.model, elementwise=elementwise, outputs=spec.kind == "least_squares")
     return LastLayerLipschitz(monitor, spec, y_norm, ls_form)
 

@@ -11,7 +11,7 @@ from torch import nn
 from lrpilot.core import distributed as dist
 from lrpilot.core.checks import require_in, require_positive
 from lrpilot.core.contract import MethodParts
-from lrpilot.core.registry import BuildContext, MethodInfo, register
+from lrpilot.core.registry import RANGE_TEST_TAG, BuildContext, MethodInfo, register
 from lrpilot.pilots.mi_decay.pilot import (
     BACKENDS,
     CEILINGS,
@@ -253,11 +253,11 @@ def _register_all() -> None:
     register(MethodInfo(
         "mi-decay", "mi-decay",
         "SGD whose LR decays with the MI between network output and labels, after an LR range test (Vasudevan 2020)",
-        lambda ctx, **o: _build(ctx, layerwise=False, **o), tags=frozenset({"seed-method"}), **common))
+        lambda ctx, **o: _build(ctx, layerwise=False, **o), tags=frozenset({"seed-method", RANGE_TEST_TAG}), **common))
     register(MethodInfo(
         "mi-decay-layerwise", "mi-decay",
         "MI-driven LR decay with one LR per layer from each layer's MI with the labels (Vasudevan 2020)",
-        lambda ctx, **o: _build(ctx, layerwise=True, **o), tags=frozenset({"seed-method"}), **common))
+        lambda ctx, **o: _build(ctx, layerwise=True, **o), tags=frozenset({"seed-method", RANGE_TEST_TAG}), **common))
 
 
 _register_all()
