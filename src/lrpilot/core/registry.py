@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +33,7 @@ __all__ = [
     "MissingExtraError",
     "RANGE_TEST_TAG",
     "build_method",
+    "defaults_of",
     "get_method",
     "list_methods",
     "method_names",
@@ -176,6 +178,22 @@ class MethodInfo:
             raise MissingExtraError(
                 f"method {self.name!r} needs {', '.join(missing)}, which is not installed: {how}"
             )
+
+
+def defaults_of(fn: Callable[..., Any], *, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The keyword defaults of ``fn``'s signature, in order, less ``exclude``: a record takes the defaults
+    of the class it builds from its constructor, so each default is written once.
+
+    >>> def pilot(optimizer, *, patience=10, objective="train-eval"): ...
+    >>> defaults_of(pilot)
+    {'patience': 10, 'objective': 'train-eval'}
+    """
+    skip = set(exclude)
+    return {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty and name not in skip
+    }
 
 
 def register(info: MethodInfo, *, replace: bool = False) -> MethodInfo:

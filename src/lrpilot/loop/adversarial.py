@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrpilot.core.checks import is_number
 from lrpilot.core.data import split_batch
 from lrpilot.loop.metrics import Metric
 
@@ -75,7 +76,7 @@ class AdversarialConfig:
 
         for name in ("epsilon", "step"):
             value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value) or value < 0:
+            if not is_number(value) or value < 0:
                 raise bad(name, "a finite number >= 0 (raw data units)")
         if not _is_int(self.pgd_steps) or self.pgd_steps < 1:
             raise bad("pgd_steps", "an integer >= 1")
@@ -107,10 +108,6 @@ class AdversarialConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_int(value: Any) -> bool:

@@ -62,6 +62,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -299,7 +300,7 @@ def with_safety_net(parts: MethodParts, **options: Any) -> MethodParts:
     """``parts`` with its pilot wrapped in a :class:`SafetyNet` (options: see the class)."""
     if isinstance(parts.pilot, SafetyNet):
         raise ValueError("this method already has a safety net")
-    valid = ("factor", "explode_factor", "initial_factor", "floor", "max_rollbacks")
+    valid = tuple(inspect.signature(SafetyNet).parameters)[2:]  # after optimizer and inner
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(

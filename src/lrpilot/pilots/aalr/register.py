@@ -8,7 +8,7 @@ import torch
 
 from lrpilot.core.checks import require_in, require_positive
 from lrpilot.core.contract import MethodParts
-from lrpilot.core.registry import BuildContext, MethodInfo, register
+from lrpilot.core.registry import BuildContext, MethodInfo, defaults_of, register
 from lrpilot.pilots.aalr.pilot import AALR
 
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
@@ -50,12 +50,7 @@ def _register_all() -> None:
                 "optimizer": "sgd",
                 "momentum": 0.9,
                 "weight_decay": 0.0,
-                "patience": 10,
-                "trial_length": "p",
-                "objective": "train-eval",
-                "phase1_reset_best": True,
-                "rollback_optimizer": "reset",
-                "restore_best": True,
+                **defaults_of(AALR, exclude=("epochs",)),  # patience, trial_length, objective, ...
             },
             lr_granularity="epoch",
             kind="epoch-pilot",

@@ -10,7 +10,7 @@ from torch import nn
 
 from lrpilot.core.checks import is_number, option_error, require_in, require_positive
 from lrpilot.core.contract import MethodParts
-from lrpilot.core.registry import BuildContext, MethodInfo, register
+from lrpilot.core.registry import BuildContext, MethodInfo, defaults_of, register
 from lrpilot.estimators.lipschitz import LossSpec, PenultimateMonitor, find_head
 from lrpilot.pilots.lipschitz.guard import LipschitzGuard
 from lrpilot.pilots.lipschitz.optimizers import AdaMo, AutoAdam, LipschitzOptimizer, LipschitzRMSprop
@@ -121,7 +121,7 @@ def _adaptive_builder(method: str, cls: type[LipschitzOptimizer]) -> Callable[..
 
 
 _PAPER = "Yedida & Saha, LipschitzLR (shared/papers/003_8119a118a538bf06.txt)"
-_GUARD = {"backoff": 0.1, "max_rollbacks": 3, "explode_factor": 10.0}
+_GUARD = defaults_of(LipschitzGuard, exclude=("monitor",))  # backoff, max_rollbacks, explode_factor
 _ADAPTIVE = {
     "weight_decay": 0.0,
     "update": "step",
