@@ -179,13 +179,13 @@ def test_scripted_divergences_roll_back_and_back_off() -> None:
         "lipschitz-last-good",
         (pytest.approx(0.2),),
     )
-    assert pilot.scale == 1.0  # a first-epoch divergence blames the initialisation, not 1/L
+    assert pilot.rollback.scale == 1.0  # a first-epoch divergence blames the initialisation, not 1/L
     model(torch.randn(5, 4))  # a finite epoch
     ok = pilot.on_epoch_end(_signals(2, 0.2, False))
     assert ok.save == "lipschitz-last-good" and ok.reason == "lipschitz-epoch"
     later = pilot.on_epoch_end(_signals(3, ok.lr[0], True))
     assert later.lr[0] == pytest.approx(0.1 * ok.lr[0])
-    assert pilot.scale == pytest.approx(0.1)  # later 1/L are scaled down too
+    assert pilot.rollback.scale == pytest.approx(0.1)  # later 1/L are scaled down too
     assert pilot.on_epoch_end(_signals(4, later.lr[0], True)) is None  # max_rollbacks reached: the loop stops
 
 
@@ -210,7 +210,7 @@ def test_a_diverging_first_epoch_is_retried_with_a_smaller_lr() -> None:
     reasons = [d.reason for d in history.decisions]
     assert reasons[:3] == ["lipschitz-initial-fixed", "lipschitz-diverged-rollback", "lipschitz-epoch"]
     assert history.decisions[1].lr[0] == pytest.approx(0.1)
-    assert history.decisions[1].info["first_epoch"] and trainer.pilot.scale == 1.0
+    assert history.decisions[1].info["first_epoch"] and trainer.pilot.rollback.scale == 1.0
     assert history.status == "completed"
     assert math.isnan(history.epochs[0].train_loss)
     assert history.epochs[-1].train_loss < history.epochs[1].train_loss

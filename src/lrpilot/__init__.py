@@ -11,6 +11,7 @@ from lrpilot._version import __version__
 from lrpilot.core.contract import Decision, EpochSignals, MethodParts, Pilot, StepSignals
 from lrpilot.core.data import TensorLoader
 from lrpilot.core.families import PUBLIC_NAMES
+from lrpilot.core.lazy import lazy_exports
 from lrpilot.core.registry import BuildContext, MethodInfo, get_method, list_methods, register
 from lrpilot.loop.fit import Trainer, fit
 from lrpilot.loop.history import History, load_record, save_record
@@ -20,17 +21,7 @@ from lrpilot.loop.metrics import Metric
 # families pull in SciPy); lrpilot.core.families lists them.
 
 
-def __getattr__(name: str) -> object:
-    module = PUBLIC_NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lrpilot' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(PUBLIC_NAMES))
+__getattr__, __dir__ = lazy_exports(__name__, PUBLIC_NAMES, globals())
 
 
 __all__ = [

@@ -21,7 +21,7 @@ Names load on first use, so ``import lrpilot.estimators`` costs nothing until an
 
 from __future__ import annotations
 
-import importlib
+from lrpilot.core.lazy import lazy_exports
 
 _HOME = {
     **dict.fromkeys(
@@ -41,12 +41,4 @@ _HOME = {
 __all__ = sorted(_HOME)
 
 
-def __getattr__(name: str) -> object:
-    module = _HOME.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lrpilot.estimators' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOME))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME, globals())

@@ -426,15 +426,6 @@ class LipschitzPilot(Pilot):
     def _per_group(self, lr: float) -> tuple[float, ...]:
         return (float(lr),) * len(self.optimizer.param_groups)
 
-    @property
-    def scale(self) -> float:
-        """The persistent LR factor of past divergences (the product of ``backoff`` over them)."""
-        return self.rollback.scale
-
-    @property
-    def rollbacks(self) -> int:
-        return self.rollback.rollbacks
-
     # -- divergence -----------------------------------------------------------------------------------
     def _diverged(
         self,

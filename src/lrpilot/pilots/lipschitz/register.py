@@ -134,6 +134,7 @@ _ADAPTIVE = {
 
 def _register_all() -> None:
     seed = frozenset({"seed-method"})
+    step_level: dict[str, Any] = {"lr_granularity": "step", "kind": "step-pilot", "paper": _PAPER, "handles_nonfinite": True}
     entries = [
         MethodInfo(
             "lipschitz",
@@ -168,11 +169,8 @@ def _register_all() -> None:
             "AdaMo: momentum SGD with LR = 1/EMA of per-batch Lipschitz constants (Algorithm 1)",
             _adaptive_builder("adamo", AdaMo),
             {"lr": 1.0, "beta": 0.9, **_ADAPTIVE, "initial_lr": 0.1},
-            lr_granularity="step",
-            kind="step-pilot",
             tags=seed,
-            paper=_PAPER,
-            handles_nonfinite=True,
+            **step_level,
             invalid_options=(
                 ({"beta": 1.0}, r"beta"),
                 ({"update": "batch"}, r"update"),
@@ -196,10 +194,7 @@ def _register_all() -> None:
                 "denominator": "kz",
                 **_ADAPTIVE,
             },
-            lr_granularity="step",
-            kind="step-pilot",
-            paper=_PAPER,
-            handles_nonfinite=True,
+            **step_level,
             invalid_options=(
                 ({"rho": 1.5}, r"rho"),
                 ({"grad_sq_estimate": "third"}, r"grad_sq_estimate"),
@@ -222,11 +217,8 @@ def _register_all() -> None:
                 "k2_init": 0.0,
                 **_ADAPTIVE,
             },
-            lr_granularity="step",
-            kind="step-pilot",
             tags=seed,
-            paper=_PAPER,
-            handles_nonfinite=True,
+            **step_level,
             invalid_options=(
                 ({"beta2": 1.0}, r"beta2"),
                 ({"k1_init": -1.0}, r"k1_init"),
