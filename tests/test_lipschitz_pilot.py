@@ -78,7 +78,8 @@ def test_first_epoch_probe_reads_the_initial_model_in_eval_mode_and_leaves_the_r
     seed_everything(0)
     k_z = max(float(model[:3].eval()(x).detach().norm()) for x, _ in task.train)
     model.train()
-    trainer = Trainer(model, task.train, task.val, method="lipschitz", epochs=1, seed=0, progress=False)
+    trainer = Trainer(model, task.train, task.val, method="lipschitz", epochs=1, seed=0, progress=False,
+                      hyper_fraction=0)  # the closed form is over all the training data
     rng = torch.get_rng_state()
     trainer._begin()
     assert torch.equal(torch.get_rng_state(), rng)
@@ -109,6 +110,7 @@ def test_classical_mode_fixes_the_lr_at_the_papers_closed_form(kind: str) -> Non
         progress=False,
         loss_fn=loss,
         method_options={},
+        hyper_fraction=0,  # the paper's constant is over all the training data
     )
     history = trainer.run()
     design = torch.cat([torch.ones(len(x), 1), x], dim=1).double()  # the paper's column of ones for the bias

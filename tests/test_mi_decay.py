@@ -337,8 +337,10 @@ RRT = {"rrt_lrs": (0.003, 0.03, 0.3, 3.0, 1e4), "rrt_epochs": 2, "rrt_trials": 2
 
 
 def test_mi_decay_runs_the_range_test_first_and_reports_its_cost(tiny):
+    # One decision split given to both runs below, so the searched and the given run train on the same data.
+    split = TensorLoader(*next(iter(tiny.val)), 16, shuffle=False)
     trainer = Trainer(tiny.model(), tiny.train, tiny.val, method="mi-decay", epochs=3, seed=0, progress=False,
-                      method_options=RRT)
+                      method_options=RRT, hyper_loader=split)
     info = trainer.parts.info
     rt, search = info["range_test"], info["search"]
     runs = search["runs"]
@@ -359,7 +361,7 @@ def test_mi_decay_runs_the_range_test_first_and_reports_its_cost(tiny):
     # The trials left the run alone: training with the bounds given is the same run, step for step.
     searched = trainer.run()
     given = lrpilot.fit(tiny.model(), tiny.train, tiny.val, method="mi-decay", epochs=3, seed=0, progress=False,
-                        mi_samples=96, **bounds)
+                        mi_samples=96, hyper_loader=split, **bounds)
     assert [e.train_loss for e in searched.epochs] == [e.train_loss for e in given.epochs]
     assert searched.lr_trajectory() == given.lr_trajectory()
 

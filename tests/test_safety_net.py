@@ -78,10 +78,13 @@ def test_the_untrained_loss_is_the_larger_of_the_validation_and_training_losses(
     assert net.initial_loss == 2.4 and net.threshold() == pytest.approx(1.05 * 2.4)
     assert TRAIN_EVAL_LOSS not in net.needs
     # Through the loop: the loss over the training set is computed at the start only.
-    trainer = _run("sgd", bad_steps=[], epochs=2, until=None)
+    trainer = _run("sgd", bad_steps=[], epochs=2, until=None, hyper_fraction=0.1)
     task = TinyTask()
-    fresh = Trainer(task.model(), task.train, task.val, method="sgd", epochs=1, progress=False)
-    assert trainer.pilot.initial_loss == max(fresh.evaluate()[0], fresh.evaluate(fresh.train_loader)[0])
+    fresh = Trainer(task.model(), task.train, task.val, method="sgd", epochs=1, progress=False, safety_net=True)
+    # The net decides from the decision split carved out of the training data, never from val.
+    assert fresh.decision_split["source"] == "train" and fresh.hyper_loader is not None
+    expected = max(fresh.evaluate(fresh.hyper_loader)[0], fresh.evaluate(fresh.train_loader)[0])
+    assert trainer.pilot.initial_loss == expected != fresh.evaluate()[0]
     assert all(TRAIN_EVAL_LOSS not in e.extra for e in trainer.history.epochs)
 
 
@@ -130,11 +133,12 @@ class ScriptedLoss(nn.Module):
         return loss
 
 
-def _run(method, bad_steps, epochs=4, value=math.nan, safety_net=True, until=None, **options):
+def _run(method, bad_steps, epochs=4, value=math.nan, safety_net=True, until=None, hyper_fraction=0.0, **options):
+    # hyper_fraction=0 by default: runs with and without the net train on the same data.
     task = TinyTask()
     trainer = Trainer(task.model(), task.train, task.val, method=method, epochs=epochs, progress=False,
                       loss_fn=ScriptedLoss(bad_steps, value), metric="accuracy", method_options=options,
-                      safety_net=safety_net)
+                      safety_net=safety_net, hyper_fraction=hyper_fraction)
     trainer.run(until)
     return trainer
 
@@ -252,7 +256,7 @@ def test_resuming_after_a_rollback_continues_identically(method):
     loss = ScriptedLoss([9])
     loss.calls = first.loss_fn.calls
     resumed = Trainer(task.model(seed=5), task.train, task.val, method=method, epochs=4, progress=False,
-                      loss_fn=loss, metric="accuracy", safety_net=True)
+                      loss_fn=loss, metric="accuracy", safety_net=True, hyper_fraction=0.0)
     resumed.load_state_dict(state)
     resumed.run()
     assert [e.train_loss for e in resumed.history.epochs] == [e.train_loss for e in straight.history.epochs]

@@ -216,7 +216,7 @@ def _register_torch_methods() -> None:
                    invalid_options=(({"pct_start": 1.5}, r"pct_start"),)),
         MethodInfo("plateau", "baseline", "SGD, LR x0.1 when the validation loss plateaus (5 epochs)", build_plateau,
                    {**_SGD_DEFAULTS, "factor": 0.1, "patience": 5}, lr_granularity="epoch", kind="schedule",
-                   tags=_BASELINE, invalid_options=(({"factor": 1.5}, r"factor"),)),
+                   tags=_BASELINE, invalid_options=(({"factor": 1.5}, r"factor"),), decision_split=True),
         MethodInfo("adam", "baseline", "Adam (Kingma & Ba 2015), LR 1e-3", build_adam,
                    {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
                    tags=_BASELINE | {"main-baseline"}, invalid_options=(({"beta1": 1.5}, r"beta"),)),

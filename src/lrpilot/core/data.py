@@ -87,6 +87,25 @@ class TensorLoader:
                 break
             yield self.inputs[idx], self.targets[idx]
 
+    def split(self, fraction: float, *, seed: int) -> tuple[TensorLoader, TensorLoader]:
+        """``(rest, held_out)``: a seeded ``fraction`` of the samples held out (at least one, at most all but
+        one), e.g. the decision split a pilot decides from. ``rest`` keeps this loader's settings and the
+        original order of its samples; ``held_out`` is unshuffled and unsharded (an evaluation set)."""
+        n = len(self.inputs)
+        if not (0 < fraction < 1):
+            raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction!r}")
+        if n < 2:
+            raise ValueError(f"cannot hold out part of {n} sample(s)")
+        k = min(max(1, round(fraction * n)), n - 1)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        held, kept = perm[:k].sort().values, perm[k:].sort().values
+        rest = TensorLoader(
+            self.inputs[kept], self.targets[kept], self.batch_size, shuffle=self.shuffle, seed=self.seed,
+            drop_last=self.drop_last, rank=self.rank, world_size=self.world_size,
+        )  # fmt: skip
+        rest.epoch = self.epoch
+        return rest, TensorLoader(self.inputs[held], self.targets[held], self.batch_size, shuffle=False)
+
     def to(self, device: torch.device | str) -> TensorLoader:
         """The same loader with its tensors moved to ``device`` (once, not per batch)."""
         moved = TensorLoader(

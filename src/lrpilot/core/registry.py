@@ -37,6 +37,7 @@ __all__ = [
     "get_method",
     "list_methods",
     "method_names",
+    "needs_decision_split",
     "register",
     "resolve_options",
 ]
@@ -137,6 +138,10 @@ class MethodInfo:
         requires: import names that must be importable to build it.
         paper: short citation, or the file under ``shared/papers``.
         handles_nonfinite: the method recovers from a non-finite loss itself.
+        decision_split: the method decides from validation signals (a validation loss or metric, validation
+            batches, trials selected by a validation metric): ``True``, or a function of the resolved
+            options. The loop then gives it a split of its own (``Trainer(hyper_loader=...)``, by default
+            carved from the training data), never the split its results are scored on.
         test_options: options the contract tests use on their tiny task (e.g. a cheap setting).
         invalid_options: examples of bad options and a regex the error message must match; the
             contract tests check each raises ``ValueError``.
@@ -154,6 +159,7 @@ class MethodInfo:
     requires: tuple[str, ...] = ()
     paper: str | None = None
     handles_nonfinite: bool = False
+    decision_split: bool | Callable[[Mapping[str, Any]], bool] = False
     test_options: Mapping[str, Any] = field(default_factory=dict)
     invalid_options: tuple[tuple[Mapping[str, Any], str], ...] = ()
 
@@ -194,6 +200,12 @@ def defaults_of(fn: Callable[..., Any], *, exclude: Iterable[str] = ()) -> dict[
         for name, p in inspect.signature(fn).parameters.items()
         if p.default is not inspect.Parameter.empty and name not in skip
     }
+
+
+def needs_decision_split(info: MethodInfo, options: Mapping[str, Any]) -> bool:
+    """Whether ``info`` built with ``options`` decides from validation signals (:attr:`MethodInfo.decision_split`)."""
+    flag = info.decision_split
+    return bool(flag(resolve_options(info, options))) if callable(flag) else bool(flag)
 
 
 def register(info: MethodInfo, *, replace: bool = False) -> MethodInfo:

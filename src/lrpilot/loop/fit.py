@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
 
 from lrpilot.core import distributed as dist
+from lrpilot.core.checks import require_range
 from lrpilot.core.contract import (
     PROBE,
     TRAIN_EVAL_LOSS,
@@ -34,13 +36,17 @@ from lrpilot.core.contract import (
     set_lrs,
 )
 from lrpilot.core.data import TensorLoader, check_batch, split_batch
-from lrpilot.core.registry import BuildContext, build_method, get_method
+from lrpilot.core.registry import BuildContext, build_method, get_method, needs_decision_split
 from lrpilot.core.seeding import capture_rng, restore_rng, rng_preserved, seed_everything
 from lrpilot.loop.history import DecisionRecord, EpochRecord, History
 from lrpilot.loop.metrics import Metric, get_metric, loss_metric
 from lrpilot.loop.probe import run_probe
 
-__all__ = ["Trainer", "fit", "infer_task_kind"]
+__all__ = ["DEFAULT_HYPER_FRACTION", "Trainer", "fit", "infer_task_kind"]
+
+#: The fraction of the training data carved out as the decision split of a method that decides from
+#: validation signals, when no ``hyper_loader`` is given (seeded by the run's seed).
+DEFAULT_HYPER_FRACTION = 0.1
 
 log = logging.getLogger("lrpilot")
 
@@ -101,6 +107,14 @@ class Trainer:
             after every validation evaluation (before training, every epoch, after a final restore);
             the values are recorded in each epoch's ``extra``, e.g.
             :class:`~lrpilot.loop.adversarial.AdversarialEval`.
+        hyper_loader: the decision split: data a method that decides from validation signals (hd-val's
+            and rt-hpo's hypergradient batches, a validation loss it compares, the trials of a range test)
+            reads instead of ``val_loader``, which is only ever scored. Default: ``hyper_fraction`` of the
+            training data, carved out (seeded) for such methods only; the others train on all of it.
+            The run record says which split the decisions used (``info.decision_split``).
+        hyper_fraction: the fraction carved when no ``hyper_loader`` is given (default 0.1); ``0`` lets
+            the method decide from ``val_loader`` (recorded as such: its results are then not held out).
+            A pilot object you built yourself sees ``val_loader`` unless you give it ``hyper_loader``.
     """
 
     def __init__(
@@ -122,6 +136,8 @@ class Trainer:
         safety_net: bool | Mapping[str, Any] | None = None,
         train_transform: BatchTransform | None = None,
         extra_eval: ExtraEval | None = None,
+        hyper_loader: Any = None,
+        hyper_fraction: float = DEFAULT_HYPER_FRACTION,
     ) -> None:
         if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0):
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
@@ -141,6 +157,12 @@ class Trainer:
         self.task_kind = task_kind or infer_task_kind(self.loss_fn)
         self.train_loader = _on_device(train_loader, self.device)
         self.val_loader = _on_device(val_loader, self.device)
+        # Decisions never see the split the results are scored on (val_loader): a method that decides
+        # from validation signals gets hyper_loader, or a seeded fraction carved out of the training data.
+        self.train_loader, self.hyper_loader, self.decision_split = _decision_split(
+            method, method_options, safety_net, self.train_loader, self.val_loader,
+            None if hyper_loader is None else _on_device(hyper_loader, self.device), hyper_fraction, seed,
+        )  # fmt: skip
         self.epochs = epochs
         self.seed = seed
         self.progress = (sys.stderr.isatty() if progress is None else progress) and dist.is_main_process()
@@ -161,7 +183,7 @@ class Trainer:
             task_kind=self.task_kind,
             loss_fn=self.loss_fn,
             train_loader=self.train_loader,
-            val_loader=self.val_loader,
+            val_loader=self._decision_loader,
             seed=seed,
             device=self.device,
             param_groups=param_groups,
@@ -183,6 +205,7 @@ class Trainer:
         self._initial_optimizer_state = copy.deepcopy(self.optimizer.state_dict())
         self._checkpoints: dict[str, dict[str, Any]] = {}
         self.history = History(metric_name=self.metric.name, higher_is_better=self.metric.higher_is_better)
+        self.history.info["decision_split"] = dict(self.decision_split)
         self.epoch = 0  # epochs trained (the budget counter)
         self.step = 0  # optimizer steps taken
         self._wall_s = 0.0
@@ -258,7 +281,7 @@ class Trainer:
             trainer = Trainer(
                 copy.deepcopy(self.model),
                 self.train_loader,
-                self.val_loader,
+                self._decision_loader,  # a search selects on the decision split, never on the scored one
                 method=method,
                 epochs=epochs,
                 loss_fn=self.loss_fn,
@@ -355,9 +378,10 @@ class Trainer:
         self.history.info["initial"] = {"val_loss": val_loss, "val_metric": val_metric, **evals}
         if self.pilot is not None:
             extra = self._extra_signals()
+            decision_loss, decision_metric = self._decision_metrics(val_loss, val_metric)
             signals = EpochSignals(
                 epoch=0, step=0, lr=self.parts.lrs(), train_loss=math.nan,
-                val_loss=val_loss, val_metric=val_metric, extra=extra,
+                val_loss=decision_loss, val_metric=decision_metric, extra=extra,
             )
             for decision in _decisions(self.pilot.on_train_begin(signals)):
                 self._apply(decision)
@@ -397,9 +421,10 @@ class Trainer:
         extra: dict[str, Any] = {}
         if self.pilot is not None:
             extra = self._extra_signals() if not nonfinite else {name: math.nan for name in self.pilot.needs}
+            decision_loss, decision_metric = self._decision_metrics(val_loss, val_metric, nonfinite=nonfinite)
             signals = EpochSignals(
                 epoch=self.epoch, step=self.step, lr=lr_in_force, train_loss=train_loss,
-                val_loss=val_loss, val_metric=val_metric, nonfinite=nonfinite, extra=extra,
+                val_loss=decision_loss, val_metric=decision_metric, nonfinite=nonfinite, extra=extra,
             )
             decisions = _decisions(self.pilot.on_epoch_end(signals))
         if nonfinite and not any(d.restore is not None for d in decisions):
@@ -531,8 +556,8 @@ class Trainer:
         return val_closure
 
     def _val_batches(self, start: int) -> Iterator[Any]:
-        """Validation mini-batches for step signals, from the ``start``-th one on."""
-        loader = self.val_loader
+        """Mini-batches of the decision split for step signals, from the ``start``-th one on."""
+        loader = self._decision_loader
         if isinstance(loader, TensorLoader):
             # The global training batch size (every rank takes the same validation batch: the validation
             # gradient a step-level pilot contracts is then the same on every rank).
@@ -550,6 +575,22 @@ class Trainer:
                 if i >= skip:
                     yield batch
             epoch, skip = epoch + 1, 0
+
+    @property
+    def _decision_loader(self) -> Any:
+        """Where the method's validation signals come from: the decision split, else ``val_loader``."""
+        return self.hyper_loader if self.hyper_loader is not None else self.val_loader
+
+    def _decision_metrics(self, val_loss: float, val_metric: float, *, nonfinite: bool = False) -> tuple[float, float]:
+        """The loss and metric a pilot's :class:`EpochSignals` carry as ``val_loss``/``val_metric``: on the
+        decision split (timed as training: the method pays for it), ``nan`` for a registry method that
+        declared it decides from no validation signal, or the scored ones for a user's own pilot."""
+        source = self.decision_split["source"]
+        if source == "val":
+            return val_loss, val_metric
+        if source == "none" or nonfinite:
+            return math.nan, math.nan
+        return self.evaluate(self.hyper_loader)
 
     def _extra_signals(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -708,6 +749,8 @@ def fit(
     safety_net: bool | Mapping[str, Any] | None = None,
     train_transform: BatchTransform | None = None,
     extra_eval: ExtraEval | None = None,
+    hyper_loader: Any = None,
+    hyper_fraction: float = DEFAULT_HYPER_FRACTION,
     **method_options: Any,
 ) -> History:
     """Train ``model`` with ``method`` for ``epochs`` and return its :class:`History`.
@@ -741,6 +784,8 @@ def fit(
         safety_net=safety_net,
         train_transform=train_transform,
         extra_eval=extra_eval,
+        hyper_loader=hyper_loader,
+        hyper_fraction=hyper_fraction,
     )
     return trainer.run()
 
@@ -769,6 +814,63 @@ def _resolve_metric(metric: Metric | str | None, user_loss: Any, loss_fn: Any) -
     if metric is not None:
         raise TypeError(f"metric must be a Metric or a name, got {type(metric).__name__}")
     return get_metric("accuracy") if user_loss is None else loss_metric(loss_fn)
+
+
+def _decision_split(
+    method: Any,
+    options: Mapping[str, Any] | None,
+    safety_net: Any,
+    train_loader: Any,
+    val_loader: Any,
+    hyper_loader: Any,
+    fraction: float,
+    seed: int,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """``(train_loader, decision loader or None, record)``: where the method's decisions read validation
+    signals, and what the run record says about it (``info.decision_split``)."""
+    require_range("hyper_fraction", fraction, 0.0, 1.0, open_high=True)
+    if hyper_loader is not None:
+        return train_loader, hyper_loader, {"source": "given"}
+    if not isinstance(method, str) and not safety_net:
+        # A pilot the user built sees the validation loader it was given; hyper_loader= holds data out.
+        return train_loader, None, {"source": "val"}
+    needs = bool(safety_net) or needs_decision_split(get_method(method), dict(options or {}))
+    if not needs:
+        return train_loader, None, {"source": "none"}
+    if fraction == 0:
+        return train_loader, None, {"source": "val"}
+    rest, held = _carve(train_loader, fraction, seed + 104_729)  # a stream of its own
+    return rest, held, {"source": "train", "fraction": fraction, "samples": _num_samples(held)}
+
+
+def _carve(loader: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """``loader`` less a seeded ``fraction`` of its samples, and those samples as an evaluation loader."""
+    if isinstance(loader, TensorLoader):
+        return loader.split(fraction, seed=seed)
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(loader, DataLoader) and not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
+        n = len(dataset)
+        k = min(max(1, round(fraction * n)), n - 1)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        held, kept = perm[:k].sort().values.tolist(), perm[k:].sort().values.tolist()
+        common = {"batch_size": loader.batch_size, "num_workers": loader.num_workers,
+                  "collate_fn": loader.collate_fn, "pin_memory": loader.pin_memory}  # fmt: skip
+        shuffle = isinstance(loader.sampler, RandomSampler)
+        rest = DataLoader(Subset(dataset, kept), shuffle=shuffle, drop_last=loader.drop_last,
+                          generator=loader.generator, **common)  # fmt: skip
+        return rest, DataLoader(Subset(dataset, held), shuffle=False, **common)
+    raise ValueError(
+        f"this method decides from validation signals, and lrpilot carves its decision split out of the "
+        f"training data only from a TensorLoader or a DataLoader over a sized dataset, not a "
+        f"{type(loader).__name__}: pass hyper_loader= (data no result is scored on), or hyper_fraction=0 "
+        f"to let it decide from val_loader (its validation results are then not held out)"
+    )
+
+
+def _num_samples(loader: Any) -> int:
+    if isinstance(loader, TensorLoader):
+        return loader.num_samples
+    return len(loader.dataset)
 
 
 def _build_parts(

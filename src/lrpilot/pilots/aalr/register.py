@@ -57,6 +57,7 @@ def _register_all() -> None:
             tags=frozenset({"seed-method"}),
             paper="001_a4e9763b494f3f8e (AALR, Algorithm 1)",
             handles_nonfinite=True,
+            decision_split=lambda o: o["objective"] == "val",
             # Tiny task, 4 epochs: phase 1 ends after one epoch, then three one-epoch phase-2 trials.
             test_options={"patience": 1},
             invalid_options=(

@@ -57,11 +57,12 @@ def _register_all() -> None:
                    build_hd_train, _HD_DEFAULTS, invalid_options=bad, **common),
         MethodInfo("hd-val", "hypergradient",
                    "First-order (Val): LR += beta <g_prev, validation gradient> every step",
-                   build_hd_val, _HD_DEFAULTS, invalid_options=bad, **common),
+                   build_hd_val, _HD_DEFAULTS, invalid_options=bad, decision_split=True, **common),
         MethodInfo("rt-hpo", "hypergradient",
                    "RT-HPO: LR follows the validation hypergradient, forward-mode tangent with HVPs (eq. 5)",
                    build_rt_hpo, {**_HD_DEFAULTS, "objective": "val"},
-                   invalid_options=(*bad, ({"objective": "test"}, r"objective")), **common),
+                   invalid_options=(*bad, ({"objective": "test"}, r"objective")),
+                   decision_split=lambda o: o["objective"] == "val", **common),
     ):
         register(info)
 

@@ -134,7 +134,9 @@ _ADAPTIVE = {
 
 def _register_all() -> None:
     seed = frozenset({"seed-method"})
-    step_level: dict[str, Any] = {"lr_granularity": "step", "kind": "step-pilot", "paper": _PAPER, "handles_nonfinite": True}
+    # The divergence rule compares validation losses: every method of the family decides on a split of its own.
+    step_level: dict[str, Any] = {"lr_granularity": "step", "kind": "step-pilot", "paper": _PAPER,
+                                  "handles_nonfinite": True, "decision_split": True}
     entries = [
         MethodInfo(
             "lipschitz",
@@ -156,6 +158,7 @@ def _register_all() -> None:
             tags=seed,
             paper=_PAPER,
             handles_nonfinite=True,
+            decision_split=True,
             invalid_options=(
                 ({"mode": "deep"}, r"mode"),
                 ({"initial_lr": -1.0}, r"initial_lr"),

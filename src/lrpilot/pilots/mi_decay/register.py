@@ -238,6 +238,12 @@ def _search_cost(runs: Sequence[Mapping[str, Any]], ixy_s: float) -> dict[str, A
     }
 
 
+def _runs_range_test(o: Mapping[str, Any]) -> bool:
+    """The range test runs (its trials are compared by a validation metric) unless the bounds are given."""
+    needed = ["lr_min", "lr_max", "epsilon"] + (["lr_top"] if o["start"] == "top" else [])
+    return any(o[key] is None for key in needed)
+
+
 def _register_all() -> None:
     paper = "Vasudevan, Entropy 22(5) 560 (2020)"
     test_options = {"lr_min": 0.01, "lr_max": 0.5, "lr_top": 0.2, "epsilon": 0.05, "mi_samples": 96}
@@ -249,6 +255,7 @@ def _register_all() -> None:
         ({"ceiling": "h"}, r"ceiling"),
     )
     common = {"defaults": _DEFAULTS, "lr_granularity": "epoch", "kind": "epoch-pilot", "paper": paper,
+              "decision_split": _runs_range_test,
               "test_options": test_options, "invalid_options": invalid}
     register(MethodInfo(
         "mi-decay", "mi-decay",
