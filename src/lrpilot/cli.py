@@ -245,7 +245,7 @@ def cmd_score_algoperf(args: argparse.Namespace) -> int:
 
     workloads = Workloads.from_files(args.workloads, args.held_out) if args.workloads else Workloads.v05()
     evaluations = read_evaluations(args.path, workloads)
-    result = score_evaluations(evaluations, workloads)
+    result = score_evaluations(evaluations, workloads, trial_rule=args.trial_rule)
     print(result.to_text())
     if args.write_compact:
         path = write_compact(thin_for_scoring(evaluations, workloads), args.write_compact)
@@ -386,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", help="AlgoPerf's workload_targets_*.json (default: v0.5, shipped)")
     p.add_argument("--held-out", help="held-out workloads list (JSON), with --workloads")
     p.add_argument("--write-compact", metavar="CSV[.gz]", help="also write the evaluations scoring needs as a compact CSV")
+    p.add_argument("--trial-rule", choices=["eval-index", "fastest"], default="eval-index",
+                   help="which trial of a study counts when it has several (external tuning): eval-index (default, "
+                        "AlgoPerf v0.5's scoring code): the trial whose first target hit has the smallest evaluation "
+                        "index, at that trial's time; fastest (AlgoPerf's rules document): the smallest time to target")
     p.set_defaults(func=cmd_score_algoperf)
 
     p = sub.add_parser("calibrate", help="set each task's validation target the AlgoPerf way (tuned baselines)")
