@@ -308,11 +308,22 @@ def _ordered(by_label: Mapping[str, Any], order: Sequence[str]) -> list[tuple[st
 
 
 def _lr_series(store: Store, row: Mapping[str, Any]) -> dict[str, Any]:
-    """The LR trajectory of one run against steps: per step where recorded, else at each epoch's end."""
+    """The LR trajectory of one run against optimizer steps, from step 0 to the run's last step: per step
+    where recorded, else at each epoch's end.
+
+    A per-step series holds only the steps where the LR changed (a warm-up then a constant LR, as
+    Schedule-Free's, ends after the warm-up), so it is carried to the run's last step: every panel's x
+    axis then spans the run's optimizer steps, not the last change's.
+    """
     per_step = store.step_lrs(row["key"])
     if per_step:
         steps = sorted(per_step)
         lrs = [per_step[s] for s in steps]
+        epochs = store.epochs(row["key"])
+        last = epochs[-1]["step"] if epochs else (row.get("steps") or 0)
+        if last > steps[-1]:
+            steps.append(last)
+            lrs.append(lrs[-1])
     else:
         # An epoch's recorded LR is the one in force during it: draw it from the epoch's first step.
         epochs = store.epochs(row["key"])
