@@ -163,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report=not args.no_report,
         argv=getattr(args, "argv", None),
     )
-    print(done.leaderboard.to_text())
+    _print_board(done.leaderboard)
     print(f"\n{done.result.summary()}")
     for spec, error in done.result.failed:
         print(f"  failed: {spec.describe()}: {error.splitlines()[0] if error else ''}")
@@ -171,6 +171,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if done.report is not None:
         print(f"report:  {done.report}")
     return 0
+
+
+def _print_board(board: Any) -> None:
+    """Per-task details first, then what a user reads first: the verdict and the score table, last on
+    the terminal."""
+    from lrpilot.bench.verdict import verdict_of
+
+    print(board.to_text(scores=False))
+    print()
+    print(verdict_of(board).to_text())
 
 
 def cmd_range_test(args: argparse.Namespace) -> int:
@@ -222,7 +232,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         info = store.invocations()[-1]["suite_info"] if store.invocations() else {}
         board = leaderboard_from_store(store, targets, reference=args.reference or info.get("reference", "sgd"),
                                        suite=info.get("name", ""), keys=None if args.all else store.plan_keys())  # fmt: skip
-    print(board.to_text())
+    _print_board(board)
     print(f"\nreport: {path}")
     return 0
 

@@ -257,7 +257,7 @@ class Leaderboard:
                 target = self.targets.get(task)
                 title = f"{task}: target {target.describe()}" if target else f"{task}: no target"
                 lines += ["", f"{title}; medians over seeds ('-': target not reached)"]
-                sub = f"  {'method':<{width}}{'steps':>8}{'train s':>9}{'best':>8}{'final':>8}{'failed':>7}  {'overhead (CPU)':<20}"
+                sub = f"  {'method':<{width}}{'steps':>8}{'train s':>9}{'best':>8}{'final':>8}{'failed':>7}  overhead (CPU)"
                 lines += [sub]
                 for label in self.labels:
                     c = self.cell(label, task)
@@ -297,9 +297,8 @@ def overhead_text(ratio: float | None, spread: tuple[float, float] | None) -> st
     """``1.05x [0.98-1.10]``: a ratio and the range it comes from; ``""`` where there is no ratio."""
     if ratio is None or not math.isfinite(ratio):
         return ""
-    if spread is None or spread[0] == spread[1]:
-        return f"{ratio:.2f}x"
-    return f"{ratio:.2f}x [{spread[0]:.2f}-{spread[1]:.2f}]"
+    lo, hi = ("", "") if spread is None else (f"{spread[0]:.2f}", f"{spread[1]:.2f}")
+    return f"{ratio:.2f}x" if lo == hi else f"{ratio:.2f}x [{lo}-{hi}]"
 
 
 def _rank(v: float | None) -> str:
