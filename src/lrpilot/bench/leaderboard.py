@@ -305,10 +305,6 @@ def _rank(v: float | None) -> str:
     return "" if v is None else f"{v:.1f}"
 
 
-def _x(v: float | None) -> str:
-    return "" if v is None or not math.isfinite(v) else f"{v:.2f}x"
-
-
 def _steps(v: float) -> str:
     return "-" if not math.isfinite(v) else f"{v:.0f}"
 

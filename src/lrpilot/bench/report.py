@@ -493,12 +493,12 @@ def _verdict_html(board: Leaderboard) -> list[str]:
     names = {name: text for name, _, text in ROLES}
     parts = [
         "<h2>Verdict</h2>",
-        "<p>Per task, the best <b>untuned autopilot</b> (methods tagged <code>seed-method</code>), <b>tuned baseline</b> "
-        "(tagged <code>tuned</code>: an LR grid search, its time shown with the search charged and free) and "
-        "<b>LR-free peer</b> (tagged <code>peer</code>). Best of its kind: fastest to the target, as AlgoPerf ranks "
-        f"(training seconds, a time above {board.r_max:g}x the task's fastest counting as never), ties by the best "
-        "validation metric. Medians over seeds, [min-max] over seeds; &ndash; = target not reached in the median. "
-        "The benchmark score table follows.</p>",
+        ("<p>Per task, the best <b>untuned autopilot</b> (methods tagged <code>seed-method</code>), <b>tuned baseline</b> "
+         "(tagged <code>tuned</code>: an LR grid search, its time shown with the search charged and free) and "
+         "<b>LR-free peer</b> (tagged <code>peer</code>). Best of its kind: fastest to the target, as AlgoPerf ranks "
+         f"(training seconds, a time above {board.r_max:g}x the task's fastest counting as never), ties by the best "
+         "validation metric. Medians over seeds, [min-max] over seeds; &ndash; = target not reached in the median. "
+         "The benchmark score table follows.</p>"),
     ]  # fmt: skip
     head = ["task", "", "method", "best [min-max]", "reached", "s to target", "steps to target", "s, search free",
             "steps, search free"]  # fmt: skip

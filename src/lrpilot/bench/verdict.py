@@ -68,11 +68,11 @@ class Verdict:
         board = self.board
         seeds = ",".join(map(str, board.seeds))
         lines = [
-            f"Verdict{f' ({board.suite})' if board.suite else ''}: per task, the best of each kind; medians over seeds "
-            f"{seeds} [min-max]; time to target: training seconds and optimizer steps, '-' = not reached in the median",
-            "  best of its kind: fastest to the target (AlgoPerf's measure, a time above "
-            f"{board.r_max:g}x the task's fastest counting as never), ties by best metric",
-        ]
+            (f"Verdict{f' ({board.suite})' if board.suite else ''}: per task, the best of each kind; medians over seeds "
+             f"{seeds} [min-max]; time to target: training seconds and optimizer steps, '-' = not reached in the median"),
+            ("  best of its kind: fastest to the target (AlgoPerf's measure, a time above "
+             f"{board.r_max:g}x the task's fastest counting as never), ties by best metric"),
+        ]  # fmt: skip
         width = max([len(r.label) for rows in self.rows.values() for r in rows] + [6]) + 2
         names = {name: text for name, _, text in ROLES}
         for task in board.tasks:
@@ -109,20 +109,26 @@ def verdict_of(board: Leaderboard) -> Verdict:
             if not kind:
                 verdict.missing.setdefault(task, []).append(role)
                 continue
-
-            def key(c: Cell) -> tuple[float, ...]:
-                charged = _cut(c.times["train_s"], fastest, board.r_max)
-                free = _cut(c.times["train_s_free"], fastest_free, board.r_max)
-                best = math.inf if c.best is None else (-c.best if target.higher_is_better else c.best)
-                return (charged, free, best) if role == "tuned" else (charged, best)
-
-            top = min(sorted(kind, key=lambda c: c.label), key=key)
+            keys = {c.label: _rank_key(c, role == "tuned", target.higher_is_better, fastest, fastest_free, board.r_max)
+                    for c in kind}  # fmt: skip
+            top = min(sorted(kind, key=lambda c: c.label), key=lambda c: keys[c.label])
             verdict.rows[task].append(VerdictRow(
                 role=role, label=top.label, best=top.best, best_range=top.best_range, seeds=len(top.seeds),
                 reached=top.reached, secs=top.times["train_s"], steps=top.times["steps"],
                 secs_free=top.times["train_s_free"], steps_free=top.times["steps_free"], candidates=len(kind),
             ))  # fmt: skip
     return verdict
+
+
+def _rank_key(cell: Cell, tuned: bool, higher_is_better: bool, fastest: float, fastest_free: float,
+              r_max: float) -> tuple[float, ...]:  # fmt: skip
+    """Smaller is better: seconds to target after the cut (a tuned baseline's charged, then free), then
+    the median best metric (negated where higher is better; none = last)."""
+    charged = _cut(cell.times["train_s"], fastest, r_max)
+    best = math.inf if cell.best is None else (-cell.best if higher_is_better else cell.best)
+    if tuned:
+        return (charged, _cut(cell.times["train_s_free"], fastest_free, r_max), best)
+    return (charged, best)
 
 
 def _cut(time: float, fastest: float, r_max: float) -> float:
