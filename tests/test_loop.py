@@ -268,6 +268,31 @@ def test_timings_are_cumulative_and_training_excludes_evaluation(tiny):
     assert all(e.train_s < e.wall_s for e in hist.epochs)
 
 
+def test_cpu_seconds_count_the_thread_working_not_the_clock(tiny):
+    """``train_cpu_s`` spans what ``train_s`` spans, in CPU seconds of the training thread: a pilot that
+    sleeps 0.3 s at each epoch's end adds 0.3 s of training seconds per epoch and no CPU seconds,
+    as a process that took the CPU away would; work the pilot does itself counts."""
+
+    class Sleeper(ScriptedPilot):
+        def on_epoch_end(self, signals):
+            import time
+
+            time.sleep(0.3)
+            return super().on_epoch_end(signals)
+
+    hist = _trainer(tiny, lambda opt: Sleeper(opt, {}), epochs=2).run()
+    for e in hist.epochs:
+        assert e.train_cpu_s is not None and 0 < e.train_cpu_s <= e.train_s
+        assert e.train_s - e.train_cpu_s >= 0.3 * e.epoch - 0.01  # the sleeps: wall, not CPU
+    assert hist.summary()["train_cpu_s"] == hist.epochs[-1].train_cpu_s
+    record = hist.to_record(task="tiny", method="sgd", seed=0, config={})
+    assert record["epochs"][1]["train_cpu_s"] == hist.epochs[1].train_cpu_s
+    # A record from before the field existed still reads (format 1): the field is simply unknown.
+    for e in record["epochs"]:
+        del e["train_cpu_s"]
+    assert lrpilot.History.from_record(record).epochs[0].train_cpu_s is None
+
+
 def test_run_record_round_trip(tmp_path, tiny):
     hist = lrpilot.fit(tiny.model(), tiny.train, tiny.val, method="sgd-step", epochs=4, progress=False)
     record = hist.to_record(task="tiny", method="sgd-step", seed=0, config={"epochs": 4})

@@ -24,7 +24,7 @@ from lrpilot.bench.suites import RunSpec
 from tests.test_bench import PLUGIN, _alive, fakes, plan_of  # noqa: F401 - fakes is a fixture
 
 # Keys of the run record and store columns that measure time or place: the only things allowed to differ.
-_TIMING = ("wall_s", "train_s", "started_at", "finished_at", "run_s")
+_TIMING = ("wall_s", "train_s", "train_cpu_s", "started_at", "finished_at", "run_s")
 
 
 def _process_tree(pid: int) -> set[int]:

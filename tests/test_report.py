@@ -130,3 +130,29 @@ def test_every_image_loads_in_headless_chromium(bench_dir, tmp_path):
     assert found, dom[-2000:]
     states = dict(line.rsplit("=", 1) for line in found.group(1).strip().splitlines())
     assert len(states) == 6 and set(states.values()) == {"ok"}, states
+
+
+def test_the_verdict_comes_first(bench_dir):
+    page = (bench_dir / "report.html").read_text()
+    assert page.index("<h2>Verdict</h2>") < page.index("<h2>Leaderboard</h2>") < page.index("<h2>Per task</h2>")
+    verdict = page.split("<h2>Verdict</h2>")[1].split("<h2>")[0]
+    # The tiny suite has no autopilot, tuned baseline or peer: each kind says so, on both tasks.
+    assert verdict.count("none in this bench") == 6
+
+
+def test_lr_panels_span_the_runs_optimizer_steps(tmp_path):
+    """A per-step LR series holds only the steps where the LR changed (Schedule-Free: its warm-up); the
+    panel still runs to the run's last step, like a per-epoch series."""
+    from lrpilot.bench.report import _lr_series
+    from tests.test_store import ok, record, spec
+
+    per_step, per_epoch = spec(0), spec(1)
+    with Store.open(tmp_path) as store:
+        store.put(per_step, ok(per_step, record(0, lr_groups=1)))  # step_lr changes at 0 and 5; 24 steps in all
+        flat = record(1, lr_groups=1)
+        flat["step_lr"] = []
+        store.put(per_epoch, ok(per_epoch, flat))
+        rows = {r["seed"]: r for r in store.runs()}
+        a, b = _lr_series(store, rows[0]), _lr_series(store, rows[1])
+    assert a["steps"] == [0, 5, 24] and a["lrs"] == [[0.1], [0.08], [0.08]]
+    assert b["steps"] == [0, 8, 16, 24] and [x for (x,) in b["lrs"]] == pytest.approx([0.1, 0.05, 0.1 / 3, 0.1 / 3])

@@ -109,12 +109,15 @@ def test_docstring_example_value_by_hand():
 # the bench's leaderboard on hand-made runs
 # ----------------------------------------------------------------------------------------------------
 def run(task, label, seed, metrics, *, secs_per_epoch=1.0, steps_per_epoch=10, search=(0, 0.0), tuned=False,
-        status="completed") -> RunResult:  # fmt: skip
+        status="completed", cpu_per_epoch="secs", tags=()) -> RunResult:  # fmt: skip
+    """A hand-made run; its CPU seconds equal its wall seconds unless ``cpu_per_epoch`` says (None: none)."""
     evals = tuple(((i + 1) * steps_per_epoch, (i + 1) * secs_per_epoch, m) for i, m in enumerate(metrics))
     finite = [m for m in metrics if m is not None and math.isfinite(m)]
+    cpu = secs_per_epoch if cpu_per_epoch == "secs" else cpu_per_epoch
     return RunResult(task, label, seed, status, evals, best=max(finite, default=None), final=metrics[-1],
                      steps=len(metrics) * steps_per_epoch, train_s=len(metrics) * secs_per_epoch,
-                     search_steps=search[0], search_train_s=search[1], tuned=tuned, higher_is_better=True)  # fmt: skip
+                     search_steps=search[0], search_train_s=search[1], tuned=tuned, higher_is_better=True,
+                     train_cpu_s=None if cpu is None else len(metrics) * cpu, tags=frozenset(tags))  # fmt: skip
 
 
 TARGETS = {"t1": Target("t1", 0.9, "accuracy"), "t2": Target("t2", 0.8, "accuracy")}
@@ -189,6 +192,39 @@ def test_overhead_per_step_against_the_reference():
     assert board.overhead["heavy"] == pytest.approx(math.sqrt(3.0 * 1.5))  # geometric mean
     assert board.overhead["sgd"] == pytest.approx(1.0)
     assert build_leaderboard(results, TARGETS, reference="absent").overhead["heavy"] is None
+
+
+def test_overhead_is_cpu_seconds_so_a_busy_machine_cannot_make_more_work_look_cheaper():
+    """SGD's runs shared the CPU (2 s of wall per epoch for 1 s of CPU), 'heavy' ran alone (1 s of wall
+    for 1.1-1.5 s of CPU): wall seconds say heavy costs 0.5x-0.75x SGD, CPU seconds 1.1x-1.5x."""
+    results = []
+    for seed, heavy_cpu in zip((0, 1, 2), (1.1, 1.2, 1.5)):
+        results += [run("t1", "sgd", seed, [0.95] * 4, secs_per_epoch=2.0, cpu_per_epoch=1.0),
+                    run("t1", "heavy", seed, [0.95] * 4, secs_per_epoch=1.0 + 0.5 * (seed == 2), cpu_per_epoch=heavy_cpu),
+                    run("t2", "sgd", seed, [0.95] * 4, secs_per_epoch=2.0, cpu_per_epoch=0.5),
+                    run("t2", "heavy", seed, [0.95] * 4, secs_per_epoch=1.0, cpu_per_epoch=1.0)]  # fmt: skip
+    board = build_leaderboard(results, TARGETS, reference="sgd")
+    heavy = board.cell("heavy", "t1")
+    assert heavy.s_per_step == pytest.approx(0.1) and heavy.cpu_per_step == pytest.approx(0.12)
+    assert heavy.overhead == pytest.approx(1.2)  # median of 1.1, 1.2, 1.5
+    assert heavy.overhead_range == pytest.approx((1.1, 1.5))
+    assert board.cell("heavy", "t2").overhead == pytest.approx(2.0)
+    assert board.overhead["heavy"] == pytest.approx(math.sqrt(1.2 * 2.0))
+    assert board.overhead_range["heavy"] == pytest.approx((1.1, 2.0))
+    assert board.overhead["sgd"] == pytest.approx(1.0) and board.overhead_range["sgd"] == (1.0, 1.0)
+    text = board.to_text()
+    assert "1.55x [1.10-2.00]" in text  # the leaderboard: geometric mean [min-max over tasks and seeds]
+    assert "1.20x [1.10-1.50]" in text  # heavy on t1
+    assert "overhead (CPU)" in text
+
+
+def test_no_cpu_seconds_no_overhead_ratio():
+    """Runs from before CPU seconds were recorded: no ratio at all, rather than one from wall seconds."""
+    results = [run("t1", "sgd", 0, [0.95] * 4, cpu_per_epoch=None), run("t1", "heavy", 0, [0.95] * 4, secs_per_epoch=3.0)]
+    board = build_leaderboard(results, {"t1": TARGETS["t1"]}, reference="sgd")
+    assert board.cell("heavy", "t1").overhead is None and board.overhead["heavy"] is None
+    assert board.overhead_range["heavy"] is None
+    assert "x" not in board.to_text().split("heavy")[1].splitlines()[0]  # an empty overhead cell
 
 
 def test_task_without_target_is_shown_but_not_scored():

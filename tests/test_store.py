@@ -137,3 +137,22 @@ def test_a_store_of_another_schema_is_refused(tmp_path):
         store._db.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
     with pytest.raises(ValueError, match="schema version 999"):
         Store.open(tmp_path)
+
+
+def test_cpu_seconds_are_stored_and_an_older_store_gains_the_column(tmp_path):
+    """``train_cpu_s`` (summary) goes to its column; a store made before the column existed is opened,
+    gains it (NULL for its runs: no CPU seconds were measured) and takes new runs with it."""
+    old = tmp_path / "old"
+    with Store.open(old) as store:
+        s0 = spec(0)
+        store.put(s0, ok(s0, record(0)), suite="t")
+    db = sqlite3.connect(old / "bench.sqlite")
+    db.execute("ALTER TABLE runs DROP COLUMN train_cpu_s")  # as lrpilot wrote it before
+    db.commit()
+    db.close()
+    with Store.open(old) as store:
+        s1 = spec(1)
+        rec = record(1)
+        rec["summary"]["train_cpu_s"] = 0.25
+        store.put(s1, ok(s1, rec), suite="t")
+        assert {r["seed"]: r["train_cpu_s"] for r in store.runs()} == {0: None, 1: 0.25}

@@ -163,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report=not args.no_report,
         argv=getattr(args, "argv", None),
     )
-    print(done.leaderboard.to_text())
+    _print_board(done.leaderboard)
     print(f"\n{done.result.summary()}")
     for spec, error in done.result.failed:
         print(f"  failed: {spec.describe()}: {error.splitlines()[0] if error else ''}")
@@ -171,6 +171,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if done.report is not None:
         print(f"report:  {done.report}")
     return 0
+
+
+def _print_board(board: Any) -> None:
+    """Per-task details first, then what a user reads first: the verdict and the score table, last on
+    the terminal."""
+    from lrpilot.bench.verdict import verdict_of
+
+    print(board.to_text(scores=False))
+    print()
+    print(verdict_of(board).to_text())
 
 
 def cmd_range_test(args: argparse.Namespace) -> int:
@@ -222,7 +232,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         info = store.invocations()[-1]["suite_info"] if store.invocations() else {}
         board = leaderboard_from_store(store, targets, reference=args.reference or info.get("reference", "sgd"),
                                        suite=info.get("name", ""), keys=None if args.all else store.plan_keys())  # fmt: skip
-    print(board.to_text())
+    _print_board(board)
     print(f"\nreport: {path}")
     return 0
 
@@ -251,7 +261,7 @@ def cmd_score_algoperf(args: argparse.Namespace) -> int:
 
     workloads = Workloads.from_files(args.workloads, args.held_out) if args.workloads else Workloads.v05()
     evaluations = read_evaluations(args.path, workloads)
-    result = score_evaluations(evaluations, workloads)
+    result = score_evaluations(evaluations, workloads, trial_rule=args.trial_rule)
     print(result.to_text())
     if args.write_compact:
         path = write_compact(thin_for_scoring(evaluations, workloads), args.write_compact)
@@ -393,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", help="AlgoPerf's workload_targets_*.json (default: v0.5, shipped)")
     p.add_argument("--held-out", help="held-out workloads list (JSON), with --workloads")
     p.add_argument("--write-compact", metavar="CSV[.gz]", help="also write the evaluations scoring needs as a compact CSV")
+    p.add_argument("--trial-rule", choices=["eval-index", "fastest"], default="eval-index",
+                   help="which trial of a study counts when it has several (external tuning): eval-index (default, "
+                        "AlgoPerf v0.5's scoring code): the trial whose first target hit has the smallest evaluation "
+                        "index, at that trial's time; fastest (AlgoPerf's rules document): the smallest time to target")
     p.set_defaults(func=cmd_score_algoperf)
 
     p = sub.add_parser("calibrate", help="set each task's validation target the AlgoPerf way (tuned baselines)")

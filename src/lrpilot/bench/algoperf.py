@@ -8,19 +8,31 @@ Inputs:
 
 * a log folder laid out as AlgoPerf writes it,
   ``<submission>/study_<k>/<workload>_<framework>/trial_<n>/eval_measurements.csv`` (any number of
-  folders above ``<submission>``), or
+  folders above ``<submission>``; ``<framework>`` is ``jax`` or ``pytorch``, AlgoPerf's
+  ``WORKLOAD_NAME_PATTERN``). A file elsewhere, e.g. a stray ``study_<k>/trial_<n>/`` folder with no
+  workload folder (the public v0.5 external-tuning tree has some), is skipped with a warning naming it;
 * a compact CSV (optionally gzipped) with the columns ``submission, study, workload, trial, time,
-  value`` (:func:`write_compact` derives it from a log folder; the tests ship one).
+  value`` and optionally ``index`` (the evaluation's position in its trial's log; without it, the
+  row's position among its trial's rows); :func:`write_compact` derives one from a log folder, and the
+  tests ship one.
 
 The workloads' targets, metric names and held-out variants default to AlgoPerf v0.5's
 (``bench/data/algoperf_v05.json``, copied from mlcommons/submissions_algorithms, Apache-2.0).
 
 Rules, in this order (AlgoPerf v0.5's scoring code; applying them in this order reproduces the table):
 
-1. Per submission, workload and study: the time (``score``, i.e. ``accumulated_submission_time``) of
-   the first evaluation whose validation metric reaches the target; never reached = ``inf``. With
-   several trials in a study (the external-tuning ruleset) the study's time is the fastest trial's.
-   A workload's time is the median over the submission's studies.
+1. Per submission, workload, study and trial: the first evaluation whose validation metric reaches the
+   target. A study's time is one trial's time (``score``, i.e. ``accumulated_submission_time``) at its
+   first hit; which trial is the *trial rule*:
+
+   * ``eval-index`` (default; the v0.5 scoring code, ``get_best_trial_index`` in
+     ``scoring/performance_profile.py``): the trial whose first hit has the smallest *evaluation
+     index* (position in its log), ties to the first trial in trial-number order; its time is taken
+     even where another trial reached the target in less time with more evaluations;
+   * ``fastest`` (the rules document's wording): the smallest time over the study's trials.
+
+   No trial reaching the target = ``inf``. The self-tuning ruleset has one trial per study, where both
+   rules agree. A workload's time is the median over the submission's studies.
 2. A held-out variant's time becomes ``inf`` where its base workload's time is.
 3. Every time above 4x the fastest submission's on that workload (base or variant) becomes ``inf``.
 4. A base workload's time becomes ``inf`` where its held-out variant's time is.
@@ -33,7 +45,9 @@ import csv
 import gzip
 import io
 import json
+import logging
 import math
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -41,9 +55,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lrpilot.bench.scoring import R_MAX, benchmark_scores, cut_slow, median_time, time_to_target
+from lrpilot.bench.scoring import R_MAX, benchmark_scores, cut_slow, median_time, reaches
 
 __all__ = [
+    "TRIAL_RULES",
     "AlgoPerfResult",
     "Evaluation",
     "Workloads",
@@ -59,6 +74,19 @@ __all__ = [
 LOWER_IS_BETTER = frozenset({"loss", "wer", "error_rate", "ctc_loss", "l1_loss", "mse"})
 
 COMPACT_COLUMNS = ("submission", "study", "workload", "trial", "time", "value")
+#: Optional column of a compact CSV: the evaluation's position in its trial's log.
+INDEX_COLUMN = "index"
+
+#: How a study's trial is chosen (module docstring, rule 1): name -> what it does.
+TRIAL_RULES = {
+    "eval-index": "the trial whose first target hit has the smallest evaluation index (AlgoPerf v0.5's scoring code)",
+    "fastest": "the trial whose first target hit has the smallest time (AlgoPerf's rules document)",
+}
+
+# AlgoPerf's WORKLOAD_NAME_PATTERN: a workload folder is the workload's name and its framework.
+_WORKLOAD_DIR = re.compile(r"(.+)_(jax|pytorch)")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -122,6 +150,7 @@ class Evaluation:
     trial: str
     time: float
     value: float | None  # the workload's target metric on the validation split (None: not logged)
+    index: int | None = None  # position in the trial's log (None: its position among the trial's rows)
 
 
 @dataclass
@@ -133,12 +162,14 @@ class AlgoPerfResult:
         times: ``submission -> workload -> time`` after every rule (what the score is computed from).
         study_times: ``submission -> workload -> [time per study]`` (rule 1, before the median).
         workloads: the definitions used.
+        trial_rule: how each study's trial was chosen (:data:`TRIAL_RULES`).
     """
 
     scores: dict[str, float]
     times: dict[str, dict[str, float]]
     study_times: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     workloads: Workloads | None = None
+    trial_rule: str = "eval-index"
 
     def ranking(self) -> list[tuple[str, float]]:
         """``(submission, score)``, best first (ties by name)."""
@@ -168,21 +199,32 @@ def read_evaluations(path: str | Path, workloads: Workloads | None = None) -> li
             "<submission>/study_<k>/<workload>_<framework>/trial_<n>/eval_measurements.csv)"
         )
     rows: list[Evaluation] = []
+    stray: list[Path] = []
     for file in files:
         trial_dir = file.parent
         workload_dir, study_dir = trial_dir.parent, trial_dir.parent.parent
-        submission = study_dir.parent.name
-        workload = workload_dir.name.rsplit("_", 1)[0]  # drop the framework: wmt_jax -> wmt
+        named = _WORKLOAD_DIR.fullmatch(workload_dir.name)
+        if named is None:  # no <workload>_<framework> folder above the trial: not where AlgoPerf writes
+            stray.append(file)
+            continue
+        workload = named.group(1)  # drop the framework: wmt_jax -> wmt
         if workload not in workloads.targets:
             raise ValueError(f"{file}: workload {workload!r} has no target in the workload definitions")
         metric = workloads.targets[workload][0]
         with file.open(newline="") as f:
-            for row in csv.DictReader(f):
+            for i, row in enumerate(csv.DictReader(f)):
                 time = row.get("score") or row["accumulated_submission_time"]
                 rows.append(
-                    Evaluation(submission, study_dir.name, workload, trial_dir.name, float(time),
-                               _number(row.get(f"validation/{metric}")))
+                    Evaluation(study_dir.parent.name, study_dir.name, workload, trial_dir.name, float(time),
+                               _number(row.get(f"validation/{metric}")), i)
                 )  # fmt: skip
+    if stray:
+        log.warning(
+            "skipped %d eval_measurements.csv outside <submission>/study_<k>/<workload>_<framework>/trial_<n>/ "
+            "(no workload folder above the trial): %s", len(stray), ", ".join(str(f.relative_to(path)) for f in stray),
+        )  # fmt: skip
+    if not rows:
+        raise FileNotFoundError(f"{path}: every eval_measurements.csv below it is outside the expected layout (warned above)")
     return rows
 
 
@@ -201,9 +243,11 @@ def _read_compact(path: Path) -> Iterator[Evaluation]:
         if missing:
             raise ValueError(f"{path}: a compact AlgoPerf CSV needs the columns {', '.join(COMPACT_COLUMNS)}; "
                              f"missing {', '.join(sorted(missing))}")
+        has_index = INDEX_COLUMN in (reader.fieldnames or ())
         for row in reader:
+            index = int(row[INDEX_COLUMN]) if has_index and row[INDEX_COLUMN] != "" else None
             yield Evaluation(row["submission"], row["study"], row["workload"], row["trial"], float(row["time"]),
-                             _number(row["value"]))
+                             _number(row["value"]), index)
 
 
 def thin_for_scoring(evaluations: Iterable[Evaluation], workloads: Workloads | None = None) -> list[Evaluation]:
@@ -212,12 +256,12 @@ def thin_for_scoring(evaluations: Iterable[Evaluation], workloads: Workloads | N
     (so the study still counts, as ``inf``). Scores computed from the result equal the full logs'."""
     workloads = workloads or Workloads.v05()
     trials: dict[tuple[str, str, str, str], list[Evaluation]] = defaultdict(list)
-    for e in evaluations:
+    for e in _indexed(evaluations):  # each row keeps its position in the full log
         trials[(e.submission, e.study, e.workload, e.trial)].append(e)
     kept: list[Evaluation] = []
     for (_, _, workload, _), rows in trials.items():
         target, hib = workloads.targets[workload][1], workloads.higher_is_better(workload)
-        hit = next((i for i, e in enumerate(rows) if time_to_target([e.value], [e.time], target, higher_is_better=hib) < math.inf), None)
+        hit = next((i for i, e in enumerate(rows) if reaches(e.value, target, higher_is_better=hib)), None)
         kept += rows[-1:] if hit is None else rows[max(hit - 1, 0) : hit + 2]
     return kept
 
@@ -225,14 +269,16 @@ def thin_for_scoring(evaluations: Iterable[Evaluation], workloads: Workloads | N
 def write_compact(evaluations: Iterable[Evaluation], path: str | Path) -> Path:
     """Write evaluations as a compact CSV (gzipped if ``path`` ends in ``.gz``, byte-reproducible).
 
-    Values are written with ``repr`` so they read back bit for bit.
+    Values are written with ``repr`` so they read back bit for bit; the ``index`` column keeps each
+    evaluation's position in its log, which the ``eval-index`` trial rule needs once rows are thinned.
     """
     path = Path(path)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COMPACT_COLUMNS)
-    for e in evaluations:
-        writer.writerow([e.submission, e.study, e.workload, e.trial, repr(e.time), "" if e.value is None else repr(e.value)])
+    writer.writerow((*COMPACT_COLUMNS, INDEX_COLUMN))
+    for e in _indexed(evaluations):
+        writer.writerow([e.submission, e.study, e.workload, e.trial, repr(e.time), "" if e.value is None else repr(e.value),
+                         e.index])  # fmt: skip
     data = buf.getvalue().encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".gz":
@@ -244,24 +290,63 @@ def write_compact(evaluations: Iterable[Evaluation], path: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------------------
 # scoring
 # ----------------------------------------------------------------------------------------------------
-def score_evaluations(
-    evaluations: Iterable[Evaluation], workloads: Workloads | None = None, *, r_max: float = R_MAX
-) -> AlgoPerfResult:
-    """Apply rules 1-5 (module docstring) to a list of evaluations."""
-    workloads = workloads or Workloads.v05()
-    # Rule 1: the first evaluation reaching the target, per trial (in file order).
-    per_trial: dict[tuple[str, str, str, str], tuple[list[float | None], list[float]]] = defaultdict(lambda: ([], []))
+def _indexed(evaluations: Iterable[Evaluation]) -> list[Evaluation]:
+    """The evaluations with ``index`` filled in where missing: the position among its trial's rows."""
+    seen: dict[tuple[str, str, str, str], int] = defaultdict(int)
+    out = []
     for e in evaluations:
-        values, times = per_trial[(e.submission, e.workload, e.study, e.trial)]
-        values.append(e.value)
-        times.append(e.time)
-    study: dict[tuple[str, str, str], float] = {}
-    for (sub, workload, st, _trial), (values, times) in per_trial.items():
+        key = (e.submission, e.study, e.workload, e.trial)
+        if e.index is None:
+            e = Evaluation(e.submission, e.study, e.workload, e.trial, e.time, e.value, seen[key])
+        seen[key] += 1
+        out.append(e)
+    return out
+
+
+def _trial_order(trial: str) -> tuple[Any, ...]:
+    """Trial-number order (trial_2 before trial_10): how ties between trials are broken."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", trial))
+
+
+def score_evaluations(
+    evaluations: Iterable[Evaluation],
+    workloads: Workloads | None = None,
+    *,
+    r_max: float = R_MAX,
+    trial_rule: str = "eval-index",
+) -> AlgoPerfResult:
+    """Apply rules 1-5 (module docstring) to a list of evaluations.
+
+    Args:
+        evaluations: every evaluation (each trial's in log order).
+        workloads: the workload definitions (default: AlgoPerf v0.5's).
+        r_max: the performance-profile cut-off (AlgoPerf: 4).
+        trial_rule: which trial of a study counts, a key of :data:`TRIAL_RULES`.
+    """
+    if trial_rule not in TRIAL_RULES:
+        raise ValueError(f"trial_rule must be one of {', '.join(TRIAL_RULES)}, got {trial_rule!r}")
+    workloads = workloads or Workloads.v05()
+    # Rule 1: the first evaluation reaching the target, per trial: (evaluation index, time) of it.
+    per_trial: dict[tuple[str, str, str, str], list[Evaluation]] = defaultdict(list)
+    for e in _indexed(evaluations):
+        per_trial[(e.submission, e.workload, e.study, e.trial)].append(e)
+    hits: dict[tuple[str, str, str], list[tuple[int, tuple[Any, ...], float]]] = defaultdict(list)
+    for (sub, workload, st, trial), rows in per_trial.items():
         if workload not in workloads.targets:
             raise ValueError(f"workload {workload!r} of submission {sub!r} has no target")
-        target = workloads.targets[workload][1]
-        t = time_to_target(values, times, target, higher_is_better=workloads.higher_is_better(workload))
-        study[(sub, workload, st)] = min(t, study.get((sub, workload, st), math.inf))  # best trial of a study
+        target, hib = workloads.targets[workload][1], workloads.higher_is_better(workload)
+        hits.setdefault((sub, workload, st), [])
+        first = next((e for e in rows if reaches(e.value, target, higher_is_better=hib)), None)
+        if first is not None:
+            hits[(sub, workload, st)].append((int(first.index or 0), _trial_order(trial), first.time))
+    study: dict[tuple[str, str, str], float] = {}
+    for key, trial_hits in hits.items():
+        if not trial_hits:
+            study[key] = math.inf
+        elif trial_rule == "eval-index":
+            study[key] = min(trial_hits, key=lambda h: (h[0], h[1]))[2]
+        else:
+            study[key] = min(h[2] for h in trial_hits)
 
     submissions = sorted({sub for sub, _, _ in study})
     all_workloads = [*workloads.base, *workloads.held_out]
@@ -285,10 +370,12 @@ def score_evaluations(
                 row[workloads.base_of(variant)] = math.inf
     # Rule 5: the profile over the base workloads.
     scores = benchmark_scores(times, r_max=r_max, tasks=workloads.base)
-    return AlgoPerfResult(scores, times, study_times, workloads)
+    return AlgoPerfResult(scores, times, study_times, workloads, trial_rule)
 
 
-def score_algoperf(path: str | Path, workloads: Workloads | None = None, *, r_max: float = R_MAX) -> AlgoPerfResult:
+def score_algoperf(
+    path: str | Path, workloads: Workloads | None = None, *, r_max: float = R_MAX, trial_rule: str = "eval-index"
+) -> AlgoPerfResult:
     """Score the AlgoPerf logs (folder or compact CSV) at ``path``; see the module docstring."""
     workloads = workloads or Workloads.v05()
-    return score_evaluations(read_evaluations(path, workloads), workloads, r_max=r_max)
+    return score_evaluations(read_evaluations(path, workloads), workloads, r_max=r_max, trial_rule=trial_rule)

@@ -14,10 +14,14 @@ Columns of :class:`Leaderboard`:
 
 * ``score``: benchmark score on training seconds, search charged (the headline number);
 * ``score_steps``: the same on steps; ``score_free``, ``score_steps_free``: search free;
-* per task: steps and seconds to target, median best and final validation metric, and the overhead per
-  step against the suite's reference method (plain SGD): median ``train_s / steps`` over seeds divided
-  by the reference's on the same task, search excluded. The leaderboard's overhead is the geometric
-  mean over tasks.
+* per task: steps and seconds to target, median best and final validation metric (and its spread over
+  seeds), and the overhead per step against the suite's reference method (plain SGD), in **CPU
+  seconds** of the run's training thread (``train_cpu_s``, search excluded): each seed's
+  ``train_cpu_s / steps`` over the reference's median on the same task; the cell shows the median over
+  seeds, the leaderboard the geometric mean over tasks, each with the range of the per-seed ratios.
+  Wall seconds would let a busy machine show a method that does more work per step as cheaper than
+  SGD (a run that happened to share the CPU less); a thread's CPU seconds only count while it runs.
+  Runs without CPU seconds (stores from before lrpilot recorded them) give no ratio.
 """
 
 from __future__ import annotations
@@ -100,6 +104,9 @@ class RunResult:
         search_steps, search_train_s: what the method spent searching before the run (0 if nothing).
         tuned: the method carries the ``tuned`` tag (also scored with its search free).
         higher_is_better: the metric's direction (``None`` for a failed run).
+        train_cpu_s: CPU seconds of the run's training thread over the same spans as ``train_s``
+            (``None``: not recorded).
+        tags: the method's registry tags (the verdict picks its rows by them).
     """
 
     task: str
@@ -115,6 +122,8 @@ class RunResult:
     search_train_s: float = 0.0
     tuned: bool = False
     higher_is_better: bool | None = None
+    train_cpu_s: float | None = None
+    tags: frozenset[str] = frozenset()
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], *, label: str | None = None, tags: Iterable[str] = ()) -> RunResult:
@@ -127,12 +136,13 @@ class RunResult:
             best=s.get("best_val_metric"), final=s.get("final_val_metric"), steps=int(s.get("steps", 0)),
             train_s=float(s.get("train_s", 0.0)), search_steps=float(search.get("total_steps") or 0.0),
             search_train_s=float(search.get("total_train_s") or 0.0), tuned="tuned" in set(tags),
-            higher_is_better=bool(record["metric"]["higher_is_better"]),
+            higher_is_better=bool(record["metric"]["higher_is_better"]), train_cpu_s=s.get("train_cpu_s"),
+            tags=frozenset(tags),
         )  # fmt: skip
 
     @classmethod
-    def failed(cls, task: str, label: str, seed: int, *, tuned: bool = False) -> RunResult:
-        return cls(task, label, seed, "failed", tuned=tuned)
+    def failed(cls, task: str, label: str, seed: int, *, tuned: bool = False, tags: Iterable[str] = ()) -> RunResult:
+        return cls(task, label, seed, "failed", tuned=tuned, tags=frozenset(tags))
 
     def time_to(self, target: Target) -> tuple[float, float]:
         """``(steps, train_s)`` of the run itself to ``target`` (search excluded); ``inf`` if never."""
@@ -147,6 +157,12 @@ class RunResult:
     @property
     def s_per_step(self) -> float | None:
         return self.train_s / self.steps if self.steps and self.train_s > 0 else None
+
+    @property
+    def cpu_per_step(self) -> float | None:
+        """CPU seconds per optimizer step of the run itself (``None``: not recorded, or no step)."""
+        cpu = self.train_cpu_s
+        return cpu / self.steps if self.steps and cpu is not None and math.isfinite(cpu) and cpu > 0 else None
 
 
 @dataclass
@@ -164,7 +180,10 @@ class Cell:
     s_per_step: float | None
     search_steps: float = 0.0
     search_train_s: float = 0.0
-    overhead: float | None = None
+    overhead: float | None = None  # median over seeds of CPU s per step / the reference's (None: no ratio)
+    overhead_range: tuple[float, float] | None = None  # min and max of the per-seed ratios
+    best_range: tuple[float, float] | None = None  # min and max over seeds of the best metric
+    cpu_per_step: float | None = None  # median over seeds
 
 
 @dataclass
@@ -187,6 +206,9 @@ class Leaderboard:
     # label -> mean over scored tasks of its rank by median best metric (1 = best): orders equal scores,
     # e.g. the many methods at 0 when a one-seed bench reaches few targets.
     best_rank: dict[str, float] = field(default_factory=dict)
+    # label -> (min, max) of its per-seed overhead ratios over every task
+    overhead_range: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    tags: dict[str, frozenset[str]] = field(default_factory=dict)  # label -> registry tags
 
     def cell(self, label: str, task: str) -> Cell | None:
         return self.cells.get((label, task))
@@ -203,32 +225,60 @@ class Leaderboard:
             "targets": {t: {"value": x.value, "metric": x.metric, "higher_is_better": x.higher_is_better} for t, x in self.targets.items()},
             "ranking": [
                 {"label": label, **{f"score_{m}": self.scores[m].get(label) for m in MEASURES}, "overhead": num(self.overhead.get(label)),
-                 "best_rank": num(self.best_rank.get(label)),
+                 "overhead_range": self.overhead_range.get(label), "best_rank": num(self.best_rank.get(label)),
                 "tasks": {task: {**{k: num(v) for k, v in c.times.items()}, "best": num(c.best), "final": num(c.final),
-                                  "seeds": c.seeds, "reached": c.reached, "failed": c.failed, "overhead": num(c.overhead)}
+                                  "seeds": c.seeds, "reached": c.reached, "failed": c.failed, "overhead": num(c.overhead),
+                                  "overhead_range": c.overhead_range, "best_range": c.best_range}
                            for task in self.tasks + list(self.unscored) if (c := self.cell(label, task)) is not None}}
                 for label in self.labels
             ],
         }  # fmt: skip
 
     # -- text ----------------------------------------------------------------------------------------
-    def to_text(self, *, per_task: bool = True) -> str:
+    def to_text(self, *, per_task: bool = True, scores: bool = True) -> str:
+        """The leaderboard as text: the score table (``scores``) and per-task tables (``per_task``)."""
         seeds = ",".join(map(str, self.seeds))
         lines = [
             f"Leaderboard{f' ({self.suite})' if self.suite else ''}: {len(self.tasks)} scored task(s), seeds {seeds}; "
             f"AlgoPerf benchmark score, r_max = {self.r_max:g} (1 = fastest to the target on every task)",
             "  score: training seconds to target (evaluation excluded), search before training charged; "
             "steps: the same in optimizer steps;",
-            "  score*, steps*: the same with tuned baselines' search not charged; overhead: seconds per step / the "
-            f"reference's ({self.reference or 'none'}), geometric mean over tasks;",
+            "  score*, steps*: the same with tuned baselines' search not charged; overhead: CPU seconds per step / the "
+            f"reference's ({self.reference or 'none'}), geometric mean over tasks [min-max over tasks and seeds];",
             "  rank(best): mean over tasks of the rank by best validation metric, which orders equal scores",
         ]
         for task, why in self.unscored.items():
             lines.append(f"  not scored: {task} ({why})")
-        width = max([len(lb) + (len(" (tuned)") if lb in self.tuned else 0) for lb in self.labels] + [6]) + 2
+        width = self._width()
+        if scores:
+            lines += ["", *self.score_table()]
+        if per_task:
+            for task in self.tasks + list(self.unscored):
+                target = self.targets.get(task)
+                title = f"{task}: target {target.describe()}" if target else f"{task}: no target"
+                lines += ["", f"{title}; medians over seeds ('-': target not reached)"]
+                sub = f"  {'method':<{width}}{'steps':>8}{'train s':>9}{'best':>8}{'final':>8}{'failed':>7}  overhead (CPU)"
+                lines += [sub]
+                for label in self.labels:
+                    c = self.cell(label, task)
+                    if c is None:
+                        continue
+                    lines.append(
+                        f"  {label:<{width}}{_steps(c.times['steps']):>8}{_secs(c.times['train_s']):>9}{_metric(c.best):>8}"
+                        f"{_metric(c.final):>8}{f'{c.failed}/{len(c.seeds)}' if c.failed else '':>7}  "
+                        f"{overhead_text(c.overhead, c.overhead_range):<20}".rstrip()
+                    )
+        return "\n".join(lines)
+
+    def _width(self) -> int:
+        return max([len(lb) + (len(" (tuned)") if lb in self.tuned else 0) for lb in self.labels] + [6]) + 2
+
+    def score_table(self) -> list[str]:
+        """The benchmark score table's lines: one row per method, best first."""
+        width = self._width()
         head = (f"{'#':>3}  {'method':<{width}}{'score':>7}{'steps':>7}{'score*':>8}{'steps*':>8}{'reached':>9}"
-                f"{'rank(best)':>11}{'overhead':>10}")  # fmt: skip
-        lines += ["", head, "-" * len(head)]
+                f"{'rank(best)':>11}  {'overhead (CPU)':<20}")  # fmt: skip
+        lines = [head.rstrip(), "-" * len(head)]
         n_cells = len(self.tasks)
         for i, label in enumerate(self.labels, 1):
             reached = sum(1 for t in self.tasks if (c := self.cell(label, t)) is not None and math.isfinite(c.times["train_s"]))
@@ -237,32 +287,22 @@ class Leaderboard:
                 f"{i:>3}  {label + tag:<{width}}{self.scores['train_s'].get(label, 0.0):>7.3f}"
                 f"{self.scores['steps'].get(label, 0.0):>7.3f}{self.scores['train_s_free'].get(label, 0.0):>8.3f}"
                 f"{self.scores['steps_free'].get(label, 0.0):>8.3f}{f'{reached}/{n_cells}':>9}"
-                f"{_rank(self.best_rank.get(label)):>11}{_x(self.overhead.get(label)):>10}"
+                f"{_rank(self.best_rank.get(label)):>11}  {overhead_text(self.overhead.get(label), self.overhead_range.get(label))}"
+                .rstrip()
             )
-        if per_task:
-            for task in self.tasks + list(self.unscored):
-                target = self.targets.get(task)
-                title = f"{task}: target {target.describe()}" if target else f"{task}: no target"
-                lines += ["", f"{title}; medians over seeds ('-': target not reached)"]
-                sub = f"  {'method':<{width}}{'steps':>8}{'train s':>9}{'best':>8}{'final':>8}{'failed':>7}{'overhead':>10}"
-                lines += [sub]
-                for label in self.labels:
-                    c = self.cell(label, task)
-                    if c is None:
-                        continue
-                    lines.append(
-                        f"  {label:<{width}}{_steps(c.times['steps']):>8}{_secs(c.times['train_s']):>9}{_metric(c.best):>8}"
-                        f"{_metric(c.final):>8}{f'{c.failed}/{len(c.seeds)}' if c.failed else '':>7}{_x(c.overhead):>10}"
-                    )
-        return "\n".join(lines)
+        return lines
+
+
+def overhead_text(ratio: float | None, spread: tuple[float, float] | None) -> str:
+    """``1.05x [0.98-1.10]``: a ratio and the range it comes from; ``""`` where there is no ratio."""
+    if ratio is None or not math.isfinite(ratio):
+        return ""
+    lo, hi = ("", "") if spread is None else (f"{spread[0]:.2f}", f"{spread[1]:.2f}")
+    return f"{ratio:.2f}x" if lo == hi else f"{ratio:.2f}x [{lo}-{hi}]"
 
 
 def _rank(v: float | None) -> str:
     return "" if v is None else f"{v:.1f}"
-
-
-def _x(v: float | None) -> str:
-    return "" if v is None or not math.isfinite(v) else f"{v:.2f}x"
 
 
 def _steps(v: float) -> str:
@@ -275,6 +315,11 @@ def _secs(v: float) -> str:
 
 def _metric(v: float | None) -> str:
     return "nan" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+
+def _range(values: Sequence[float | None]) -> tuple[float, float] | None:
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return (min(finite), max(finite)) if finite else None
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -324,21 +369,28 @@ def build_leaderboard(
             label=label, task=task, seeds=[r.seed for r in runs], reached=reached,
             failed=sum(r.status == "failed" for r in runs), times={m: median_time(v) for m, v in per.items()},
             best=_median([r.best for r in runs]), final=_median([r.final for r in runs]),
+            best_range=_range([r.best for r in runs]), cpu_per_step=_median([r.cpu_per_step for r in runs]),
             s_per_step=_median([r.s_per_step for r in runs]),
             search_steps=_median([r.search_steps for r in runs]) or 0.0,
             search_train_s=_median([r.search_train_s for r in runs]) or 0.0,
         )  # fmt: skip
 
     overhead: dict[str, float | None] = {}
+    overhead_range: dict[str, tuple[float, float] | None] = {}
     ref = reference if reference is not None and any(label == reference for label, _ in cells) else None
     for label in labels:
-        ratios = []
+        per_task, per_seed = [], []
         for task in all_tasks:
             c, r = cells.get((label, task)), cells.get((ref, task)) if ref else None
-            if c is not None and r is not None and c.s_per_step and r.s_per_step:
-                c.overhead = c.s_per_step / r.s_per_step
-                ratios.append(c.overhead)
-        overhead[label] = float(np.exp(np.mean(np.log(ratios)))) if ratios else None
+            if c is None or r is None or not r.cpu_per_step:
+                continue
+            seeds = [run.cpu_per_step / r.cpu_per_step for run in by_cell[(label, task)] if run.cpu_per_step]
+            if seeds:
+                c.overhead, c.overhead_range = float(np.median(seeds)), (min(seeds), max(seeds))
+                per_task.append(c.overhead)
+                per_seed += seeds
+        overhead[label] = float(np.exp(np.mean(np.log(per_task)))) if per_task else None
+        overhead_range[label] = (min(per_seed), max(per_seed)) if per_seed else None
 
     scores: dict[str, dict[str, float]] = {}
     profiles = {}
@@ -350,8 +402,11 @@ def build_leaderboard(
     best_rank = _mean_best_rank(cells, labels, tasks, targets)
     order = sorted(labels, key=lambda lb: (-scores["train_s"][lb], -scores["steps"][lb], best_rank.get(lb, math.inf), lb))
     seeds = sorted({s for c in cells.values() for s in c.seeds})
+    tags: dict[str, frozenset[str]] = {}
+    for (label, _), runs in by_cell.items():
+        tags[label] = tags.get(label, frozenset()).union(*(r.tags for r in runs))
     return Leaderboard(order, tasks, dict(targets), cells, scores, profiles, overhead, tuned, ref, seeds, unscored, suite,
-                       r_max, best_rank)  # fmt: skip
+                       r_max, best_rank, overhead_range, tags)  # fmt: skip
 
 
 def _mean_best_rank(
@@ -385,7 +440,7 @@ def results_from_store(store: Any, keys: Collection[str] | None = None) -> list[
     for row in latest_runs(store, keys):
         tuned = "tuned" in set(row["tags"])
         if row["status"] == "failed":
-            out.append(RunResult.failed(row["task"], row["label"], row["seed"], tuned=tuned))
+            out.append(RunResult.failed(row["task"], row["label"], row["seed"], tuned=tuned, tags=row["tags"]))
             continue
         evals = tuple((e["step"], e["train_s"], e["val_metric"]) for e in store.epochs(row["key"]))
         out.append(RunResult(
@@ -393,6 +448,7 @@ def results_from_store(store: Any, keys: Collection[str] | None = None) -> list[
             best=row["best_val_metric"], final=row["final_val_metric"], steps=row["steps"] or 0,
             train_s=row["train_s"] or 0.0, search_steps=row["search_steps"] or 0.0,
             search_train_s=row["search_train_s"] or 0.0, tuned=tuned, higher_is_better=bool(row["higher_is_better"]),
+            train_cpu_s=row.get("train_cpu_s"), tags=frozenset(row["tags"]),
         ))  # fmt: skip
     return out
 

@@ -1,7 +1,8 @@
 """The bench report: ``DIR/report.html`` with PNG figures in ``DIR/figures/`` (``lrpilot report DIR``).
 
 Everything is read from the results store, so a report can be made while a bench runs (it shows the
-runs stored so far) or long after. Contents: the leaderboard (benchmark scores, per-task time to target,
+runs stored so far) or long after. Contents: the verdict (per task, the best untuned autopilot, tuned
+baseline and LR-free peer: :mod:`lrpilot.bench.verdict`), the leaderboard (benchmark scores, per-task time to target,
 best and final metric, overhead per step against plain SGD), performance profiles, validation curves
 per task, LR trajectories per task and method on a log axis with the pilot's decisions marked, the
 targets and how they were set, what was skipped and why, failed runs with their errors, and where and
@@ -31,8 +32,10 @@ from lrpilot.bench.leaderboard import (
     latest_runs,
     leaderboard_from_store,
     load_targets,
+    overhead_text,
 )
 from lrpilot.bench.store import Store
+from lrpilot.bench.verdict import ROLES, best_text, verdict_of
 
 __all__ = ["REPORT_NAME", "write_report"]
 
@@ -315,11 +318,22 @@ def _ordered(by_label: Mapping[str, Any], order: Sequence[str]) -> list[tuple[st
 
 
 def _lr_series(store: Store, row: Mapping[str, Any]) -> dict[str, Any]:
-    """The LR trajectory of one run against steps: per step where recorded, else at each epoch's end."""
+    """The LR trajectory of one run against optimizer steps, from step 0 to the run's last step: per step
+    where recorded, else at each epoch's end.
+
+    A per-step series holds only the steps where the LR changed (a warm-up then a constant LR, as
+    Schedule-Free's, ends after the warm-up), so it is carried to the run's last step: every panel's x
+    axis then spans the run's optimizer steps, not the last change's.
+    """
     per_step = store.step_lrs(row["key"])
     if per_step:
         steps = sorted(per_step)
         lrs = [per_step[s] for s in steps]
+        epochs = store.epochs(row["key"])
+        last = epochs[-1]["step"] if epochs else (row.get("steps") or 0)
+        if last > steps[-1]:
+            steps.append(last)
+            lrs.append(lrs[-1])
     else:
         # An epoch's recorded LR is the one in force during it: draw it from the epoch's first step.
         epochs = store.epochs(row["key"])
@@ -357,6 +371,8 @@ def _page(out: Path, board: Leaderboard, info: Mapping[str, Any], targets: Mappi
         f"<code>{_e(out / 'bench.sqlite')}</code>; report made {time.strftime('%Y-%m-%d %H:%M:%S')} by lrpilot {_e(__version__)}.</p>"
     )
 
+    parts += _verdict_html(board)
+
     # Leaderboard.
     parts.append("<h2>Leaderboard</h2>")
     parts.append(
@@ -364,9 +380,11 @@ def _page(out: Path, board: Leaderboard, info: Mapping[str, Any], targets: Mappi
         f"{board.r_max:g}; 1 = fastest to the validation target on every task, 0 = never within {board.r_max:g}x of the fastest). "
         "<b>score</b>: training seconds to the target (evaluation excluded), a method's search before training charged; "
         "<b>steps</b>: the same in optimizer steps; <b>free</b>: tuned baselines' grid search not charged. "
-        "Per task: medians over seeds. Overhead: seconds per step over the reference method's "
-        f"(<code>{_e(board.reference or 'none')}</code>), geometric mean over tasks. Seconds come from runs that shared "
-        "the machine with each other; steps do not depend on the load.</p>"
+        "Per task: medians over seeds. Overhead: CPU seconds of the run's training thread per step over the reference "
+        f"method's (<code>{_e(board.reference or 'none')}</code>), geometric mean over tasks, [min-max] of the per-seed "
+        "ratios; CPU seconds, unlike wall seconds, do not shrink for a run that happened to share the machine less "
+        "(none where a run recorded no CPU seconds). Seconds to target come from runs that shared the machine with "
+        "each other; steps do not depend on the load.</p>"
     )
     head = ["#", "method", "score", "steps", "score free", "steps free", "reached", "overhead/step"]
     rows = []
@@ -374,7 +392,7 @@ def _page(out: Path, board: Leaderboard, info: Mapping[str, Any], targets: Mappi
         reached = sum(1 for t in board.tasks if (c := board.cell(label, t)) is not None and math.isfinite(c.times["train_s"]))
         tuned = " <span class='muted'>(tuned)</span>" if label in board.tuned else ""
         rows.append([str(i), f"{_e(label)}{tuned}", *(f"{board.scores[m][label]:.3f}" for m in MEASURES),
-                     f"{reached}/{len(board.tasks)}", _num(board.overhead.get(label), ".2f") + ("x" if board.overhead.get(label) else "")])  # fmt: skip
+                     f"{reached}/{len(board.tasks)}", _e(overhead_text(board.overhead.get(label), board.overhead_range.get(label)))])  # fmt: skip
     parts.append(_table(head, rows, left=2))
     for key, alt in (("scores", "benchmark scores"), ("profiles", "performance profiles")):
         if key in images:
@@ -397,7 +415,7 @@ def _page(out: Path, board: Leaderboard, info: Mapping[str, Any], targets: Mappi
             rows.append([_e(label), _num(c.times["steps"], ".0f"), _num(c.times["train_s"], ".2f"), _num(c.times["steps_free"], ".0f"),
                          _num(c.times["train_s_free"], ".2f"), _num(c.search_steps or None, ".0f"), _num(c.search_train_s or None, ".1f"),
                          _num(c.best, ".4f"), _num(c.final, ".4f"), str(len(c.seeds)), str(c.failed or ""),
-                         _num(c.overhead, ".2f")])  # fmt: skip
+                         _e(overhead_text(c.overhead, c.overhead_range))])  # fmt: skip
         parts.append(_table(head, rows))
         for key, alt in ((f"curves:{task}", f"validation curves on {task}"), (f"lr:{task}", f"LR trajectories on {task}")):
             if key in images:
@@ -465,6 +483,36 @@ def _page(out: Path, board: Leaderboard, info: Mapping[str, Any], targets: Mappi
                  f"{_e(', '.join(f'{k} {v}' for k, v in versions.items()))}. Export: <code>lrpilot export {_e(out)}</code>.</p>")  # fmt: skip
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _verdict_html(board: Leaderboard) -> list[str]:
+    """The verdict (``lrpilot.bench.verdict``): per task, the best of each kind, before everything else."""
+    if not board.tasks:
+        return []
+    verdict = verdict_of(board)
+    names = {name: text for name, _, text in ROLES}
+    parts = [
+        "<h2>Verdict</h2>",
+        ("<p>Per task, the best <b>untuned autopilot</b> (methods tagged <code>seed-method</code>), <b>tuned baseline</b> "
+         "(tagged <code>tuned</code>: an LR grid search, its time shown with the search charged and free) and "
+         "<b>LR-free peer</b> (tagged <code>peer</code>). Best of its kind: fastest to the target, as AlgoPerf ranks "
+         f"(training seconds, a time above {board.r_max:g}x the task's fastest counting as never), ties by the best "
+         "validation metric. Medians over seeds, [min-max] over seeds; &ndash; = target not reached in the median. "
+         "The benchmark score table follows.</p>"),
+    ]  # fmt: skip
+    head = ["task", "", "method", "best [min-max]", "reached", "s to target", "steps to target", "s, search free",
+            "steps, search free"]  # fmt: skip
+    rows = []
+    for task in board.tasks:
+        for i, r in enumerate(verdict.rows.get(task, [])):
+            tuned = r.role == "tuned"
+            rows.append([_e(task) if i == 0 else "", _e(names[r.role]), _e(r.label), _e(best_text(r.best, r.best_range)),
+                         f"{r.reached}/{r.seeds}", _num(r.secs, ".2f"), _num(r.steps, ".0f"),
+                         _num(r.secs_free, ".2f") if tuned else "", _num(r.steps_free, ".0f") if tuned else ""])  # fmt: skip
+        for role in verdict.missing.get(task, []):
+            rows.append(["", _e(names[role]), "<span class='muted'>none in this bench</span>", "", "", "", "", "", ""])
+    parts.append(_table(head, rows, left=3))
+    return parts
 
 
 def _traceback(out: Path, key: str) -> str:

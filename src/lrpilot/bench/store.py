@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS runs (
     steps INTEGER,
     wall_s REAL,
     train_s REAL,
+    train_cpu_s REAL,
     search_epochs REAL,
     search_steps REAL,
     search_train_s REAL,
@@ -145,11 +146,14 @@ CREATE TABLE IF NOT EXISTS skips (
 );
 """
 
+# Columns of `runs` added to schema version 1 after its first release, added in place to older stores.
+_ADDED_RUN_COLUMNS = (("train_cpu_s", "REAL"),)
+
 # Columns of `runs` exported to CSV and returned by Store.runs() (the record itself is left out).
 RUN_COLUMNS = (
     "key", "task", "method", "label", "seed", "tags", "config", "lrpilot_version", "status", "status_reason",
     "error", "traceback", "metric", "higher_is_better", "best_val_metric", "final_val_metric", "epochs", "steps", "wall_s",
-    "train_s", "search_epochs", "search_steps", "search_train_s", "started_at", "finished_at", "run_s", "worker",
+    "train_s", "train_cpu_s", "search_epochs", "search_steps", "search_train_s", "started_at", "finished_at", "run_s", "worker",
     "versions", "suite", "invocation",
 )  # fmt: skip
 
@@ -183,6 +187,7 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         # executescript commits any open transaction first, so the schema gets its own.
         self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        self._add_columns()
         with self._transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
@@ -197,6 +202,16 @@ class Store:
                     f"{self.path}: results store schema version {row['value']} is not {SCHEMA_VERSION} "
                     "(written by another lrpilot version); use a new output folder"
                 )
+
+    def _add_columns(self) -> None:
+        """Add the columns schema version 1 gained since it was first written (``NULL`` for older runs):
+        a store made by an earlier lrpilot keeps working, its runs simply lack what was not measured."""
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(runs)")}
+        missing = [(col, kind) for col, kind in _ADDED_RUN_COLUMNS if col not in have]
+        if missing:
+            with self._transaction() as db:
+                for col, kind in missing:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {col} {kind}")
 
     @classmethod
     def open(cls, folder: str | Path) -> Store:
@@ -301,6 +316,7 @@ class Store:
             "final_val_metric": _real(summary.get("final_val_metric")),
             "epochs": summary.get("epochs"), "steps": summary.get("steps"),
             "wall_s": _real(summary.get("wall_s")), "train_s": _real(summary.get("train_s")),
+            "train_cpu_s": _real(summary.get("train_cpu_s")),
             "search_epochs": _real(search.get("total_epochs")), "search_steps": _real(search.get("total_steps")),
             "search_train_s": _real(search.get("total_train_s")),
             "started_at": started, "finished_at": finished,

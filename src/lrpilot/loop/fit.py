@@ -210,6 +210,9 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self._wall_s = 0.0
         self._train_s = 0.0
+        # CPU seconds of this thread over the same spans as _train_s: unlike wall seconds, other
+        # processes sharing the machine do not inflate them (the bench's overhead column uses them).
+        self._train_cpu_s = 0.0
         self._began = False
         self._stopped = False
         self._val_cursor = 0  # validation batches handed to step-level pilots so far
@@ -327,6 +330,7 @@ class Trainer:
                 "step": self.step,
                 "wall_s": self._wall_s,
                 "train_s": self._train_s,
+                "train_cpu_s": self._train_cpu_s,
                 "began": self._began,
                 "stopped": self._stopped,
                 "val_cursor": self._val_cursor,
@@ -357,6 +361,7 @@ class Trainer:
         self._load_extra_state(state.get("extra_state", {}))
         self.epoch, self.step = state["epoch"], state["step"]
         self._wall_s, self._train_s = state["wall_s"], state["train_s"]
+        self._train_cpu_s = state.get("train_cpu_s", 0.0)
         self._began, self._stopped = state["began"], state["stopped"]
         self._val_cursor = state["val_cursor"]
         self._val_iter = None
@@ -371,10 +376,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def _begin(self) -> None:
         self._began = True
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         val_loss, val_metric = self.evaluate()
         evals = self._run_extra_eval()
-        eval_s = time.perf_counter() - t0
+        eval_s, eval_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
         self.history.info["initial"] = {"val_loss": val_loss, "val_metric": val_metric, **evals}
         if self.pilot is not None:
             extra = self._extra_signals()
@@ -388,6 +393,7 @@ class Trainer:
         spent = time.perf_counter() - t0
         self._wall_s += spent
         self._train_s += spent - eval_s
+        self._train_cpu_s += time.thread_time() - c0 - eval_cpu_s
         if self._lr_per_step:
             self.history.record_step_lr(0, self.parts.lrs())
 
@@ -402,10 +408,10 @@ class Trainer:
             self.history.final = {"val_loss": val_loss, "val_metric": val_metric, **evals, "reason": restored[-1].reason}
 
     def _run_epoch(self) -> EpochRecord:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         train_loss, nonfinite, lr_in_force = self._train_one_epoch()
         self.epoch += 1
-        t_train = time.perf_counter()
+        t_train, c_train = time.perf_counter(), time.thread_time()
 
         weights_finite = not dist.any_true(not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()))
         if weights_finite and not nonfinite:
@@ -415,7 +421,7 @@ class Trainer:
             nonfinite = True
             val_loss, val_metric = math.nan, math.nan
             evals = {name: math.nan for name in self._extra_eval_names}
-        t_eval = time.perf_counter()
+        t_eval, c_eval = time.perf_counter(), time.thread_time()
 
         decisions: list[Decision] = []
         extra: dict[str, Any] = {}
@@ -446,10 +452,11 @@ class Trainer:
         )
         for decision in decisions:
             self._apply(decision)
-        t_end = time.perf_counter()
+        t_end, c_end = time.perf_counter(), time.thread_time()
         self._wall_s += t_end - t0
         self._train_s += (t_train - t0) + (t_end - t_eval)
-        record.wall_s, record.train_s = self._wall_s, self._train_s
+        self._train_cpu_s += (c_train - c0) + (c_end - c_eval)
+        record.wall_s, record.train_s, record.train_cpu_s = self._wall_s, self._train_s, self._train_cpu_s
         self.history.epochs.append(record)
         return record
 

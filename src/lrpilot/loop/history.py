@@ -38,6 +38,10 @@ class EpochRecord:
     D-Adaptation's ``d * lr``) that is what is recorded. ``wall_s`` is cumulative wall time since the start of training; ``train_s`` the
     same without the time spent evaluating on the validation split (AlgoPerf's submission time: the
     method's own extra passes, e.g. AALR's loss over the training set, count as training).
+    ``train_cpu_s`` is ``train_s`` measured in CPU seconds of the training thread (``time.thread_time``):
+    other processes on a busy machine do not inflate it, so per-step costs compare honestly across
+    runs that shared the CPU. It counts torch's intra-op worker threads only when there are none (one
+    torch thread, the bench's default). ``None`` in records written before lrpilot recorded it.
     """
 
     epoch: int
@@ -49,6 +53,7 @@ class EpochRecord:
     wall_s: float
     train_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    train_cpu_s: float | None = None
 
 
 @dataclass
@@ -139,6 +144,7 @@ class History:
             "epochs": len(self.epochs),
             "wall_s": self.wall_s,
             "train_s": self.epochs[-1].train_s if self.epochs else 0.0,
+            "train_cpu_s": self.epochs[-1].train_cpu_s if self.epochs else 0.0,
             "status": self.status,
             "status_reason": self.status_reason,
         }
