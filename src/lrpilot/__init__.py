@@ -4,6 +4,8 @@ Practitioner's one line::
 
     history = lrpilot.fit(model, train_loader, val_loader, method="aalr", epochs=30)
 
+or, in a loop of your own, ``pilot = lrpilot.attach("aalr", model, ...)`` (:mod:`lrpilot.integrations`).
+
 ``lrpilot list methods`` (or :func:`list_methods`) shows every method; ``docs/`` has a page per method.
 """
 
@@ -12,6 +14,7 @@ from lrpilot.core.contract import Decision, EpochSignals, MethodParts, Pilot, St
 from lrpilot.core.data import TensorLoader
 from lrpilot.core.families import PUBLIC_NAMES
 from lrpilot.core.registry import BuildContext, MethodInfo, get_method, list_methods, register
+from lrpilot.integrations.own_loop import AttachedPilot, attach
 from lrpilot.loop.fit import Trainer, fit
 from lrpilot.loop.history import History, load_record, save_record
 from lrpilot.loop.metrics import Metric
@@ -34,6 +37,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AttachedPilot",
     "BuildContext",
     "Decision",
     "EpochSignals",
@@ -46,6 +50,7 @@ __all__ = [
     "TensorLoader",
     "Trainer",
     "__version__",
+    "attach",
     "fit",
     "get_method",
     "list_methods",
