@@ -27,7 +27,9 @@ The callback drives an :class:`~lrpilot.integrations.own_loop.AttachedPilot` (th
   ``lrpilot/lr``, ``lrpilot/decision/<action>/<reason>`` with the LR after it as the value), and kept in
   :attr:`LRPilot.history`.
 * **state**: ``state_dict``/``load_state_dict`` carry the pilot's state, its checkpoints and telemetry
-  in Lightning checkpoints, so ``trainer.fit(..., ckpt_path=...)`` continues identically. Save
+  in Lightning checkpoints, so ``trainer.fit(..., ckpt_path=..., weights_only=False)`` continues
+  identically (the state holds NumPy RNG states and plain Python objects, which torch's
+  ``weights_only`` loading refuses; load only checkpoints you trust, as with any pickle). Save
   checkpoints at the end of training epochs (``ModelCheckpoint(save_on_train_epoch_end=True)``): a
   checkpoint taken after validation but before the epoch's end misses that epoch's decision.
 * **non-finite losses**: a step whose gradients are not finite is not applied (its gradients are
