@@ -30,7 +30,6 @@ import warnings
 from typing import Any
 
 import torch
-from torch import nn
 
 from lrpilot.bench.range_test import range_test_task
 from lrpilot.bench.tasks import get_task, run_task

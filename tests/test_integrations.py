@@ -243,6 +243,32 @@ def test_own_loop_gives_hd_val_its_validation_batches() -> None:
         pilot.optimizer.step()
 
 
+def test_own_loop_runs_rt_hpo_with_your_closure() -> None:
+    """rt-hpo takes second derivatives: the closure gives it the loss with its graph (backward=False)."""
+    x, y, xv, yv = _data()
+    train, val = TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv, 32, shuffle=False)
+    model = _net()
+    pilot = lrpilot.attach("rt-hpo", model, train_loader=train, val_loader=val, epochs=1, lr=0.05, beta=0.01)
+    assert pilot.parts.needs_closure
+    lrs = []
+    for xb, yb in train:
+
+        def closure(*, backward: bool = True, xb=xb, yb=yb) -> torch.Tensor:
+            if not backward:
+                return nn.functional.cross_entropy(model(xb), yb)
+            pilot.optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+
+        loss = pilot.optimizer.step(closure, **pilot.step_kwargs())
+        pilot.step(loss)
+        lrs.append(pilot.optimizer.param_groups[0]["lr"])
+    assert len(set(lrs)) > 1 and all(lr >= 0 for lr in lrs)
+    pilot.end_epoch()
+    assert pilot.should_stop and pilot.history.epochs[0].val_metric > 0
+
+
 def test_own_loop_nonfinite_loss_without_rollback_stops_the_run() -> None:
     x, y, _, _ = _data()
     train = TensorLoader(x, y, 32, seed=0)
@@ -383,6 +409,8 @@ def test_lightning_methods_that_need_a_closure_fail_at_start_saying_what_to_do(q
             _trainer([LRPilot(method)]).fit(Module(), *_loaders())
     with pytest.raises(ValueError, match=r"unknown option\(s\) 'patience' for method 'sgd'; valid options: lr"):
         LRPilot("sgd", patience=3)
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=1"):
+        _trainer([LRPilot("aalr")], accumulate_grad_batches=2).fit(Module(), *_loaders())
     with pytest.raises(ValueError, match=r"max_epochs"):
         _trainer([LRPilot("aalr")], max_epochs=-1, max_steps=5).fit(Module(), *_loaders())
 

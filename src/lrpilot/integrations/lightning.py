@@ -171,6 +171,11 @@ class LRPilot(_Callback):  # type: ignore[misc, valid-type]
             raise ValueError(
                 f"LRPilot plans with the budget in epochs: set lightning.Trainer(max_epochs=...) (got {epochs!r})"
             )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "LRPilot counts one optimizer step per training batch: use accumulate_grad_batches=1 (a larger "
+                "batch size does the same)"
+            )
         if self.seed is not None:
             seed_everything(self.seed)
         trainer.fit_loop.setup_data()  # the training dataloader, before Lightning would load it
