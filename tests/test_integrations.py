@@ -272,7 +272,7 @@ def test_own_loop_runs_rt_hpo_with_your_closure() -> None:
 def test_own_loop_nonfinite_loss_without_rollback_stops_the_run() -> None:
     x, y, _, _ = _data()
     train = TensorLoader(x, y, 32, seed=0)
-    pilot = lrpilot.attach("sgd-cosine", _net(), train_loader=train, epochs=3, lr=0.1)
+    pilot = lrpilot.attach("sgd", _net(), train_loader=train, epochs=3, lr=0.1)
     pilot.step(1.0)
     pilot.step(float("nan"))
     pilot.step(0.5)  # ignored: the epoch is over for the pilot
