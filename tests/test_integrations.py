@@ -351,6 +351,22 @@ def test_lightning_takes_the_decisions_of_fit(method: str, quiet_lightning) -> N
 
 
 @needs_lightning
+def test_lightning_handles_a_nonfinite_loss_as_the_loop_does(quiet_lightning) -> None:
+    """LR 1e6: every epoch goes non-finite at once. The loop stops the epoch there; the callback drops the
+    gradients of the rest of the epoch. Same steps counted, same rollbacks, same weights."""
+    options = {"patience": 1, "lr": 1e6}
+    model = _net()
+    ref = lrpilot.fit(model, *_loaders(), method="aalr", epochs=EPOCHS, seed=0, progress=False, **options)
+    module, callback = Module(), LRPilot("aalr", seed=0, **options)
+    _trainer([callback]).fit(module, *_loaders())
+    assert _trace(callback.history) == _trace(ref)
+    assert [d.reason for d in ref.decisions] == ["aalr-start"] + ["phase1-nan"] * EPOCHS
+    assert [r.step for r in ref.epochs] == [4, 8, 12, 17]  # the non-finite step is not counted
+    for a, b in zip(module.net.parameters(), model.parameters()):
+        assert torch.equal(a, b) and bool(torch.isfinite(a).all())
+
+
+@needs_lightning
 def test_lightning_logs_every_lr_and_decision_with_its_reason(tmp_path, quiet_lightning) -> None:
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="run")
     callback = LRPilot("aalr", seed=0, **METHODS["aalr"])
