@@ -217,9 +217,11 @@ def test_attach_says_what_to_pass_when_a_signal_is_missing() -> None:
         lrpilot.attach("hd-val", _net(), train_loader=train, epochs=3)
     with pytest.raises(ValueError, match=r"val_loader"):
         lrpilot.attach("mi-decay", _net(), train_loader=train, epochs=3, mi_samples=96)  # the range test
-    with pytest.raises(ValueError, match=r"its own optimizer and cannot drive yours"):
-        net = _net()
+    net = _net()
+    with pytest.raises(ValueError, match=r"'hd-train' is its own optimizer and cannot drive yours"):
         lrpilot.attach("hd-train", net, torch.optim.SGD(net.parameters(), lr=0.1), train_loader=train, epochs=3)
+    with pytest.raises(ValueError, match=r"'sgd-cosine' builds its schedule on its own optimizer"):
+        lrpilot.attach("sgd-cosine", net, torch.optim.SGD(net.parameters(), lr=0.1), train_loader=train, epochs=3)
     # AALR on the validation loss needs no training data at all.
     pilot = lrpilot.attach("aalr", _net(), val_loader=val, epochs=3, steps_per_epoch=8, objective="val")
     assert [d.reason for d in pilot.history.decisions] == ["aalr-start"]

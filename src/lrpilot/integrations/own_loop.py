@@ -133,9 +133,10 @@ def build_parts(
     """
     info = get_method(method)
     if optimizer is not None and info.kind != "epoch-pilot":
+        what = "builds its schedule on its own optimizer" if info.kind == "schedule" else "is its own optimizer"
         raise ValueError(
-            f"method {method!r} is a {info.kind} ({info.description.split(':')[0]}): it is its own optimizer and "
-            f"cannot drive yours. Drop the optimizer ({where}) and step the one lrpilot builds (`.optimizer`)."
+            f"method {method!r} {what} and cannot drive yours. Drop the optimizer ({where}) and step the one "
+            "lrpilot builds (`.optimizer`); only epoch-level methods (e.g. aalr, mi-decay, lipschitz) drive yours."
         )
 
     run_seed = seed
