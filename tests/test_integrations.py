@@ -124,7 +124,7 @@ def test_readme_example_runs_as_printed(capsys: pytest.CaptureFixture[str]) -> N
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Your own training loop"):]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
-    assert len([line for line in code.splitlines() if line.strip()]) <= 25
+    assert len([line for line in code.splitlines() if line.strip()]) <= 22  # "a 20-line example" plus imports
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
     printed = capsys.readouterr().out.splitlines()
