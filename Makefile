@@ -7,7 +7,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS      ?= peers,report,ray,dev
+EXTRAS      ?= peers,report,ray,lightning,dev
 DEMO_OUT    ?= runs/demo
 DEMO_ARGS   ?=
 PYTEST_ARGS ?=

@@ -4,6 +4,8 @@ Practitioner's one line::
 
     history = lrpilot.fit(model, train_loader, val_loader, method="aalr", epochs=30)
 
+or, in a loop of your own, ``pilot = lrpilot.attach("aalr", model, ...)`` (:mod:`lrpilot.integrations`).
+
 ``lrpilot list methods`` (or :func:`list_methods`) shows every method; ``docs/`` has a page per method.
 """
 
@@ -13,6 +15,7 @@ from lrpilot.core.data import TensorLoader
 from lrpilot.core.families import PUBLIC_NAMES
 from lrpilot.core.lazy import lazy_exports
 from lrpilot.core.registry import BuildContext, MethodInfo, get_method, list_methods, register
+from lrpilot.integrations.own_loop import AttachedPilot, attach
 from lrpilot.loop.fit import Trainer, fit
 from lrpilot.loop.history import History, load_record, save_record
 from lrpilot.loop.metrics import Metric
@@ -25,6 +28,7 @@ __getattr__, __dir__ = lazy_exports(__name__, PUBLIC_NAMES, globals())
 
 
 __all__ = [
+    "AttachedPilot",
     "BuildContext",
     "Decision",
     "EpochSignals",
@@ -37,6 +41,7 @@ __all__ = [
     "TensorLoader",
     "Trainer",
     "__version__",
+    "attach",
     "fit",
     "get_method",
     "list_methods",

@@ -15,7 +15,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -33,16 +33,16 @@ from lrpilot.core.contract import (
     MethodParts,
     Pilot,
     StepSignals,
-    set_lrs,
 )
 from lrpilot.core.data import TensorLoader, check_batch, split_batch
 from lrpilot.core.registry import BuildContext, build_method, get_method, needs_decision_split
 from lrpilot.core.seeding import capture_rng, restore_rng, rng_preserved, seed_everything
+from lrpilot.loop.decisions import TrainingState, as_decisions
 from lrpilot.loop.history import DecisionRecord, EpochRecord, History
 from lrpilot.loop.metrics import Metric, get_metric, loss_metric
 from lrpilot.loop.probe import run_probe
 
-__all__ = ["DEFAULT_HYPER_FRACTION", "Trainer", "fit", "infer_task_kind"]
+__all__ = ["DEFAULT_HYPER_FRACTION", "Trainer", "fit", "infer_task_kind", "train_pass"]
 
 #: The fraction of the training data carved out as the decision split of a method that decides from
 #: validation signals, when no ``hyper_loader`` is given (seeded by the run's seed).
@@ -202,8 +202,8 @@ class Trainer:
         if self.pilot is not None:
             self.pilot.attach(self.model)
 
-        self._initial_optimizer_state = copy.deepcopy(self.optimizer.state_dict())
-        self._checkpoints: dict[str, dict[str, Any]] = {}
+        # Checkpoints, rollbacks and optimizer resets (shared with lrpilot.integrations).
+        self._state = TrainingState(self.model, self.optimizer, self.parts.extra_state)
         self.history = History(metric_name=self.metric.name, higher_is_better=self.metric.higher_is_better)
         self.history.info["decision_split"] = dict(self.decision_split)
         self.epoch = 0  # epochs trained (the budget counter)
@@ -304,15 +304,7 @@ class Trainer:
         """Call ``fn(x, y)`` on every training batch, the model in evaluation mode, without gradients,
         leaving the training order and every random source as they were
         (:data:`~lrpilot.core.contract.TrainPass`; the :data:`~lrpilot.core.contract.TRAIN_PASS` signal)."""
-        was_training = self.model.training
-        try:
-            self.model.eval()
-            with torch.no_grad(), rng_preserved(self.train_loader):
-                for batch in self.train_loader:
-                    x, y = split_batch(batch, where="train_loader")
-                    fn(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-        finally:
-            self.model.train(was_training)
+        train_pass(self.model, self.train_loader, fn, device=self.device)
 
     def state_dict(self) -> dict[str, Any]:
         """A deep snapshot of everything needed to continue this run identically."""
@@ -324,7 +316,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "pilot": self.pilot.state_dict() if self.pilot is not None else None,
                 "pilot_type": type(self.pilot).__name__ if self.pilot is not None else None,
-                "extra_state": self._extra_state(),
+                "extra_state": self._state.extra_state_dict(),
                 "rng": capture_rng(),
                 "epoch": self.epoch,
                 "step": self.step,
@@ -335,8 +327,8 @@ class Trainer:
                 "stopped": self._stopped,
                 "val_cursor": self._val_cursor,
                 "extra_eval_names": self._extra_eval_names,
-                "checkpoints": self._checkpoints,
-                "initial_optimizer": self._initial_optimizer_state,
+                "checkpoints": self._state.checkpoints,
+                "initial_optimizer": self._state.initial_optimizer_state,
                 "history": self.history,
             }
         )
@@ -358,7 +350,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.pilot is not None:
             self.pilot.load_state_dict(state["pilot"])
-        self._load_extra_state(state.get("extra_state", {}))
+        self._state.load_extra_state(state.get("extra_state", {}))
         self.epoch, self.step = state["epoch"], state["step"]
         self._wall_s, self._train_s = state["wall_s"], state["train_s"]
         self._train_cpu_s = state.get("train_cpu_s", 0.0)
@@ -366,8 +358,8 @@ class Trainer:
         self._val_cursor = state["val_cursor"]
         self._val_iter = None
         self._extra_eval_names = tuple(state.get("extra_eval_names", ()))
-        self._checkpoints = state["checkpoints"]
-        self._initial_optimizer_state = state["initial_optimizer"]
+        self._state.checkpoints = state["checkpoints"]
+        self._state.initial_optimizer_state = state["initial_optimizer"]
         self.history = state["history"]
         restore_rng(state["rng"])
 
@@ -388,7 +380,7 @@ class Trainer:
                 epoch=0, step=0, lr=self.parts.lrs(), train_loss=math.nan,
                 val_loss=decision_loss, val_metric=decision_metric, extra=extra,
             )
-            for decision in _decisions(self.pilot.on_train_begin(signals)):
+            for decision in as_decisions(self.pilot.on_train_begin(signals)):
                 self._apply(decision)
         spent = time.perf_counter() - t0
         self._wall_s += spent
@@ -398,7 +390,7 @@ class Trainer:
             self.history.record_step_lr(0, self.parts.lrs())
 
     def _end(self) -> None:
-        decisions = _decisions(self.pilot.on_train_end()) if self.pilot is not None else []
+        decisions = as_decisions(self.pilot.on_train_end()) if self.pilot is not None else []
         for decision in decisions:
             self._apply(decision)
         restored = [d for d in decisions if d.restore is not None]
@@ -432,7 +424,7 @@ class Trainer:
                 epoch=self.epoch, step=self.step, lr=lr_in_force, train_loss=train_loss,
                 val_loss=decision_loss, val_metric=decision_metric, nonfinite=nonfinite, extra=extra,
             )
-            decisions = _decisions(self.pilot.on_epoch_end(signals))
+            decisions = as_decisions(self.pilot.on_epoch_end(signals))
         if nonfinite and not any(d.restore is not None for d in decisions):
             handled = self.pilot is not None and self.pilot.handles_nonfinite
             reason = "nonfinite-unhandled" if handled else "nonfinite-loss"
@@ -621,22 +613,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # decisions, checkpoints
     # ------------------------------------------------------------------------------------------------
+    @property
+    def _checkpoints(self) -> dict[str, dict[str, Any]]:
+        return self._state.checkpoints
+
     def _apply(self, decision: Decision) -> None:
-        if decision.restore is not None:
-            if decision.restore not in self._checkpoints:
-                raise KeyError(
-                    f"decision {decision.reason!r} restores checkpoint {decision.restore!r}, which was never saved "
-                    f"(saved: {sorted(self._checkpoints)})"
-                )
-            self._restore(self._checkpoints[decision.restore])
-        if decision.reset_optimizer:
-            lrs = [g["lr"] for g in self.optimizer.param_groups]
-            self.optimizer.load_state_dict(copy.deepcopy(self._initial_optimizer_state))
-            set_lrs(self.optimizer, lrs)  # a reset clears the optimizer's state, not the LR
-        if decision.save is not None:
-            self._checkpoints[decision.save] = self._snapshot()
-        if decision.lr is not None:
-            set_lrs(self.optimizer, decision.lr)
+        self._state.apply(decision)
         if decision.stop:
             self._stopped = True
             if self.history.status == "completed":
@@ -651,38 +633,6 @@ class Trainer:
         )
         self.history.decisions.append(record)
         log.info("epoch %d step %d: %s (%s) lr=%s", record.epoch, record.step, record.action, record.reason, record.lr)
-
-    def _snapshot(self) -> dict[str, Any]:
-        """The training state a rollback restores: model, optimizer, the method's extra state and RNG (not
-        the pilot)."""
-        return copy.deepcopy(
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "extra_state": self._extra_state(),
-                "rng": capture_rng(),
-            }
-        )
-
-    def _restore(self, snapshot: Mapping[str, Any]) -> None:
-        # Deep-copy again: load_state_dict keeps references to the tensors it is given, and the
-        # checkpoint must survive the training that follows.
-        snapshot = copy.deepcopy(snapshot)
-        self.model.load_state_dict(snapshot["model"])
-        self.optimizer.load_state_dict(snapshot["optimizer"])
-        self._load_extra_state(snapshot.get("extra_state", {}))
-        restore_rng(snapshot["rng"])
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {name: obj.state_dict() for name, obj in self.parts.extra_state.items()}
-
-    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        if set(state) != set(self.parts.extra_state):
-            raise ValueError(
-                f"saved extra state {sorted(state)} does not match this method's {sorted(self.parts.extra_state)}"
-            )
-        for name, obj in self.parts.extra_state.items():
-            obj.load_state_dict(state[name])
 
     def _run_extra_eval(self) -> dict[str, float]:
         """The :attr:`extra_eval` values of the current model, in evaluation mode."""
@@ -800,19 +750,6 @@ def fit(
 # ----------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------
-def _decisions(result: Decision | Sequence[Decision] | None) -> list[Decision]:
-    """A hook's answer as a list: ``None``, one decision, or a sequence of them (applied in order)."""
-    if result is None:
-        return []
-    if isinstance(result, Decision):
-        return [result]
-    decisions = list(result)
-    for d in decisions:
-        if not isinstance(d, Decision):
-            raise TypeError(f"a pilot hook returned {type(d).__name__}; expected Decision, a sequence of them, or None")
-    return decisions
-
-
 def _resolve_metric(metric: Metric | str | None, user_loss: Any, loss_fn: Any) -> Metric:
     if isinstance(metric, Metric):
         return metric
@@ -821,6 +758,24 @@ def _resolve_metric(metric: Metric | str | None, user_loss: Any, loss_fn: Any) -
     if metric is not None:
         raise TypeError(f"metric must be a Metric or a name, got {type(metric).__name__}")
     return get_metric("accuracy") if user_loss is None else loss_metric(loss_fn)
+
+
+def train_pass(
+    model: nn.Module, loader: Any, fn: Callable[[torch.Tensor, torch.Tensor], None], *, device: torch.device | None
+) -> None:
+    """The :data:`~lrpilot.core.contract.TrainPass` over ``loader``: ``fn(x, y)`` on every batch, ``model``
+    in evaluation mode, no gradients, every random source (a DataLoader's own generator included) as it was."""
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), rng_preserved(loader):
+            for batch in loader:
+                x, y = split_batch(batch, where="train_loader")
+                if device is not None:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                fn(x, y)
+    finally:
+        model.train(was_training)
 
 
 def _decision_split(
