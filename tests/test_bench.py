@@ -273,7 +273,8 @@ def test_progress_lines_when_not_a_terminal_and_silence_when_asked(tmp_path, cap
 
 def test_runs_get_one_thread_whatever_the_number_of_workers():
     """The thread count changes a run's result (float reduction order), so it must not follow --workers."""
-    from lrpilot.bench.executors import DEFAULT_THREADS, make_executor
+    from lrpilot.bench.executors import DEFAULT_THREADS
+    from lrpilot.bench.runner import make_executor
 
     assert DEFAULT_THREADS == 1
     assert LocalExecutor(1).threads == LocalExecutor(2).threads == LocalExecutor(8).threads == 1

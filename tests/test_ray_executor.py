@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from lrpilot.bench.executors import Executor, LocalExecutor, make_executor
-from lrpilot.bench.runner import run_bench
+from lrpilot.bench.executors import Executor, LocalExecutor
+from lrpilot.bench.runner import make_executor, run_bench
 from lrpilot.bench.store import Store
 from lrpilot.bench.suites import RunSpec
 from tests.test_bench import PLUGIN, _alive, fakes, plan_of  # noqa: F401 - fakes is a fixture

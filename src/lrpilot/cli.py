@@ -155,6 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         executor=args.executor,
         address=args.address,
+        isolate=getattr(args, "isolate", False),
         retry_failed=args.retry_failed,
         timeout=args.timeout,
         imports=args.imports or (),
@@ -352,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: a process pool on this machine (default); ray: Ray tasks (pip install 'lrpilot[ray]')")
     p.add_argument("--address", metavar="ADDR",
                    help="with --executor ray: the cluster to join, `auto` or ray://HOST:10001 (default: a local Ray instance)")
+    p.add_argument("--isolate", action="store_true",
+                   help="a fresh worker process for every run (default: workers are reused, with the same results)")
     p.add_argument("--methods", help="comma-separated methods (labels or registry names) of the suite to run")
     p.add_argument("--tasks", help="comma-separated tasks of the suite to run")
     p.add_argument("--seeds", help="comma-separated seeds (replace the suite's)")
