@@ -302,7 +302,8 @@ class LocalExecutor(Executor):
         threads: torch threads per run (default 1, whatever ``workers`` is: the thread count changes the
             order of torch's float reductions and so a run's result, which must not depend on how many
             runs share the machine; give more threads to trade that for speed on big models).
-        timeout: seconds after which a run is killed (with its worker) and recorded as failed (default: none).
+        timeout: seconds after its start (its worker's start-up excluded) after which a run is killed, with
+            its worker, and recorded as failed (default: none).
         imports: modules every worker imports before its run (plug-ins registering methods or tasks).
         log_dir: if given, each run's stdout and stderr go to ``log_dir/<key>.log`` instead of the terminal.
         isolate: a fresh process for every run (the pool before worker reuse): complete isolation (memory,
@@ -360,21 +361,25 @@ class LocalExecutor(Executor):
                         worker.stop()
                         pending.append(spec)
                         continue
-                    worker.spec, worker.started = spec, time.time()
+                    worker.spec, worker.started, worker.running = spec, time.time(), False
                     busy[worker.conn] = worker
                 ready = multiprocessing.connection.wait(list(busy), timeout=self._wait_timeout(busy))
                 for conn in ready:
-                    worker = busy.pop(conn)
-                    spec, outcome = worker.spec, self._collect(worker)
+                    worker = busy[conn]
+                    outcome = self._receive(worker)
+                    if outcome is None:  # the worker said it started the run: its timeout clock starts now
+                        continue
+                    del busy[conn]
                     if worker.alive and not self.isolate:
                         idle.append(worker)
                     else:
                         worker.stop()
-                    yield spec, outcome
+                    assert worker.spec is not None
+                    yield worker.spec, outcome
                 if self.timeout is not None:
                     now = time.time()
                     for conn, worker in list(busy.items()):
-                        if now - worker.started > self.timeout:
+                        if worker.running and now - worker.started > self.timeout:
                             busy.pop(conn)
                             worker.stop()
                             yield worker.spec, _failed(worker.spec, f"TimeoutError: the run took longer than {self.timeout:g} s "
@@ -399,14 +404,15 @@ class LocalExecutor(Executor):
         return _Worker(proc, conn)
 
     def _wait_timeout(self, busy: dict[Any, _Worker]) -> float | None:
-        if self.timeout is None or not busy:
+        starts = [w.started for w in busy.values() if w.running]
+        if self.timeout is None or not starts:
             return None
-        first_deadline = min(w.started for w in busy.values()) + self.timeout
-        return max(0.0, first_deadline - time.time()) + 0.05
+        return max(0.0, min(starts) + self.timeout - time.time()) + 0.05
 
-    def _collect(self, worker: _Worker) -> Outcome:
+    def _receive(self, worker: _Worker) -> Outcome | None:
+        """The worker's next message: ``None`` when it only said it started its run, else the outcome."""
         try:
-            return worker.conn.recv()
+            message = worker.conn.recv()
         except (EOFError, OSError):  # the process ended without sending: it crashed or was killed
             worker.alive = False
             worker.proc.join(10)
@@ -415,6 +421,10 @@ class LocalExecutor(Executor):
             assert worker.spec is not None
             return _failed(worker.spec, f"WorkerCrashed: the worker process died without a result ({why})", worker.started,
                            worker.proc)  # fmt: skip
+        if isinstance(message, str) and message == _STARTED:
+            worker.started, worker.running = time.time(), True
+            return None
+        return message
 
 
 @dataclass
@@ -424,7 +434,8 @@ class _Worker:
     proc: Any
     conn: Any
     spec: RunSpec | None = None  # the run it is running (or ran last)
-    started: float = 0.0
+    started: float = 0.0  # when the run was handed out, then when the worker started it
+    running: bool = False  # the worker said it started the run (the timeout counts from then)
     alive: bool = True
 
     def close(self) -> None:
@@ -507,6 +518,11 @@ def _output_to(log: str | None) -> Iterator[None]:
             os.close(fd)
 
 
+#: What a worker sends when it starts a run: the run's timeout counts from then, so that a worker's
+#: start-up (seconds on a busy machine) is not charged to its first run.
+_STARTED = "started"
+
+
 def _worker_main(conn: Any, threads: int, imports: Sequence[str], max_runs: int | None) -> None:
     """A worker's life: take ``(spec, log)`` from the driver, run it, send the outcome back; exit on
     EOF (the driver is done or gone) or after ``max_runs`` runs."""
@@ -515,6 +531,7 @@ def _worker_main(conn: Any, threads: int, imports: Sequence[str], max_runs: int 
     while max_runs is None or runs < max_runs:
         try:
             spec, log = conn.recv()
+            conn.send(_STARTED)
         except (EOFError, OSError):
             return
         with _output_to(log):
