@@ -223,3 +223,21 @@ def test_demo_is_the_quick_bench(tmp_path, monkeypatch, capsys):
     assert (suite, out, kwargs["workers"], kwargs["methods"], kwargs["seeds"]) == ("quick", str(tmp_path), 1, None, None)
     assert kwargs["argv"] == ["lrpilot", "demo", "--out", str(tmp_path), "--workers", "1"]  # recorded in the store
     assert f"report:  {tmp_path / 'report.html'}" in capsys.readouterr().out
+
+
+def test_cli_bench_isolate_reaches_the_executor(tmp_path, monkeypatch, capsys):
+    from lrpilot.bench import runner
+    from lrpilot.bench.leaderboard import build_leaderboard
+    from lrpilot.cli import main
+
+    calls = []
+
+    def fake_bench(suite, out, **kwargs):
+        calls.append(kwargs)
+        return runner.SuiteRun(runner.BenchResult(out=tmp_path, planned=0, reused=0, executor="fake"),
+                               build_leaderboard([], {}), None)  # fmt: skip
+
+    monkeypatch.setattr(runner, "bench", fake_bench)
+    assert main(["bench", "--suite", "quick", "--out", str(tmp_path), "--isolate"]) == 0
+    assert main(["bench", "--suite", "quick", "--out", str(tmp_path)]) == 0
+    assert [c["isolate"] for c in calls] == [True, False]  # reuse is the default
