@@ -73,15 +73,21 @@ def how(quantile: float) -> str:
         per_method = "the median over seeds of the best validation metric (over the run's epochs)"
     else:
         per_method = f"the {quantile:g} quantile, counted from the worst seed, of the best validation metric per seed"
+    why = (
+        "AlgoPerf takes the median over 20 runs but gives submissions a budget a third longer than the "
+        "target-setting runs had; the bench gives the calibration runs' own budget, so the target is the worst "
+        "calibration seed's best, which the tuned baseline that sets it reaches in every calibration seed. "
+        if quantile == 0
+        else "AlgoPerf's own rule is the median (quantile 0.5), with a budget a third longer than the target-setting "
+        "runs had. "
+    )
     return (
-        f"Reachable targets after AlgoPerf: per tuned baseline (methods tagged `tuned`), {per_method} at the task's "
-        "default budget; the task's target is the best of these over the tuned baselines. AlgoPerf takes the median "
-        "over 20 runs and gives submissions a budget a third longer than the target-setting runs had; the bench "
-        "gives the calibration runs' own budget, so the target is the worst calibration seed's best "
-        "(quantile 0), which the tuned baseline that sets it reaches in every calibration seed. Each task says "
-        "the rule's quantile, which methods and seeds set it and how many seeds of each reach it; `fallback` marks "
-        "tasks calibrated before any tuned baseline was registered, from sgd-cosine (LR 0.1) and adam (LR 1e-3) "
-        "at their default LRs instead. Re-run `lrpilot calibrate` when the tuned baselines change."
+        f"Targets after AlgoPerf: per tuned baseline (methods tagged `tuned`), {per_method} at the task's default "
+        f"budget (quantile {quantile:g} of the per-seed bests, counted from the worst seed); the task's target is the "
+        f"best of these over the tuned baselines. {why}Each task says the rule's quantile, which methods and seeds "
+        "set it and how many seeds of each reach it; `fallback` marks tasks calibrated before any tuned baseline "
+        "was registered, from sgd-cosine (LR 0.1) and adam (LR 1e-3) at their default LRs instead. Re-run "
+        "`lrpilot calibrate` when the tuned baselines change."
     )
 
 
