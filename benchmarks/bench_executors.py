@@ -1,12 +1,13 @@
-"""What a fresh process per run costs: the local pool against running in-process, on the same runs.
+"""What a fresh process per run costs: the local pool, reusing its worker or not, against running in-process.
 
     python benchmarks/bench_executors.py [--runs 6] [--task iris-softmax] [--epochs 5] [--rounds 2]
 
-Runs the same small runs with ``InlineExecutor`` (this process) and ``LocalExecutor(1)`` (one spawned
-process per run, one worker), rounds interleaved, each into its own fresh store, and prints the wall and
-CPU seconds per run of each and their ratio. The difference is the interpreter start-up plus
-``import torch`` plus the data load that every isolated run pays; the bench's time estimates add it per
-run. Wall seconds depend on the machine's load, the ratio of CPU seconds much less.
+Runs the same small runs with ``InlineExecutor`` (this process), ``LocalExecutor(1)`` (one worker process
+reused for every run, the default) and ``LocalExecutor(1, isolate=True)`` (one spawned process per run),
+rounds interleaved, each into its own fresh store, and prints the wall and CPU seconds per run of each
+and their excess over in-process runs. The isolated pool's excess is the interpreter start-up plus
+``import torch`` plus the first data load that every isolated run pays; the reused worker pays it once.
+Wall seconds depend on the machine's load, CPU seconds much less.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ def main() -> None:
     suite = Suite.from_json({"name": "overhead", "seeds": list(range(args.runs)),
                              "tasks": [{"name": args.task, "epochs": args.epochs}], "methods": ["sgd"]})  # fmt: skip
     plan = suite.resolve()
-    totals = {"inline": [0.0, 0.0], "local": [0.0, 0.0]}
+    executors = {"inline": lambda: InlineExecutor(threads=1), "local": lambda: LocalExecutor(1, threads=1),
+                 "isolated": lambda: LocalExecutor(1, threads=1, isolate=True)}  # fmt: skip
+    totals = {name: [0.0, 0.0] for name in executors}
     for _ in range(args.rounds):
-        for name, make in (("inline", lambda: InlineExecutor(threads=1)), ("local", lambda: LocalExecutor(1, threads=1))):
+        for name, make in executors.items():
             with tempfile.TemporaryDirectory() as out:
                 w0, c0 = time.perf_counter(), _cpu_s()
                 result = run_bench(plan, out, executor=make(), progress=False)
@@ -56,9 +59,11 @@ def main() -> None:
     print(f"{'executor':<10} {'wall s/run':>10} {'cpu s/run':>10}")
     for name, (wall, cpu) in totals.items():
         print(f"{name:<10} {wall / n:>10.2f} {cpu / n:>10.2f}")
-    (wi, ci), (wl, cl) = totals["inline"], totals["local"]
-    print(f"process per run: +{(wl - wi) / n:.2f} wall s and +{(cl - ci) / n:.2f} cpu s per run "
-          f"(local / inline: {wl / wi:.1f}x wall, {cl / ci:.1f}x cpu)")  # fmt: skip
+    wi, ci = totals["inline"]
+    for name in ("local", "isolated"):
+        wl, cl = totals[name]
+        print(f"{name}: +{(wl - wi) / n:.2f} wall s and +{(cl - ci) / n:.2f} cpu s per run over inline "
+              f"({wl / wi:.1f}x wall, {cl / ci:.1f}x cpu)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -59,6 +59,40 @@ def build_sleep(ctx: BuildContext, lr: float, sleep: float) -> MethodParts:
     return MethodParts(_SlowSGD(ctx.params(), lr=lr, sleep=sleep))
 
 
+def _seen() -> dict[str, Any]:
+    """What a run finds in its process: the state a previous run in the same worker could have left."""
+    import warnings
+
+    import numpy as np
+
+    return {
+        "dtype": str(torch.get_default_dtype()), "threads": torch.get_num_threads(), "grad": torch.is_grad_enabled(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(), "env": os.environ.get("LRPILOT_TEST_LEAK"),
+        "anomaly": torch.is_anomaly_enabled(), "warnings_as_errors": any(f[0] == "error" for f in warnings.filters),
+        "cwd": os.getcwd(), "np_draw": float(np.random.random()), "torch_draw": float(torch.rand(()))
+    }  # fmt: skip
+
+
+def build_probe(ctx: BuildContext, lr: float) -> MethodParts:
+    # The draws come after run_task's seeding: equal draws mean the RNGs were seeded, not left as found.
+    return MethodParts(_sgd(ctx, lr), info={"seen": _seen()})
+
+
+def build_leak(ctx: BuildContext, lr: float) -> MethodParts:
+    """Change every process-wide setting a careless method could, then train (in float64 from here on)."""
+    import warnings
+
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    torch.autograd.set_detect_anomaly(True)
+    torch.set_grad_enabled(True)
+    os.environ["LRPILOT_TEST_LEAK"] = "1"
+    os.chdir("/")
+    warnings.simplefilter("error")
+    return MethodParts(_sgd(ctx, lr), info={"seen": _seen()})
+
+
 FAKES = (
     MethodInfo("fake-tuned", "test", "SGD pretending to have run a 2-point LR grid", build_tuned, {"lr": 0.1},
                tags=frozenset({"tuned"})),
@@ -66,6 +100,9 @@ FAKES = (
     MethodInfo("fake-crash", "test", "kills its process while being built", build_crash, {"lr": 0.1}),
     MethodInfo("fake-sleep", "test", "SGD sleeping before every step", build_sleep, {"lr": 0.1, "sleep": 0.2}),
     MethodInfo("fake-print", "test", "SGD that prints to stdout and stderr while being built", build_print, {"lr": 0.1}),
+    MethodInfo("fake-probe", "test", "SGD recording the process state it was built in", build_probe, {"lr": 0.1}),
+    MethodInfo("fake-leak", "test", "SGD that changes torch's global settings, the environment and the cwd", build_leak,
+               {"lr": 0.1}),
 )  # fmt: skip
 
 

@@ -216,24 +216,27 @@ def test_kill_9_then_the_same_command_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
-    """Kill the driver again and again, at random points (mid-run, mid-write), with two workers."""
+    """Kill the driver again and again, at random points (mid-run, mid-write), with two workers.
+
+    Reused workers run these runs in well under a second each, so the plan has 24 of them and the kill
+    comes within half a second of a stored run, while the next ones are running or being written."""
     import random
 
     epochs = 5
     suite = tmp_path / "s.json"
-    suite.write_text(json.dumps({"name": "s", "seeds": [0, 1, 2, 3], "tasks": [{"name": "iris-softmax", "epochs": epochs}],
+    suite.write_text(json.dumps({"name": "s", "seeds": list(range(8)), "tasks": [{"name": "iris-softmax", "epochs": epochs}],
                                  "methods": ["sgd", "sgd-step", "adam"]}))  # fmt: skip
     out, db = tmp_path / "out", tmp_path / "out" / "bench.sqlite"
     rng = random.Random(0)
     kills = 0
     for _ in range(5):
         # Each round: wait for one more stored run, then kill at a random moment after it (mid-run,
-        # mid-spawn, or while the next run is being written).
+        # or while the next run is being written).
         stored = _stored(db)
         proc = subprocess.Popen(_cli(out, suite, 2), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while _stored(db) <= stored and proc.poll() is None:
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 3.0))
+        time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is not None:
             break
         os.kill(proc.pid, signal.SIGKILL)
@@ -241,14 +244,14 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
         kills += 1
     done = subprocess.run(_cli(out, suite, 2), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    runs = _check_complete(out, 12, epochs)
+    runs = _check_complete(out, 24, epochs)
     with Store.open(out) as store:
         interrupted = [i for i in store.invocations() if i["finished_at"] is None]
     assert kills >= 2 and len(interrupted) >= 2, (kills, interrupted)
     assert len({r["invocation"] for r in runs.values()}) >= 2  # the runs were stored by several invocations
     reference = tmp_path / "ref"
     run_bench(plan_of(json.loads(suite.read_text())), reference, executor=InlineExecutor(), progress=False)
-    assert {k: r["metrics"] for k, r in _check_complete(reference, 12, epochs).items()} == {k: r["metrics"] for k, r in runs.items()}
+    assert {k: r["metrics"] for k, r in _check_complete(reference, 24, epochs).items()} == {k: r["metrics"] for k, r in runs.items()}
 
 
 def test_public_names_of_the_bench_package():
@@ -273,8 +276,119 @@ def test_progress_lines_when_not_a_terminal_and_silence_when_asked(tmp_path, cap
 
 def test_runs_get_one_thread_whatever_the_number_of_workers():
     """The thread count changes a run's result (float reduction order), so it must not follow --workers."""
-    from lrpilot.bench.executors import DEFAULT_THREADS, make_executor
+    from lrpilot.bench.executors import DEFAULT_THREADS
+    from lrpilot.bench.runner import make_executor
 
     assert DEFAULT_THREADS == 1
     assert LocalExecutor(1).threads == LocalExecutor(2).threads == LocalExecutor(8).threads == 1
     assert make_executor("local", workers=1, threads=3).threads == 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# worker reuse: the results of a fresh process per run
+# ----------------------------------------------------------------------------------------------------
+def _records(out: Path) -> dict[tuple[str, int], dict]:
+    from scripts.compare_stores import store_contents
+
+    return {(r["row"]["label"], r["row"]["seed"]): r for r in store_contents(out).values()}
+
+
+def test_a_reused_worker_gives_each_run_the_state_a_fresh_process_gives(tmp_path, fakes):
+    """One worker runs a method that changes torch's global settings, the environment and the cwd, then
+    two runs that record what they find: the same records (bit for bit) as with a fresh process per run."""
+    plan = plan_of({"seeds": [0, 1], "tasks": [{"name": "iris-softmax", "epochs": 3}],
+                    "methods": ["fake-probe", "fake-leak", "sgd"]})  # fmt: skip
+    reused = run_bench(plan, tmp_path / "reused", executor=LocalExecutor(1, imports=[PLUGIN]), progress=False)
+    fresh = run_bench(plan, tmp_path / "fresh", executor=LocalExecutor(1, imports=[PLUGIN], isolate=True), progress=False)
+    assert (reused.ran, reused.failed, fresh.ran, fresh.failed) == (6, [], 6, [])
+    assert fresh.executor == "local (1 workers x 1 threads, a fresh process per run)"
+    with Store.open(tmp_path / "reused") as store:
+        workers = {(r["label"], r["seed"]): r["worker"] for r in store.runs()}
+    with Store.open(tmp_path / "fresh") as store:
+        fresh_pids = {r["worker"]["pid"] for r in store.runs()}
+    assert len({w["pid"] for w in workers.values()}) == 1 and len(fresh_pids) == 6  # one process against six
+    assert sorted(w["runs_in_process"] for w in workers.values()) == [1, 2, 3, 4, 5, 6]
+    # Seed-major order: fake-leak ran before the probe and sgd of seed 1 in the same process.
+    assert workers[("fake-leak", 0)]["runs_in_process"] < workers[("fake-probe", 1)]["runs_in_process"]
+    leaked = _records(tmp_path / "reused")[("fake-leak", 0)]["record"]["info"]["method"]["seen"]
+    assert (leaked["dtype"], leaked["env"], leaked["cwd"], leaked["deterministic"]) == ("torch.float64", "1", "/", True)
+
+    a, b = _records(tmp_path / "reused"), _records(tmp_path / "fresh")
+    assert a == b  # every run, fake-leak's included: metrics, LRs, decisions, what the probe saw
+    seen = a[("fake-probe", 1)]["record"]["info"]["method"]["seen"]
+    assert seen["dtype"] == "torch.float32" and seen["env"] is None and seen["threads"] == 1
+    assert not seen["deterministic"] and not seen["anomaly"] and not seen["warnings_as_errors"] and seen["cwd"] != "/"
+
+
+def test_process_state_restores_what_a_run_changed():
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from lrpilot.bench.executors import kept_process_state
+
+    before = (torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
+              os.getcwd(), list(warnings.filters), float(np.random.random()))  # fmt: skip
+    state = np.random.get_state()
+    with kept_process_state():
+        torch.set_default_dtype(torch.float64)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_num_threads(before[2] + 1)
+        os.environ["LRPILOT_TEST_LEAK"] = "1"
+        os.chdir("/")
+        warnings.simplefilter("error")
+        np.random.seed(5)
+    np.random.set_state(state)
+    assert "LRPILOT_TEST_LEAK" not in os.environ
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert (torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(), os.getcwd(),
+            list(warnings.filters)) == before[:5]  # fmt: skip
+
+
+def test_after_a_timeout_or_a_crash_a_fresh_worker_takes_over(tmp_path, fakes):
+    plan = plan_of({"seeds": [0], "tasks": [{"name": "iris-softmax", "epochs": 2}],
+                    "methods": [{"name": "fake-sleep", "options": {"sleep": 60.0}}, "fake-crash", "sgd", "sgd-step"]})  # fmt: skip
+    result = run_bench(plan, tmp_path, executor=LocalExecutor(1, timeout=10.0, imports=[PLUGIN]), progress=False)
+    assert [(spec.method, error.split(":")[0]) for spec, error in result.failed] == [("fake-sleep", "TimeoutError"),
+                                                                                   ("fake-crash", "WorkerCrashed")]  # fmt: skip
+    with Store.open(tmp_path) as store:
+        rows = {r["method"]: r for r in store.runs()}
+    assert rows["sgd"]["status"] == rows["sgd-step"]["status"] == "completed"
+    # Three processes: the one killed at the timeout, the one that crashed, and one that ran both SGDs.
+    assert rows["sgd"]["worker"]["pid"] == rows["sgd-step"]["worker"]["pid"] != rows["fake-crash"]["worker"]["pid"]
+    assert len({rows[m]["worker"]["pid"] for m in ("fake-sleep", "fake-crash", "sgd")}) == 3
+    assert (rows["sgd"]["worker"]["runs_in_process"], rows["sgd-step"]["worker"]["runs_in_process"]) == (1, 2)
+
+
+def test_make_executor_builds_each_executor_and_isolate_reaches_it():
+    from lrpilot.bench.runner import EXECUTORS, make_executor
+
+    assert EXECUTORS == ("local", "ray")
+    assert make_executor("local", workers=2).isolate is False
+    assert make_executor("local", workers=2, isolate=True).describe() == "local (2 workers x 1 threads, a fresh process per run)"
+    with pytest.raises(ValueError, match="address and isolate are for an executor given by name"):
+        bench("quick", "unused", executor=InlineExecutor(), isolate=True)
+
+
+def test_the_executors_module_knows_no_other_executor_and_no_private_name_crosses_bench_modules():
+    """The import circle executors <-> ray_executor is gone: ray_executor builds on executors, never the
+    reverse, and the bench's modules import only each other's public names."""
+    import ast
+
+    bench_dir = REPO / "src" / "lrpilot" / "bench"
+
+    def imports(path: Path) -> list[tuple[str, str]]:
+        found = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lrpilot"):
+                found += [(node.module, alias.name) for alias in node.names]
+            elif isinstance(node, ast.Import):
+                found += [(alias.name, "") for alias in node.names if alias.name.startswith("lrpilot")]
+        return found
+
+    executors = {module for module, _ in imports(bench_dir / "executors.py")}
+    assert not executors & {"lrpilot.bench.ray_executor", "lrpilot.bench.runner"}, executors
+    private = [(path.name, module, name) for path in bench_dir.rglob("*.py") for module, name in imports(path)
+               if module.startswith("lrpilot.bench") and name.startswith("_") and not name.startswith("__")]  # fmt: skip
+    assert private == [], private

@@ -16,15 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scripts.compare_stores import store_contents as _contents  # everything stored per run, timings aside
 
-from lrpilot.bench.executors import Executor, LocalExecutor, make_executor
-from lrpilot.bench.runner import run_bench
+from lrpilot.bench.executors import Executor, LocalExecutor
+from lrpilot.bench.runner import make_executor, run_bench
 from lrpilot.bench.store import Store
 from lrpilot.bench.suites import RunSpec
 from tests.test_bench import PLUGIN, _alive, fakes, plan_of  # noqa: F401 - fakes is a fixture
-
-# Keys of the run record and store columns that measure time or place: the only things allowed to differ.
-_TIMING = ("wall_s", "train_s", "train_cpu_s", "started_at", "finished_at", "run_s")
 
 
 def _process_tree(pid: int) -> set[int]:
@@ -61,31 +59,6 @@ def ray_instance():
     owner.close()
     assert not ray.is_initialized()
     _wait_until(lambda: not any(_alive(p) for p in started), f"Ray processes outlived the shutdown: {started}", 60)
-
-
-def _strip_timing(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _strip_timing(v) for k, v in obj.items() if not k.endswith(_TIMING)}
-    if isinstance(obj, list):
-        return [_strip_timing(v) for v in obj]
-    return obj
-
-
-def _contents(out: Path) -> dict[str, dict[str, Any]]:
-    """Everything the store holds per run key, timings and the worker's identity aside."""
-    with Store.open(out) as store:
-        runs = {}
-        for row in store.runs():
-            key = row["key"]
-            runs[key] = {
-                "row": {k: v for k, v in row.items() if not k.endswith(_TIMING) and k not in ("worker", "invocation")},
-                "record": _strip_timing(store.record(key)),
-                "epochs": [_strip_timing(e) for e in store.epochs(key)],
-                "lrs": store.epoch_lrs(key),
-                "step_lrs": store.step_lrs(key),
-                "decisions": store.decisions(key),
-            }
-        return runs
 
 
 # ----------------------------------------------------------------------------------------------------

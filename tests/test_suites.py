@@ -33,7 +33,8 @@ def test_quick_and_standard_are_tag_driven():
     plan = quick.resolve()
     main = [m.name for m in list_methods(tags=["main-baseline"])]
     assert set(main) <= set(plan.labels)
-    assert {(s.task, s.seed) for s in plan.specs} == {("digits-mlp", 0), ("mnist1d-mlp", 0)}
+    assert quick.seeds == (0, 1, 2)  # the demo's medians and spreads are over three seeds
+    assert {(s.task, s.seed) for s in plan.specs} == {(t, seed) for t in ("digits-mlp", "mnist1d-mlp") for seed in (0, 1, 2)}
     standard = load_suite("standard")
     assert standard.seeds == (0, 1, 2)
     assert [t for b in standard.blocks for t in b["tasks"]] == ["digits-mlp", "mnist1d-mlp", "mnist1d-cnn", "fmnist-mlp",
@@ -222,3 +223,21 @@ def test_demo_is_the_quick_bench(tmp_path, monkeypatch, capsys):
     assert (suite, out, kwargs["workers"], kwargs["methods"], kwargs["seeds"]) == ("quick", str(tmp_path), 1, None, None)
     assert kwargs["argv"] == ["lrpilot", "demo", "--out", str(tmp_path), "--workers", "1"]  # recorded in the store
     assert f"report:  {tmp_path / 'report.html'}" in capsys.readouterr().out
+
+
+def test_cli_bench_isolate_reaches_the_executor(tmp_path, monkeypatch, capsys):
+    from lrpilot.bench import runner
+    from lrpilot.bench.leaderboard import build_leaderboard
+    from lrpilot.cli import main
+
+    calls = []
+
+    def fake_bench(suite, out, **kwargs):
+        calls.append(kwargs)
+        return runner.SuiteRun(runner.BenchResult(out=tmp_path, planned=0, reused=0, executor="fake"),
+                               build_leaderboard([], {}), None)  # fmt: skip
+
+    monkeypatch.setattr(runner, "bench", fake_bench)
+    assert main(["bench", "--suite", "quick", "--out", str(tmp_path), "--isolate"]) == 0
+    assert main(["bench", "--suite", "quick", "--out", str(tmp_path)]) == 0
+    assert [c["isolate"] for c in calls] == [True, False]  # reuse is the default

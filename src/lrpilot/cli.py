@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -155,6 +156,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         executor=args.executor,
         address=args.address,
+        isolate=getattr(args, "isolate", False),
         retry_failed=args.retry_failed,
         timeout=args.timeout,
         imports=args.imports or (),
@@ -270,17 +272,23 @@ def cmd_score_algoperf(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from lrpilot.bench.calibrate import calibrate, default_targets_path, describe_targets
+    from lrpilot.bench.calibrate import calibrate, default_targets_path, describe_targets, recompute_targets
 
-    data = calibrate(
-        tasks=_names(args.tasks),
-        seeds=_seeds(args.seeds) or (0, 1, 2),
-        methods=_names(args.methods),
-        store_dir=args.store,
-        targets_path=args.out,
-        workers=args.workers,
-        data_dir=args.data_dir,
-    )
+    if args.recompute:
+        if args.out and not Path(args.out).exists():
+            raise ValueError(f"--recompute rewrites an existing targets file; {args.out} does not exist")
+        data = recompute_targets(args.out, quantile=args.quantile, tasks=_names(args.tasks))
+    else:
+        data = calibrate(
+            tasks=_names(args.tasks),
+            seeds=_seeds(args.seeds) or (0, 1, 2),
+            methods=_names(args.methods),
+            store_dir=args.store,
+            targets_path=args.out,
+            workers=args.workers,
+            data_dir=args.data_dir,
+            quantile=args.quantile,
+        )
     print(describe_targets(data))
     print(f"targets: {args.out or default_targets_path()}")
     return 0
@@ -369,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: a process pool on this machine (default); ray: Ray tasks (pip install 'lrpilot[ray]')")
     p.add_argument("--address", metavar="ADDR",
                    help="with --executor ray: the cluster to join, `auto` or ray://HOST:10001 (default: a local Ray instance)")
+    p.add_argument("--isolate", action="store_true",
+                   help="a fresh worker process for every run (default: workers are reused, with the same results)")
     p.add_argument("--methods", help="comma-separated methods (labels or registry names) of the suite to run")
     p.add_argument("--tasks", help="comma-separated tasks of the suite to run")
     p.add_argument("--seeds", help="comma-separated seeds (replace the suite's)")
@@ -409,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "index, at that trial's time; fastest (AlgoPerf's rules document): the smallest time to target")
     p.set_defaults(func=cmd_score_algoperf)
 
-    p = sub.add_parser("calibrate", help="set each task's validation target the AlgoPerf way (tuned baselines)")
+    p = sub.add_parser("calibrate", help="set each task's validation target from the tuned baselines (docs/bench.md#targets)")
     p.add_argument("--tasks", help="comma-separated tasks (default: every task whose data is here)")
     p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--methods", help="comma-separated methods (default: those tagged `tuned`, else sgd-cosine)")
@@ -417,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="targets file to write (default: the one lrpilot ships)")
     p.add_argument("--workers", type=int)
     p.add_argument("--data-dir")
+    p.add_argument("--quantile", type=float, default=0.0, metavar="Q",
+                   help="per tuned baseline, the Q quantile of its per-seed bests counted from the worst seed; the target "
+                        "is the best of these (default 0: the worst seed's best, reached by the reference in every "
+                        "calibration seed; 0.5: AlgoPerf's median)")
+    p.add_argument("--recompute", action="store_true",
+                   help="run nothing: apply the rule to the per-seed bests the targets file records (--tasks: only those)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("reproduce", help="reproduce a paper's experiments and print them beside its numbers")

@@ -26,7 +26,7 @@ _EXPORTS = {
     "LocalExecutor": "executors",
     "InlineExecutor": "executors",
     "RayExecutor": "ray_executor",
-    "make_executor": "executors",
+    "make_executor": "runner",
     "Outcome": "executors",
     "execute_run": "executors",
     "build_leaderboard": "leaderboard",

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lrpilot.bench.executors import _THREAD_VARS, Executor, Outcome, available_cores, execute_run
+from lrpilot.bench.executors import Executor, Outcome, available_cores, execute_run, thread_env_vars
 from lrpilot.bench.suites import RunSpec
 
 __all__ = ["RayExecutor", "import_ray"]
@@ -176,10 +176,11 @@ class RayExecutor(Executor):
     driver is killed, Ray itself ends its tasks (a local instance goes with its driver; on a cluster the
     driver's job dies and its workers are killed), so nothing runs on for a store that cannot take it.
 
-    Worker processes are reused from run to run, which saves each run the interpreter's start-up and
-    ``import torch`` (``isolate=True`` gives every run a fresh process, as the local pool does). Results
-    do not depend on it: every run seeds every random source itself, the way ``InlineExecutor`` runs many
-    runs in one process.
+    Worker processes are reused from run to run, as the local pool's are, which saves each run the
+    interpreter's start-up and ``import torch`` (``isolate=True`` gives every run a fresh process).
+    Results do not depend on it: every run seeds every random source itself, and
+    :func:`~lrpilot.bench.executors.execute_run` undoes what a run changed in its process
+    (:class:`~lrpilot.bench.executors.ProcessState`).
 
     Args:
         workers: runs at a time. On a local instance, which gets ``workers x cpus_per_run`` CPUs, the
@@ -302,7 +303,7 @@ class RayExecutor(Executor):
         connected_here = not ray.is_initialized()
         self.connect()
         task = ray.remote(_run_task)
-        env = {k: str(self.threads) for k in _THREAD_VARS}
+        env = thread_env_vars(self.threads)
         if _local_instance:
             # A local instance's workers run on this machine: give them the driver's import path (a source
             # checkout, the tests' root), as the local pool's spawned processes get it.

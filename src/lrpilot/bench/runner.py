@@ -8,6 +8,10 @@
 
 The driver is the only writer of the store; each outcome is stored the moment it arrives, in one
 transaction, so an interrupted bench (Ctrl-C, ``kill -9``, a lost machine) resumes with the same call.
+
+:func:`make_executor` picks an executor by name (``lrpilot bench --executor``). It lives here, above
+both :mod:`lrpilot.bench.executors` and :mod:`lrpilot.bench.ray_executor`, so that neither imports the
+other's way back: the Ray executor builds on the executors module, which knows nothing of Ray.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lrpilot.bench.executors import Executor, LocalExecutor, Outcome, available_cores, make_executor
+from lrpilot.bench.executors import DEFAULT_THREADS, Executor, LocalExecutor, Outcome, available_cores
 from lrpilot.bench.store import Store
 from lrpilot.bench.suites import Plan, RunSpec
 
-__all__ = ["BenchResult", "order_runs", "run_bench"]
+__all__ = ["EXECUTORS", "BenchResult", "bench", "make_executor", "order_runs", "run_bench"]
 
 log = logging.getLogger("lrpilot.bench")
 
@@ -49,6 +53,48 @@ class BenchResult:
         if self.kept_failed:
             parts.append(f"{self.kept_failed} earlier failures kept (--retry-failed runs them again)")
         return f"{', '.join(parts)}; {self.wall_s:.1f} s with {self.executor}"
+
+
+#: The executors :func:`make_executor` (``lrpilot bench --executor``) knows.
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(
+    kind: str = "local",
+    *,
+    workers: int | None = None,
+    threads: int | None = None,
+    timeout: float | None = None,
+    imports: Sequence[str] = (),
+    log_dir: str | Path | None = None,
+    address: str | None = None,
+    isolate: bool = False,
+) -> Executor:
+    """The executor ``kind`` (one of :data:`EXECUTORS`) with the bench's common settings.
+
+    Args:
+        kind: ``"local"`` (:class:`~lrpilot.bench.executors.LocalExecutor`) or ``"ray"``
+            (:class:`~lrpilot.bench.ray_executor.RayExecutor`, imported only then: Ray is optional).
+        workers: runs at a time (local: default the cores available; Ray: the local instance's CPUs, or a
+            cap on a cluster's runs in flight).
+        threads: torch threads per run (Ray: the CPUs each run asks); default
+            :data:`~lrpilot.bench.executors.DEFAULT_THREADS`.
+        timeout: seconds after which a run is killed and recorded as failed.
+        imports: modules every worker imports before its run.
+        log_dir: where each run's stdout and stderr go (``<key>.log``).
+        address: Ray only: the cluster to join (``"auto"``, ``"ray://host:10001"``); ``None``: a local instance.
+        isolate: a fresh worker process for every run instead of reusing workers (both executors).
+    """
+    if kind == "local":
+        if address is not None:
+            raise ValueError(f"address={address!r} is for the Ray executor (--executor ray), not the local pool")
+        return LocalExecutor(workers, threads=threads, timeout=timeout, imports=imports, log_dir=log_dir, isolate=isolate)
+    if kind == "ray":
+        from lrpilot.bench.ray_executor import RayExecutor
+
+        return RayExecutor(workers, address=address, cpus_per_run=threads or DEFAULT_THREADS, timeout=timeout,
+                           imports=imports, log_dir=log_dir, isolate=isolate)  # fmt: skip
+    raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
 
 
 def order_runs(specs: Sequence[RunSpec]) -> list[RunSpec]:
@@ -177,6 +223,7 @@ def bench(
     threads: int | None = None,
     executor: Executor | str | None = None,
     address: str | None = None,
+    isolate: bool = False,
     retry_failed: bool = False,
     timeout: float | None = None,
     imports: Sequence[str] = (),
@@ -195,10 +242,11 @@ def bench(
         workers: runs at a time (default: the cores available; on a Ray cluster, no cap).
         threads: torch threads per run (default 1, whatever ``workers``: the count changes a run's result).
         executor: where runs execute: an :class:`Executor`, or a name of
-            :data:`lrpilot.bench.executors.EXECUTORS` built with ``workers``, ``timeout``, ``imports``,
-            ``address`` and ``out/logs`` (default: ``"local"``, a :class:`LocalExecutor`).
+            :data:`EXECUTORS` built with ``workers``, ``timeout``, ``imports``, ``address``, ``isolate``
+            and ``out/logs`` (default: ``"local"``, a :class:`LocalExecutor`).
         address: the Ray cluster to join with ``executor="ray"`` (``"auto"``, ``"ray://host:10001"``;
             default: a local Ray instance).
+        isolate: a fresh worker process for every run (default: workers are reused; the results are the same).
         retry_failed: run again the runs stored as failed.
         timeout: seconds after which a run is killed and recorded as failed.
         imports: modules that register extra methods or tasks, imported here and in every worker.
@@ -213,9 +261,9 @@ def bench(
 
     if executor is None or isinstance(executor, str):
         executor = make_executor(executor or "local", workers=workers, threads=threads, timeout=timeout, imports=imports,
-                                 log_dir=Path(out) / "logs", address=address)  # fmt: skip
-    elif address is not None:
-        raise ValueError("address is for executor='ray'; an executor given as an object carries its own")
+                                 log_dir=Path(out) / "logs", address=address, isolate=isolate)  # fmt: skip
+    elif address is not None or isolate:
+        raise ValueError("address and isolate are for an executor given by name; an executor given as an object carries its own")
     for module in imports:
         importlib.import_module(module)
     loaded = load_suite(suite)
