@@ -68,7 +68,7 @@ class _Recorder(Pilot):
 
 def test_the_pilot_sees_the_decision_split_and_the_record_the_scored_split():
     task = TinyTask()
-    trainer = Trainer(task.model(), task.train, task.val, method="lipschitz", epochs=2, progress=False)
+    trainer = Trainer(task.model(), task.train, task.val, method="sgd", safety_net=True, epochs=2, progress=False)
     seen: list[float] = []
     inner = trainer.pilot.on_epoch_end
     trainer.pilot.on_epoch_end = lambda s: (seen.append(s.val_loss), inner(s))[1]

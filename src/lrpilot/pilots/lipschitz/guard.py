@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from lrpilot.core.contract import Decision, EpochSignals, Pilot
+from lrpilot.core.contract import TRAIN_EVAL_LOSS, Decision, EpochSignals, Pilot
 from lrpilot.core.rollback import Rollback, check_backoff, exploded
 from lrpilot.estimators.lipschitz import (
     PenultimateMonitor,
 )
-from lrpilot.pilots.lipschitz.pilot import CHECKPOINT_TAG
+from lrpilot.pilots.lipschitz.pilot import CHECKPOINT_TAG, initial_loss
 
 __all__ = ["LipschitzGuard"]
 
@@ -25,7 +25,7 @@ class LipschitzGuard(Pilot):
     """Rolls a step-level Lipschitz optimizer back when an epoch diverges (the paper's section 8 warning).
 
     After every good epoch it asks the loop to checkpoint. After a non-finite epoch, an exploded one (mean
-    training or validation loss above ``explode_factor`` times the validation loss at initialisation) or a
+    training loss above ``explode_factor`` times the untrained model's loss over the training set) or a
     collapsed one (every
     penultimate activation zero: the constant, hence the LR, is undefined), it restores the last
     checkpoint (weights and the optimizer's averages) and multiplies the optimizer's ``lr`` (the step-size
@@ -55,8 +55,13 @@ class LipschitzGuard(Pilot):
     def rollbacks(self) -> int:
         return self.rollback.rollbacks
 
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        """The loss over the training set, once, before training: the yardstick of an explosion."""
+        return frozenset({TRAIN_EVAL_LOSS}) if math.isnan(self.initial_loss) else frozenset()
+
     def on_train_begin(self, signals: EpochSignals) -> Decision | None:
-        self.initial_loss = float(signals.val_loss)
+        self.initial_loss = initial_loss(signals)
         return self._checkpoint()
 
     def _checkpoint(self) -> Decision | None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from lrpilot.core import distributed as dist
 from lrpilot.core.checks import is_number, require_in
-from lrpilot.core.contract import TRAIN_PASS, Decision, EpochSignals, Pilot, TrainPass
+from lrpilot.core.contract import TRAIN_EVAL_LOSS, TRAIN_PASS, Decision, EpochSignals, Pilot, TrainPass
 from lrpilot.core.rollback import Rollback, check_backoff, exploded
 from lrpilot.estimators.lipschitz import (
     BatchStats,
@@ -42,7 +42,7 @@ from lrpilot.estimators.lipschitz import (
     max_weight_norm,
 )
 
-__all__ = ["LastLayerLipschitz", "LipschitzPilot"]
+__all__ = ["LastLayerLipschitz", "LipschitzPilot", "initial_loss"]
 
 CHECKPOINT_TAG = "lipschitz-last-good"  # the checkpoint tag rollbacks return to (the guard's too)
 
@@ -121,6 +121,13 @@ def targets_norm(train_pass: TrainPass) -> float:
     return math.sqrt(max(squares, default=0.0))
 
 
+def initial_loss(signals: EpochSignals) -> float:
+    """The yardstick of an explosion: the loss of the untrained model over the training set (the loop's
+    ``train_eval_loss`` pass), so that the divergence test reads no validation data; a driver that does
+    not provide it falls back to the validation loss it hands over."""
+    return float(signals.extra.get(TRAIN_EVAL_LOSS, signals.val_loss))
+
+
 def _safe_inverse(value: float) -> float | None:
     return 1.0 / value if math.isfinite(value) and value > 0 else None
 
@@ -152,8 +159,8 @@ class LipschitzPilot(Pilot):
     feature to sum to 1 first, which is data preparation (``lrpilot reproduce lipschitz`` does it).
 
     **Divergence.** After each good epoch the pilot asks the loop to checkpoint. An epoch with a
-    non-finite loss, an exploded one (mean training or validation loss above ``explode_factor`` times
-    the validation loss at initialisation), a collapsed one (every penultimate activation zero, so
+    non-finite loss, an exploded one (mean training loss above ``explode_factor`` times the untrained
+    model's loss over the training set: no validation data is read), a collapsed one (every penultimate activation zero, so
     :math:`L = 0`) or one whose :math:`L` overflowed is rolled back and retried with its LR times
     ``backoff``; a divergence after the first epoch also multiplies every later :math:`1/L` by
     ``backoff`` (it persists). After ``max_rollbacks`` rollbacks the run stops. This is our handling of
@@ -174,8 +181,8 @@ class LipschitzPilot(Pilot):
         backoff: LR factor after a divergence, in (0, 1).
         max_rollbacks: rollbacks allowed before giving up; 0 turns the divergence handling off and with
             it the per-epoch checkpoint (a deep copy of the model and optimizer).
-        explode_factor: an epoch whose mean training loss or validation loss exceeds this multiple of
-            the validation loss at initialisation also counts as diverged (a finite loss can still ruin
+        explode_factor: an epoch whose mean training loss exceeds this multiple of the untrained model's
+            loss over the training set also counts as diverged (a finite loss can still ruin
             the weights: at initialisation a classifier's loss is about ln k, the loss of a uniform
             guess); ``None`` only counts non-finite losses.
 
@@ -230,7 +237,7 @@ class LipschitzPilot(Pilot):
         self.explode_factor = explode_factor
         # run state (saved by state_dict)
         self.begun = False
-        self.initial_loss = math.nan  # the validation loss before training, the yardstick of an explosion
+        self.initial_loss = math.nan  # the training-set loss before training, the yardstick of an explosion
         self.epochs_done = 0  # finite epochs
         self.y_norm = 0.0
         self.last: dict[str, float] = {}
@@ -257,13 +264,13 @@ class LipschitzPilot(Pilot):
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
         """The loop's pass over the training data, until training begins (see :meth:`on_train_begin`)."""
-        return frozenset() if self.begun else frozenset({TRAIN_PASS})
+        return frozenset() if self.begun else frozenset({TRAIN_PASS, TRAIN_EVAL_LOSS})
 
     def on_train_begin(self, signals: EpochSignals) -> Decision:
         if self.monitor is None:
             raise RuntimeError("LipschitzPilot.attach(model) must run before training (the loop does it)")
         self.begun = True
-        self.initial_loss = float(signals.val_loss)
+        self.initial_loss = initial_loss(signals)
         if self.loss.kind == "least_squares" and self.mode == "network":
             self.y_norm = targets_norm(signals[TRAIN_PASS])
         if self.mode == "classical":

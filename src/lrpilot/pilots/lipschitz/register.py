@@ -134,9 +134,8 @@ _ADAPTIVE = {
 
 def _register_all() -> None:
     seed = frozenset({"seed-method"})
-    # The divergence rule compares validation losses: every method of the family decides on a split of its own.
-    step_level: dict[str, Any] = {"lr_granularity": "step", "kind": "step-pilot", "paper": _PAPER,
-                                  "handles_nonfinite": True, "decision_split": True}
+    # No decision split: the divergence test compares training losses only (see lipschitz.pilot.initial_loss).
+    step_level: dict[str, Any] = {"lr_granularity": "step", "kind": "step-pilot", "paper": _PAPER, "handles_nonfinite": True}
     entries = [
         MethodInfo(
             "lipschitz",
@@ -158,7 +157,6 @@ def _register_all() -> None:
             tags=seed,
             paper=_PAPER,
             handles_nonfinite=True,
-            decision_split=True,
             invalid_options=(
                 ({"mode": "deep"}, r"mode"),
                 ({"initial_lr": -1.0}, r"initial_lr"),
