@@ -364,6 +364,17 @@ def test_mi_decay_runs_the_range_test_first_and_reports_its_cost(tiny):
     assert searched.lr_trajectory() == given.lr_trajectory()
 
 
+def test_the_python_api_history_carries_the_range_test_as_the_cli_record_does(tiny):
+    hist = lrpilot.fit(tiny.model(), tiny.train, tiny.val, method="mi-decay", epochs=1, seed=0, progress=False,
+                       **{**RRT, "rrt_trials": 1})
+    method = hist.info["method"]
+    rt = method["range_test"]
+    assert method["bounds"] == {**{k: rt[k] for k in ("lr_min", "lr_max", "lr_top", "epsilon")}, "source": "range-test"}
+    assert [r["lr"] for r in method["search"]["runs"]] == list(RRT["rrt_lrs"][:5])
+    record = hist.to_record(task="tiny", method="mi-decay", seed=0, config={})
+    assert json.loads(json.dumps(record, allow_nan=True))["info"]["method"]["bounds"] == method["bounds"]
+
+
 def test_given_values_override_the_range_test(tiny):
     trainer = Trainer(tiny.model(), tiny.train, tiny.val, method="mi-decay", epochs=2, seed=0, progress=False,
                       method_options={**RRT, "epsilon": 0.5})
