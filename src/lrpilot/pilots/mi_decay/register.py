@@ -141,8 +141,9 @@ def _build(ctx: BuildContext, *, layerwise: bool, **o: Any) -> MethodParts:
     if kind == "regression" and o["rrt_attribute"] in ("accuracy", "accuracy+ity"):
         raise ValueError(
             f"option rrt_attribute of method {name!r} cannot be 'accuracy' on a regression task; use 'ity'")
-    if kind == "regression" and o["ceiling"] == "entropy":
-        raise ValueError(f"option ceiling of method {name!r} cannot be 'entropy' on a regression task; use 'ksg'")
+    if kind == "regression" and o["ceiling"] in ("entropy", "ross"):
+        raise ValueError(
+            f"option ceiling of method {name!r} cannot be {o['ceiling']!r} on a regression task; use 'ksg'")
 
     if layerwise:
         if ctx.param_groups is not None:
