@@ -431,6 +431,25 @@ def test_later_trials_start_from_new_initial_weights(tiny):
         assert r["records"][0]["loss"] == pytest.approx(expected[r["trial"]], rel=1e-6)
 
 
+@pytest.mark.parametrize("ity_output", ["logits", "softmax"])
+def test_ity_of_the_logits_or_of_the_softmax_outputs(tiny, ity_output):
+    from lrpilot.estimators.mi import mi_continuous_discrete
+
+    model = tiny.model()
+    trainer = Trainer(model, tiny.train, tiny.val, method="mi-decay", epochs=1, seed=0, progress=False,
+                      method_options={**BOUNDS, "ixy": 2.0, "mi_samples": 96, "ity_output": ity_output})
+    probe = trainer.pilot.data
+    with torch.no_grad():
+        out = model.eval()(probe.inputs)
+    model.train()
+    t = torch.softmax(out, dim=1) if ity_output == "softmax" else out
+    trainer._begin()  # ITY_0 of the initial model
+    assert trainer.pilot.ity[0][0] == mi_continuous_discrete(t, probe.targets, k=3, seed=0)
+    with pytest.raises(ValueError, match="ity_output"):
+        Trainer(tiny.model(), tiny.train, tiny.val, method="mi-decay", epochs=1, progress=False,
+                method_options={**BOUNDS, "ity_output": "probs"})
+
+
 def test_given_values_override_the_range_test(tiny):
     trainer = Trainer(tiny.model(), tiny.train, tiny.val, method="mi-decay", epochs=2, seed=0, progress=False,
                       method_options={**RRT, "epsilon": 0.5})

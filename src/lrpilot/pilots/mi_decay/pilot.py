@@ -37,6 +37,7 @@ __all__ = ["MIDecayPilot", "MIProbeData", "estimate_ceiling", "estimate_mi", "mi
 STARTS = ("top", "mi")
 TIME_DECAYS = ("epsilon", "epoch", "none")
 CEILINGS = ("auto", "entropy", "ksg", "ross")
+ITY_OUTPUTS = ("logits", "softmax")
 BACKENDS = ("auto", "numpy", "torch")
 
 # Floor of ITY in the denominator of d_s (an ITY <= 0 carries no information; keep the sign of the change).
@@ -212,6 +213,8 @@ class MIDecayPilot(Pilot):
             or when every attribute drops dramatically: the subset loss above its best / ``crash_drop``,
             ITY and (classification) the subset accuracy below ``crash_drop`` x their best so far.
         info: a dict shared with ``MethodParts.info``; the pilot adds the ``mi`` entry (IXY and friends).
+        ity_output: classification: ITY of the model's ``"logits"`` (default) or of its ``"softmax"``
+            probabilities (sigmoid for a binary task), as the paper's softmax-ended networks output.
 
     Note:
         Deviations from the paper, each measured or explained in ``docs/methods/mi-decay.md``: for
@@ -261,8 +264,10 @@ class MIDecayPilot(Pilot):
         stop_on_crash: bool = False,
         crash_drop: float = 0.5,
         info: dict[str, Any] | None = None,
+        ity_output: str = "logits",
     ) -> None:
         super().__init__(optimizer)
+        require_in("ity_output", ity_output, ITY_OUTPUTS, method="mi-decay")
         if len(modules) != len(optimizer.param_groups):
             raise ValueError(f"{len(modules)} probe modules for {len(optimizer.param_groups)} param groups")
         self.modules = tuple(modules)
@@ -286,6 +291,9 @@ class MIDecayPilot(Pilot):
         self.loss_fn = loss_fn
         self.stop_on_crash = stop_on_crash
         self.crash_drop = crash_drop
+        # The paper's networks end in a softmax: "softmax" measures ITY on the probabilities (sigmoid for
+        # a binary task), "logits" on the raw output. Only the model output "" is transformed.
+        self.ity_output = ity_output if self.classification else "logits"
         self.info = info if info is not None else {}  # shared with MethodParts.info: lands in the run record
         self.labels = _labels(probe.targets, self.binary) if self.classification else None
         # State (what state_dict saves):
@@ -311,7 +319,10 @@ class MIDecayPilot(Pilot):
         cache: dict[str, float] = {}
         for name in self.modules:
             if name not in cache:
-                cache[name] = self._estimate(outputs[name])
+                t = outputs[name]
+                if name == "" and self.ity_output == "softmax":
+                    t = torch.sigmoid(t) if self.binary else torch.softmax(t.reshape(len(t), -1), dim=1)
+                cache[name] = self._estimate(t)
         out = outputs[""]
         obs: dict[str, Any] = {"ity": [cache[name] for name in self.modules], "mi_s": time.perf_counter() - t0}
         targets = self.data.targets.to(out.device)
