@@ -309,7 +309,8 @@ def test_run_task_trains_adversarially_and_records_the_pgd_accuracy():
 def test_fmnist_lenet_adversarial_run_scales_epsilon_to_pixels(tmp_path):
     out = tmp_path / "run.json"
     code = main(["train", "--task", "fmnist-lenet", "--method", "aalr", "--epochs", "1", "--train-subset", "512",
-                 "-o", "patience=1", "--adversarial", "--adv-option", "eval_samples=64", "--adv-option", "pgd_steps=2",
+                 "-o", "patience=1", "-o", "objective=train-eval", "--adversarial", "--adv-option", "eval_samples=64",
+                 "--adv-option", "pgd_steps=2",
                  "-q", "--out", str(out)])  # fmt: skip
     assert code == 0
     record = json.loads(out.read_text())

@@ -527,7 +527,8 @@ def test_range_test_python_call_and_cli(tmp_path):
     assert rt["threshold"] == pytest.approx(95 / 96 / 10)
     assert growth[0] >= rt["threshold"] and 95 / 96 - final[3] >= rt["threshold"]
     assert (rt["lr_min"], rt["lr_max"], rt["lr_top"]) == (0.003, 0.3, 0.3)
-    assert rt["epsilon"] == pytest.approx(float(np.median([row["min_d_s"] for row in rt["table"]])), rel=1e-12)
+    assert rt["c2"] == 0.01  # the default: the paper's C2 << 1 for a two-trial, three-epoch range test
+    assert rt["epsilon"] == pytest.approx(0.01 * float(np.median([row["min_d_s"] for row in rt["table"]])), rel=1e-12)
     with pytest.raises(ValueError, match="do not give lr_max"):
         range_test(task.model(), task.train, options={"lr_max": 0.1})
     out = tmp_path / "rrt.json"

@@ -52,7 +52,7 @@ def _register_all() -> None:
                 "weight_decay": 0.0,
                 "patience": 10,
                 "trial_length": "p",
-                "objective": "train-eval",
+                "objective": "train-mean",
                 "phase1_reset_best": True,
                 "rollback_optimizer": "reset",
                 "restore_best": True,

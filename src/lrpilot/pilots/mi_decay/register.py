@@ -62,7 +62,7 @@ _DEFAULTS: dict[str, Any] = {
     "rrt_trials": 2,
     "rrt_epochs": 3,
     "c1": 10.0,
-    "c2": 1.0,
+    "c2": 0.01,
     "rrt_attribute": "auto",
     "rrt_initial": "first-epoch",
     "rrt_on_crash": "restart",
