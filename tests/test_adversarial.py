@@ -15,6 +15,7 @@ import lrpilot
 from lrpilot.bench.tasks import run_task
 from lrpilot.cli import main
 from lrpilot.core.contract import TRAIN_EVAL_LOSS, Pilot
+from lrpilot.core.data import TensorLoader
 from lrpilot.loop.adversarial import (
     AdversarialConfig,
     AdversarialEval,
@@ -122,6 +123,37 @@ def test_epsilon_zero_gives_the_clean_accuracy(trained):
     assert result["adv_val_metric"] == clean_acc
     assert result["adv_val_loss"] == pytest.approx(clean_loss, rel=1e-6)
     assert torch.equal(fgsm(trained, CE, x, y, 0.0), x)
+
+
+def test_fgsm_evaluation_beside_pgd_exact_on_a_linear_model():
+    """The paper's Table 3 metric: accuracy under white-box FGSM, by hand on a 1-d two-class linear model.
+
+    Logits [x, -x]: the loss gradient in x is -2 p_1 for class 0 and +2 p_0 for class 1, so FGSM moves
+    class-0 points down and class-1 points up by epsilon, then clips to the bounds.
+    """
+    model = nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+    x = torch.tensor([[0.3], [-0.6], [1.0], [2.0]])
+    y = torch.tensor([0, 1, 0, 1])
+    loader = TensorLoader(x, y, 2, shuffle=False)
+    evaluator = AdversarialEval(CE, get_metric("accuracy"), epsilon=0.5, step=0.125, steps=4,
+                                bounds=(-1.0, 2.2), random_start=False)
+    result = evaluator(model, loader)
+    moved = [-0.2, -0.1, 0.5, 2.2]  # 0.3-0.5, -0.6+0.5, 1.0-0.5, 2.0+0.5 clipped to 2.2
+    losses = [math.log1p(math.exp(-2 * v)) if label == 0 else math.log1p(math.exp(2 * v))
+              for v, label in zip(moved, y.tolist())]
+    assert result["fgsm_val_metric"] == 0.5  # predictions 1, 1, 0, 0 against 0, 1, 0, 1
+    assert result["fgsm_val_loss"] == pytest.approx(sum(losses) / 4, rel=1e-6)
+    assert set(result) == {"adv_val_loss", "adv_val_metric", "fgsm_val_loss", "fgsm_val_metric"}
+    # The gradient's sign never changes along the way: PGD's four steps of 0.125 reach the same points.
+    assert result["adv_val_metric"] == 0.5
+    assert result["adv_val_loss"] == pytest.approx(result["fgsm_val_loss"], rel=1e-6)
+    off = AdversarialEval(CE, get_metric("accuracy"), epsilon=0.5, step=0.1, steps=2, fgsm_eval=False)
+    assert set(off(model, loader)) == {"adv_val_loss", "adv_val_metric"}
+    assert AdversarialConfig.from_options({"fgsm_eval": False}).fgsm_eval is False
+    with pytest.raises(ValueError, match="fgsm_eval must be True or False"):
+        AdversarialConfig(fgsm_eval=1)
 
 
 def test_adversarial_eval_is_deterministic_and_leaves_the_run_alone(trained):
@@ -277,7 +309,8 @@ def test_run_task_trains_adversarially_and_records_the_pgd_accuracy():
 def test_fmnist_lenet_adversarial_run_scales_epsilon_to_pixels(tmp_path):
     out = tmp_path / "run.json"
     code = main(["train", "--task", "fmnist-lenet", "--method", "aalr", "--epochs", "1", "--train-subset", "512",
-                 "-o", "patience=1", "--adversarial", "--adv-option", "eval_samples=64", "--adv-option", "pgd_steps=2",
+                 "-o", "patience=1", "-o", "objective=train-eval", "--adversarial", "--adv-option", "eval_samples=64",
+                 "--adv-option", "pgd_steps=2",
                  "-q", "--out", str(out)])  # fmt: skip
     assert code == 0
     record = json.loads(out.read_text())

@@ -672,3 +672,77 @@ def test_the_loop_records_a_per_step_lr_that_moves(tiny, name: str) -> None:
     lrs = [lr[0] for _, lr in history.step_lr]
     assert steps == [0, *range(2, 1 + 2 * len(tiny.train))]
     assert lrs[0] == 0.05 and len(set(lrs)) == len(lrs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# a non-finite gradient with a finite hypergradient is never applied (issue 16)
+# ----------------------------------------------------------------------------------------------------
+def _nan_gradient_loss(w: torch.Tensor) -> torch.Tensor:
+    """A finite loss whose gradient's middle entry is nan: sqrt's derivative at 0 is inf, times 0."""
+    return (w * w).sum() / 2 + (w[1] * 0.0).sqrt()
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: SGDHD(ps, lr=0.1, beta=0.01),
+    lambda ps: SGDHDVal(ps, lr=0.1, beta=0.01),
+    lambda ps: RTHPO(ps, lr=0.1, beta=0.01),
+    lambda ps: RTHPO(ps, lr=0.1, beta=0.01, objective="train"),
+])
+def test_a_nan_gradient_at_step_zero_changes_nothing(make) -> None:
+    w = nn.Parameter(torch.ones(3))
+    opt = make([w])
+    val = lambda: (w * w).sum()  # finite: the hypergradient is finite (0 at step 0)
+
+    def closure(*, backward: bool = True) -> torch.Tensor:
+        loss = _nan_gradient_loss(w)
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    loss = opt.step(closure, val_closure=val)
+    assert torch.equal(w.detach(), torch.ones(3))  # before the fix: [0.9, nan, 0.9]
+    assert opt.param_groups[0]["lr"] == 0.1
+    assert math.isnan(float(loss))
+    assert opt.steps_skipped == 1
+
+
+def test_a_nan_gradient_after_good_steps_leaves_weights_lr_and_direction() -> None:
+    """hd-val: the validation hypergradient is finite while the training gradient is nan."""
+    w = nn.Parameter(torch.ones(3))
+    opt = SGDHDVal([w], lr=0.1, beta=0.01)
+    val = lambda: (w * w).sum()
+    for _ in range(2):
+        opt.zero_grad()
+        ((w * w).sum() / 2).backward()
+        opt.step(val_closure=val)
+    # w = 0.9 after step 1; step 2: delta = <grad_val(w)=2w, d_prev=w0> = 2*0.9*3 = 5.4, lr = 0.1 + 0.054
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.154)
+    assert w.detach() == pytest.approx(torch.full((3,), 0.9 * (1 - 0.154)))
+    weights, lr = w.detach().clone(), opt.param_groups[0]["lr"]
+    direction = opt.state[w]["direction"].clone()
+    opt.zero_grad()
+    _nan_gradient_loss(w).backward()
+    opt.step(val_closure=val)
+    assert torch.equal(w.detach(), weights)
+    assert opt.param_groups[0]["lr"] == lr
+    assert torch.equal(opt.state[w]["direction"], direction)
+    assert opt.steps_skipped == 1
+
+
+@pytest.mark.parametrize("method", ["hd-train", "hd-val", "rt-hpo"])
+def test_the_loop_sees_a_step_skipped_on_a_nan_gradient(method: str) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    model = nn.Linear(3, 1)
+    start = [p.detach().clone() for p in model.parameters()]
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(out, target) + (out[0, 0] * 0.0).sqrt()
+
+    loader = TensorLoader(x, y, 8, shuffle=False)
+    hist = lrpilot.fit(model, loader, loader, method=method, epochs=2, loss_fn=loss_fn, progress=False,
+                       lr=0.1)
+    assert hist.status == "diverged"
+    assert hist.decisions[-1].reason == "nonfinite-loss"
+    assert all(torch.equal(p.detach(), s) for p, s in zip(model.parameters(), start))

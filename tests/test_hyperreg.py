@@ -313,6 +313,25 @@ def test_pole_fix_doubles_beta_where_the_report_froze_it(divergence, algorithm):
         assert 1.0 < report[1] <= 2.0 and torch.equal(report[2:], torch.ones(2, dtype=F64))
 
 
+def test_report_pole_past_the_pole_per_divergence():
+    """The report's raw Algorithm 2 past the pole, unclipped: reverse KL beta < 0, Hellinger
+    beta = beta_t^5/(beta_t^2 - g^2)^2 > 0 but below beta_t once g^2 > 2 beta_t^2 (a longer step),
+    Neyman nan."""
+    expected = {"rkl": 1 / (1 - 10.0), "hellinger": 1 / (1 - 10.0) ** 2, "neyman-chi2": math.nan}
+    for divergence, beta in expected.items():
+        x = torch.nn.Parameter(torch.zeros(1, dtype=F64))
+        opt = HyperRegularization([x], lr=1.0, divergence=divergence, algorithm=2, growth_clip=None, pole="report")
+        x.grad = torch.tensor([math.sqrt(10.0)], dtype=F64)  # beta_0 = 1: a = g^2 / beta_t^2 = 10
+        opt.step()
+        got = float(opt.state[x]["beta"][0])
+        if math.isnan(beta):
+            assert math.isnan(got)
+        else:
+            assert got == pytest.approx(beta, rel=1e-12)
+            assert float(x.detach()[0]) == pytest.approx(-math.sqrt(10.0) / beta, rel=1e-12)
+    # Hellinger: beta = 1/81 > 0, so the step is 81 times the one at beta_t, down the gradient.
+
+
 def test_without_clipping_the_report_pole_ascends_and_ours_freezes_the_coordinate():
     x = torch.nn.Parameter(torch.zeros(2, dtype=F64))
     opt = HyperRegularization([x], lr=1.0, divergence="rkl", algorithm=2, growth_clip=None, pole="report")

@@ -237,6 +237,26 @@ def test_the_source_feeds_each_batchs_paper_constant_plus_the_l2_term() -> None:
     assert adam.param_groups[0]["k2"] == pytest.approx(0.001 * m_t, rel=1e-5)
 
 
+def test_max_w_runs_over_every_group_as_in_the_pilot() -> None:
+    """A group's L2 term uses max||w|| over all the optimizer's parameters, not only its own group's."""
+    net, x, y = _net_and_batch()
+    with torch.no_grad():
+        net.head.weight.mul_(100.0)  # the largest tensor lives in the group without weight decay
+    source = LastLayerLipschitz.for_model(net, nn.CrossEntropyLoss())
+    wd, beta = 0.01, 0.9
+    head = list(net.head.parameters())
+    body = [p for p in net.parameters() if all(p is not h for h in head)]
+    opt = AdaMo([{"params": body, "weight_decay": wd}, {"params": head, "weight_decay": 0.0}], source, beta=beta)
+    w_max = max_weight_norm(net.parameters())
+    assert w_max > max_weight_norm(body)
+    k_z = float(net.body(x).detach().norm())
+    nn.CrossEntropyLoss()(net(x), y).backward()
+    opt.step()
+    loss_part = cross_entropy_lipschitz(k_z, 16, 4)
+    assert opt.param_groups[0]["k1"] == pytest.approx((1 - beta) * (loss_part + wd * w_max), rel=1e-6)
+    assert opt.param_groups[1]["k1"] == pytest.approx((1 - beta) * loss_part, rel=1e-6)
+
+
 def test_a_step_without_a_signal_says_what_to_pass() -> None:
     w = nn.Parameter(torch.ones(2))
     w.grad = torch.ones(2)

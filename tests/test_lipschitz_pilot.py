@@ -125,6 +125,77 @@ def test_classical_mode_fixes_the_lr_at_the_papers_closed_form(kind: str) -> Non
     assert trainer.pilot.mode == "classical"
 
 
+@pytest.mark.parametrize("kind", ["cross_entropy", "least_squares"])
+def test_classical_mode_adds_lambda_k_for_weight_decay(kind: str) -> None:
+    """Section 5.3: an L2 term adds lambda*K, K the paper's data estimate (a+b)/2 of the weight bound."""
+    x = torch.tensor([[1.0, 2.0], [3.0, 0.5], [0.5, 1.5], [2.0, 2.0]])
+    if kind == "cross_entropy":
+        y, out, loss = torch.tensor([0, 1, 2, 0]), 3, nn.CrossEntropyLoss()
+    else:
+        y, out, loss = torch.tensor([[1.0], [2.0], [0.0], [1.0]]), 1, nn.MSELoss()
+    full = TensorLoader(x, y, 4, shuffle=False)
+    # The design matrix with the column of ones: column sums 4, 6.5, 6 -> a = 16.5/4 = 4.125; column
+    # maxima 1, 3, 2 -> b = 2; K = (a + b)/2 = 3.0625.
+    design = torch.cat([torch.ones(4, 1), x], dim=1).double()
+    k = 3.0625
+    if kind == "cross_entropy":
+        loss_part = 2 / 3 * float(design.norm()) / 4  # (k-1)/(km) K_z, K_z = ||[1, X]||
+    else:  # torch's MSELoss is 2x the paper's; the paper's sign, absolute value taken
+        gram = float(torch.linalg.matrix_norm(design.T @ design))
+        cross = float(torch.linalg.matrix_norm(y.double().T @ design))
+        loss_part = 2 * abs(k * gram - cross) / 4
+    lrs = {}
+    for wd in (0.0, 0.1, 10.0):
+        trainer = Trainer(
+            LinearModel(2, out), full, full, method="lipschitz", epochs=1, seed=0, progress=False,
+            loss_fn=loss, method_options={"weight_decay": wd},
+        )
+        decision = trainer.run().decisions[0]
+        assert decision.reason == "lipschitz-classical"
+        assert decision.info["weight_bound"] == pytest.approx(k, rel=1e-12)
+        assert decision.info["lipschitz"] == pytest.approx(loss_part + wd * k, rel=1e-9)
+        assert decision.info["loss_lipschitz"] == pytest.approx(loss_part, rel=1e-9)
+        lrs[wd] = decision.lr[0]
+        assert lrs[wd] == pytest.approx(1 / (loss_part + wd * k), rel=1e-9)
+    assert lrs[0.0] > lrs[0.1] > lrs[10.0]
+
+
+def test_classical_smoothness_adds_lambda_per_group() -> None:
+    x = torch.tensor([[1.0, 2.0], [3.0, 0.5], [0.5, 1.5], [2.0, 2.0]])
+    y = torch.tensor([0, 1, 2, 0])
+    full = TensorLoader(x, y, 4, shuffle=False)
+    model = LinearModel(2, 3)
+    opt = torch.optim.SGD(
+        [{"params": [model.head.weight], "weight_decay": 0.5}, {"params": [model.head.bias], "weight_decay": 0.0}],
+        lr=1.0,
+    )
+    pilot = LipschitzPilot(opt, loss=LossSpec.from_loss(nn.CrossEntropyLoss(), 3), train_loader=full,
+                           constant="smoothness")
+    pilot.attach(model)
+    decision = pilot.on_train_begin(EpochSignals(epoch=0, step=0, lr=(1.0, 1.0), train_loss=math.nan, val_loss=1.0, val_metric=math.nan))
+    design = torch.cat([torch.ones(4, 1), x], dim=1).double()
+    beta = 0.5 * float(design.norm()) ** 2 / 4  # softmax: ||A||^2 / (2m)
+    assert decision.lr == pytest.approx((1 / (beta + 0.5), 1 / beta), rel=1e-9)
+    assert decision.info["lipschitz"] == pytest.approx(beta + 0.5, rel=1e-9)
+
+
+def test_network_telemetry_is_the_whole_constant_over_all_trained_parameters() -> None:
+    """info["lipschitz"] includes lambda*max||w||, max||w|| over every parameter the optimizer trains."""
+    task = TinyTask()
+    for wd in (0.0, 0.1):
+        model = task.model()
+        trainer = Trainer(
+            model, task.train, task.val, method="lipschitz", epochs=1, seed=0, progress=False,
+            method_options={"weight_decay": wd},
+        )
+        trainer.run()
+        info = trainer.history.decisions[-1].info
+        w_max = max_weight_norm(model.parameters())
+        assert info["max_w"] == pytest.approx(w_max, rel=1e-6)
+        assert info["lipschitz"] == pytest.approx(info["loss_lipschitz"] + wd * w_max, rel=1e-9)
+        assert trainer.history.decisions[-1].lr[0] == pytest.approx(1 / info["lipschitz"], rel=1e-9)
+
+
 def test_auto_mode_is_network_with_a_hidden_layer() -> None:
     task = TinyTask()
     trainer = Trainer(

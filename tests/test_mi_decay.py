@@ -14,6 +14,7 @@ from torch import nn
 import lrpilot
 from lrpilot.core.contract import PROBE, EpochSignals, Pilot, Probe
 from lrpilot.core.data import TensorLoader
+from lrpilot.estimators.mi import mi_continuous
 from lrpilot.loop.fit import Trainer
 from lrpilot.loop.probe import run_probe
 from lrpilot.pilots.mi_decay import mi_decay_lr, run_range_test, sample_probe, saturation, select_bounds
@@ -366,6 +367,91 @@ def test_mi_decay_runs_the_range_test_first_and_reports_its_cost(tiny):
     assert searched.lr_trajectory() == given.lr_trajectory()
 
 
+def test_the_python_api_history_carries_the_range_test_as_the_cli_record_does(tiny):
+    hist = lrpilot.fit(tiny.model(), tiny.train, tiny.val, method="mi-decay", epochs=1, seed=0, progress=False,
+                       **{**RRT, "rrt_trials": 1})
+    method = hist.info["method"]
+    rt = method["range_test"]
+    assert method["bounds"] == {**{k: rt[k] for k in ("lr_min", "lr_max", "lr_top", "epsilon")}, "source": "range-test"}
+    assert [r["lr"] for r in method["search"]["runs"]] == list(RRT["rrt_lrs"][:5])
+    record = hist.to_record(task="tiny", method="mi-decay", seed=0, config={})
+    assert json.loads(json.dumps(record, allow_nan=True))["info"]["method"]["bounds"] == method["bounds"]
+
+
+def _scripted_observations(monkeypatch, trainer, script):
+    """Replace the pilot's subset observations by ``script`` (one dict per epoch, epoch 0 first)."""
+    steps = iter(script)
+
+    def observe(outputs):
+        obs = dict(next(steps))
+        return {"ity": [obs.pop("ity")], "mi_s": 0.0, **obs}
+
+    monkeypatch.setattr(trainer.pilot, "_observe", observe)
+
+
+GOOD = [{"ity": 0.3, "accuracy": 0.4, "loss": 1.0}, {"ity": 1.0, "accuracy": 0.8, "loss": 0.5},
+        {"ity": 1.2, "accuracy": 0.9, "loss": 0.4}]
+
+
+@pytest.mark.parametrize("last,crashes", [
+    ({"ity": 0.5, "accuracy": 0.4, "loss": 0.9}, True),   # every attribute dropped dramatically
+    ({"ity": 0.5, "accuracy": 0.4, "loss": 0.7}, False),  # the loss did not grow past best / crash_drop
+    ({"ity": 0.7, "accuracy": 0.4, "loss": 0.9}, False),  # ITY kept more than crash_drop x its best
+    ({"ity": 0.5, "accuracy": 0.5, "loss": 0.9}, False),  # accuracy kept more than crash_drop x its best
+])
+def test_a_trial_crashes_on_a_dramatic_drop_in_every_attribute(tiny, monkeypatch, last, crashes):
+    trainer = Trainer(tiny.model(), tiny.train, tiny.val, method="mi-decay", epochs=4, seed=0, progress=False,
+                      method_options={**BOUNDS, "ixy": 2.0, "mi_samples": 50, "stop_on_crash": True})
+    _scripted_observations(monkeypatch, trainer, [*GOOD, last, GOOD[-1]])
+    hist = trainer.run()
+    if crashes:
+        assert hist.status == "stopped" and hist.status_reason == "rrt-crash" and len(hist.epochs) == 3
+        assert hist.decisions[-1].reason == "rrt-crash"
+    else:
+        assert hist.status == "completed" and len(hist.epochs) == 4
+
+
+def test_later_trials_start_from_new_initial_weights(tiny):
+    """Algorithm 2: "Initialize and save initial model" in every trial; trial 0 keeps the run's own."""
+    model = tiny.model()
+    trainer = Trainer(model, tiny.train, tiny.val, method="mi-decay", epochs=1, seed=0, progress=False,
+                      method_options={"rrt_lrs": (0.003, 0.03), "rrt_epochs": 2, "rrt_trials": 3, "mi_samples": 96})
+    probe = trainer.pilot.data
+    runs = trainer.parts.info["search"]["runs"]
+    expected = []
+    for t in range(3):
+        net = tiny.model()  # the run's initial weights
+        if t > 0:  # torch's default initialisation from seed + t
+            torch.manual_seed(0 + t)
+            for module in net.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        with torch.no_grad():
+            expected.append(float(nn.functional.cross_entropy(net.eval()(probe.inputs), probe.targets)))
+    assert len({round(v, 6) for v in expected}) == 3
+    for r in runs:  # the subset loss before training: the trial's initial weights
+        assert r["records"][0]["loss"] == pytest.approx(expected[r["trial"]], rel=1e-6)
+
+
+@pytest.mark.parametrize("ity_output", ["logits", "softmax"])
+def test_ity_of_the_logits_or_of_the_softmax_outputs(tiny, ity_output):
+    from lrpilot.estimators.mi import mi_continuous_discrete
+
+    model = tiny.model()
+    trainer = Trainer(model, tiny.train, tiny.val, method="mi-decay", epochs=1, seed=0, progress=False,
+                      method_options={**BOUNDS, "ixy": 2.0, "mi_samples": 96, "ity_output": ity_output})
+    probe = trainer.pilot.data
+    with torch.no_grad():
+        out = model.eval()(probe.inputs)
+    model.train()
+    t = torch.softmax(out, dim=1) if ity_output == "softmax" else out
+    trainer._begin()  # ITY_0 of the initial model
+    assert trainer.pilot.ity[0][0] == mi_continuous_discrete(t, probe.targets, k=3, seed=0)
+    with pytest.raises(ValueError, match="ity_output"):
+        Trainer(tiny.model(), tiny.train, tiny.val, method="mi-decay", epochs=1, progress=False,
+                method_options={**BOUNDS, "ity_output": "probs"})
+
+
 def test_given_values_override_the_range_test(tiny):
     trainer = Trainer(tiny.model(), tiny.train, tiny.val, method="mi-decay", epochs=2, seed=0, progress=False,
                       method_options={**RRT, "epsilon": 0.5})
@@ -382,8 +468,16 @@ def test_regression_uses_ksg_and_ity_in_the_range_test():
     trainer = Trainer(nn.Linear(5, 1), loader, loader, method="mi-decay", epochs=3, loss_fn=nn.MSELoss(),
                       progress=False, method_options={"rrt_lrs": (0.001, 0.01, 0.1), "rrt_epochs": 2})
     info = trainer.parts.info
-    assert info["mi"]["ceiling"] == "ksg" and info["mi"]["h_y"] is None and info["mi"]["ixy"] > 0.5
+    probe = trainer.pilot.data
+    assert len(probe.inputs) == 300  # every point: fewer than mi_samples
+    # The ceiling is KSG (algorithm 1, k = 3) of the raw inputs against the targets on the subset, exactly;
+    # the truth is 0.5 ln(1 + 5.25/0.09) = 2.04 nats, which KSG underestimates in 5 dimensions (0.797).
+    expected = mi_continuous(probe.inputs, probe.targets, k=3, seed=0)
+    assert info["mi"]["ceiling"] == "ksg" and info["mi"]["h_y"] is None and info["mi"]["ixy"] == expected
+    assert info["mi"]["ixy"] == pytest.approx(0.7967, abs=1e-4)
     assert info["range_test"]["attribute"] == "ity"
+    assert {k: info["range_test"][k] for k in ("lr_min", "lr_max", "lr_top")} == {
+        "lr_min": 0.001, "lr_max": 0.1, "lr_top": 0.1}
     hist = trainer.run()
     assert hist.epochs[-1].val_loss < hist.info["initial"]["val_loss"]
     with pytest.raises(ValueError, match="ceiling .*regression"):
@@ -391,12 +485,27 @@ def test_regression_uses_ksg_and_ity_in_the_range_test():
                 progress=False, method_options={**BOUNDS, "ceiling": "entropy"})
 
 
-def test_the_ksg_ceiling_is_an_option(tiny):
+@pytest.mark.parametrize("ceiling", ["ksg", "ross", "entropy"])
+def test_each_ceiling_is_the_estimator_its_name_says(tiny, ceiling):
+    """"ksg" is the paper's literal IXY: KSG between the raw inputs and one-hot labels; "ross" is Ross's
+    estimator against the labels (what "ksg" computed before issue 16); "entropy" is H(Y)."""
+    from lrpilot.estimators.mi import label_entropy, mi_continuous_discrete
+
     trainer = Trainer(tiny.model(), tiny.train, tiny.val, method="mi-decay", epochs=1, seed=0, progress=False,
-                      method_options={**BOUNDS, "ceiling": "ksg", "mi_samples": 96})
+                      method_options={**BOUNDS, "ceiling": ceiling, "mi_samples": 96})
     trainer.run()
     mi = trainer.parts.info["mi"]
-    assert mi["ceiling"] == "ksg" and trainer.pilot.ixy == mi["ixy_ksg"] != mi["h_y"]
+    x, labels = trainer.pilot.data.inputs, trainer.pilot.data.targets
+    onehot = torch.nn.functional.one_hot(labels, 3).double()
+    assert mi["ixy_ksg"] == mi_continuous(x, onehot, k=3, seed=0)
+    assert mi["ixy_ross"] == mi_continuous_discrete(x, labels, k=3, seed=0)
+    assert mi["h_y"] == label_entropy(labels)
+    # With jittered one-hot Y every k-th joint neighbour lies in the same class here (the classes are
+    # 1/std(Y) apart in the max-norm), so KSG's n_y + 1 is the class size and n_x + 1 Ross's m_i: the
+    # two estimators agree to rounding, as on MNIST-1D and Fashion-MNIST (docs/methods/mi-decay.md).
+    assert mi["ixy_ksg"] == pytest.approx(mi["ixy_ross"], rel=1e-12) and mi["ixy_ksg"] != mi["h_y"]
+    used = {"ksg": "ixy_ksg", "ross": "ixy_ross", "entropy": "h_y"}[ceiling]
+    assert mi["ceiling"] == ceiling and trainer.pilot.ixy == mi["ixy"] == mi[used]
 
 
 def test_range_test_python_call_and_cli(tmp_path):
@@ -405,7 +514,23 @@ def test_range_test_python_call_and_cli(tmp_path):
 
     task = TinyTask()
     report = range_test(task.model(), task.train, task.val, options={**RRT, "rrt_trials": 1})
-    assert set(report) == {"range_test", "search", "mi"} and report["range_test"]["lr_top"] in RRT["rrt_lrs"]
+    assert set(report) == {"range_test", "search", "mi"}
+    rt = report["range_test"]
+    # LR 1e4 crashes (its activations overflow); the other four complete and make D.
+    assert [(r["lr"], r["status"], r["reason"]) for r in report["search"]["runs"]] == [
+        (0.003, "completed", ""), (0.03, "completed", ""), (0.3, "completed", ""), (3.0, "completed", ""),
+        (1e4, "crashed", "rrt-crash")]
+    final = [row["final_accuracy"] for row in rt["table"]]
+    growth = [row["final_accuracy"] - row["initial_accuracy"] for row in rt["table"]]
+    assert [row["lr"] for row in rt["table"]] == [0.003, 0.03, 0.3, 3.0]
+    assert final == pytest.approx([31 / 96, 94 / 96, 95 / 96, 65 / 96], abs=1e-12)  # 96 subset points
+    # Algorithm 2 by hand: Thresh = MAXVAL/C1; LR_min the first LR that grew by Thresh; LR_max the last
+    # within Thresh of MAXVAL; LR_top the best; epsilon = C2 x the median of the runs' min(d_s).
+    assert rt["threshold"] == pytest.approx(95 / 96 / 10)
+    assert growth[0] >= rt["threshold"] and 95 / 96 - final[3] >= rt["threshold"]
+    assert (rt["lr_min"], rt["lr_max"], rt["lr_top"]) == (0.003, 0.3, 0.3)
+    assert rt["c2"] == 0.01  # the default: the paper's C2 << 1 for a two-trial, three-epoch range test
+    assert rt["epsilon"] == pytest.approx(0.01 * float(np.median([row["min_d_s"] for row in rt["table"]])), rel=1e-12)
     with pytest.raises(ValueError, match="do not give lr_max"):
         range_test(task.model(), task.train, options={"lr_max": 0.1})
     out = tmp_path / "rrt.json"

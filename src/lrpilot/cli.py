@@ -119,6 +119,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         final_adv = record["final"].get("adv_val_metric", adv[-1])
         print(f"  adversarial (PGD) {metric}: best {_fmt(max(adv) if record['metric']['higher_is_better'] else min(adv))}, "
               f"final {_fmt(final_adv)}")
+    fg = [e["extra"]["fgsm_val_metric"] for e in record["epochs"] if e["extra"].get("fgsm_val_metric") is not None]
+    if fg:
+        print(f"  adversarial (FGSM) {metric}: best {_fmt(max(fg) if record['metric']['higher_is_better'] else min(fg))}, "
+              f"final {_fmt(record['final'].get('fgsm_val_metric', fg[-1]))}")
     return 0
 
 

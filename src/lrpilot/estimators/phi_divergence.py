@@ -78,8 +78,9 @@ class PhiDivergence:
         exact: Algorithm 1, :math:`\\delta(a)` solving :math:`(1+\\delta)^2\\phi'(1+\\delta) = a`.
         approx: Algorithm 2, :math:`\\delta(a)` solving :math:`\\phi'(1+\\delta) = a`; ``inf`` where
             :math:`a \\ge` ``pole``.
-        approx_raw: Algorithm 2's closed form evaluated everywhere, past the pole included (negative or
-            ``nan`` there): what the reproducibility report's code computed.
+        approx_raw: Algorithm 2's closed form evaluated everywhere, past the pole included (there:
+            :math:`u < 0` for reverse KL, :math:`0 < u` for Hellinger, below 1 once :math:`a > 2`, ``nan``
+            for Neyman): what the reproducibility report's code computed.
         exact_ratio_: Algorithm 1 as the growth *ratio* :math:`u = 1 + \\delta`, computed in place: it
             may overwrite its argument, and returns it or another tensor (the optimizer's hot path).
         approx_ratio_: Algorithm 2's ratio in place, for :math:`a` below the pole only.

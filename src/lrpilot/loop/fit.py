@@ -240,6 +240,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        if self.parts.info:  # what the method reports about itself (a range test's bounds and trials)
+            self.history.info["method"] = self.parts.info
         return self.history
 
     def evaluate(self, loader: Any | None = None, *, transform: bool = False) -> tuple[float, float]:

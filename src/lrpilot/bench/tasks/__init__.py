@@ -264,6 +264,4 @@ def run_task(
         "safety_net": (dict(safety_net) if isinstance(safety_net, Mapping) else {}) if safety_net else None,
         "adversarial": adv.as_dict() if adv is not None else None,
     }
-    if trainer.parts.info:
-        history.info["method"] = trainer.parts.info
     return history.to_record(task=task, method=method, seed=seed, config=config)

@@ -50,7 +50,8 @@ def _register_all() -> None:
                 "optimizer": "sgd",
                 "momentum": 0.9,
                 "weight_decay": 0.0,
-                **defaults_of(AALR, exclude=("epochs",)),  # patience, trial_length, objective, ...
+                # patience, trial_length, objective (train-mean: measured, docs/methods/aalr.md), ...
+                **defaults_of(AALR, exclude=("epochs",)),
             },
             lr_granularity="epoch",
             kind="epoch-pilot",

@@ -90,9 +90,11 @@ class HypergradientSGD(torch.optim.Optimizer):
     **Safeguard** (Baydin et al.'s reference implementation has none; with a large :math:`\beta` its LR
     goes negative, which is gradient *ascent*, or non-finite): the new LR is clipped to
     ``[min_lr, max_lr]`` (``group["lr_clamped"]`` counts how often), and a non-finite :math:`\Delta_t`
-    leaves the LR unchanged (``group["lr_skipped"]``), resets a non-finite tangent to zero, and skips the
-    weight update when the training gradient itself is not finite. ``group["hypergrad"]`` holds the last
-    hypergradient :math:`dE/d\eta = -\Delta_t` (``nan`` when skipped).
+    leaves the LR unchanged (``group["lr_skipped"]``) and resets a non-finite tangent to zero. A step
+    whose training loss or gradient is not finite changes nothing at all (weights, LR, tangent, momentum;
+    :attr:`steps_skipped` counts them) and returns a ``nan`` loss, whatever the hypergradient: at step 0
+    the hypergradient is 0 and finite, and a NaN gradient used to be applied. ``group["hypergrad"]`` holds
+    the last hypergradient :math:`dE/d\eta = -\Delta_t` (``nan`` when skipped).
 
     Args:
         params: parameters or param groups.
@@ -175,7 +177,9 @@ class HypergradientSGD(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         self._add_counters()
-        self.needs_closure = horizon == "full"
+        # The loop hands every horizon a closure: the one-step horizon uses it as any optimizer would,
+        # and the loss it returns (nan for a step skipped on a non-finite gradient) reaches the loop.
+        self.needs_closure = True
         self.needs_val_closure = objective == "val"
         self._val_stream: _ValidationStream | None = None
         # Not state: which .grad tensors the one-step horizon keeps by reference (see _keep_directions).
@@ -263,6 +267,14 @@ class HypergradientSGD(torch.optim.Optimizer):
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             groups.append((group, params, grads))
 
+        # A non-finite training gradient (with a finite loss: e.g. a NaN from a backward pass alone) is
+        # never applied: the step changes nothing, not even the LR, and reports a nan loss so a training
+        # loop sees the step as the non-finite step it is. Checked first: no validation pass is wasted.
+        checked = [g for *_, grads in groups for g in grads]
+        if isinstance(loss, torch.Tensor):
+            checked.append(loss.detach())
+        if not bool(_finite_flag(checked)):
+            return self._skip_nonfinite(loss)
         if glob["step"] == 0:  # z_0 = 0: the hypergradient is 0, skip the validation pass
             deltas = [0.0] * len(groups)
         else:
@@ -284,8 +296,6 @@ class HypergradientSGD(torch.optim.Optimizer):
                 lr_step = self._update_lr(group, delta)
                 if not params:
                     continue
-                if not math.isfinite(delta) and not _all_finite(grads):
-                    continue  # never apply a non-finite gradient
                 directions = self._directions(group, params, grads)
                 owned = directions is not grads or bool(group["weight_decay"])  # not the raw .grad tensors
                 self._keep_directions(params, directions, owned=owned)
@@ -369,10 +379,14 @@ class HypergradientSGD(torch.optim.Optimizer):
                     ]
                 ref = self.param_groups[0]["params"][0]
                 deltas = -torch.stack([_dot(contracted, tangents[k], ref=ref) for k in range(n_groups)])
-        # the one sync point of the step
-        values = torch.cat([loss.detach().reshape(1).to(deltas.dtype), deltas]).tolist()
+        # the one sync point of the step: the loss, whether every gradient is finite, the hypergradients
+        finite = _finite_flag(grads).reshape(1).to(deltas.dtype)
+        values = torch.cat([loss.detach().reshape(1).to(deltas.dtype), finite, deltas]).tolist()
         if dist.any_true(not math.isfinite(values[0])):
             return loss  # a non-finite training loss: change nothing (the loop ends the epoch)
+        if values[1] != 1.0:  # a finite loss with a non-finite gradient: change nothing, report nan
+            return self._skip_nonfinite(loss)
+        values = [values[0], *values[2:]]
 
         with torch.no_grad():
             for p, g in zip(params, grads):
@@ -431,6 +445,22 @@ class HypergradientSGD(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------
     # pieces
     # ------------------------------------------------------------------------------------------------
+    @property
+    def steps_skipped(self) -> int:
+        """Steps skipped because the training gradient was not finite (nothing changed in them)."""
+        return int(self._global.get("steps_skipped", 0))
+
+    def _skip_nonfinite(self, loss: Any) -> torch.Tensor:
+        """Count a step skipped for a non-finite gradient; its result: ``nan`` as the loss.
+
+        The loop's closure path (``needs_closure``, set for every horizon) reads the returned loss, so the
+        skipped step reaches its non-finite handling (the epoch ends, the pilot or safety net decides).
+        """
+        glob = self._global
+        glob["steps_skipped"] = glob.get("steps_skipped", 0) + 1
+        ref = loss.detach() if isinstance(loss, torch.Tensor) else self.param_groups[0]["params"][0].detach()
+        return torch.full((), math.nan, dtype=ref.dtype, device=ref.device)
+
     def _update_lr(self, group: dict[str, Any], delta: float) -> float:
         """Move the group's LR by ``beta * delta`` (safeguarded); return the LR this step applies."""
         old = group["lr"]
@@ -713,6 +743,13 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, ref: torch.Ten
     if not a:
         return torch.zeros((), dtype=ref.dtype, device=ref.device)
     return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
+
+
+def _finite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether every tensor is finite, as a 0-d bool tensor (no sync until read)."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:

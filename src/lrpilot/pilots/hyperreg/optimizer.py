@@ -71,9 +71,10 @@ class HyperRegularization(torch.optim.Optimizer):
         pole: what Algorithms 2 and 3 do where :math:`\phi'(u) = a` has no solution (reverse KL,
             Hellinger, Neyman: :math:`a \ge 1`). ``"infinite"`` (default): the maximiser is
             :math:`+\infty`, which the clip turns into :math:`c\,\beta_t`. ``"report"``: evaluate the closed
-            form past the pole as the report's code did (:math:`\beta_t^3/(\beta_t^2 - g^2) < 0` for
-            reverse KL, which the clip's lower bound turns into *no* growth; without clipping,
-            :math:`\beta < 0` and gradient ascent).
+            form past the pole as the report's code did: :math:`\beta_t^3/(\beta_t^2 - g^2) < 0` for
+            reverse KL, :math:`\beta_t^5/(\beta_t^2 - g^2)^2 > 0` for Hellinger (below :math:`\beta_t`
+            once :math:`g^2 > 2\beta_t^2`), ``nan`` for Neyman; the clip's lower bound turns each into *no*
+            growth; without clipping, reverse KL ascends the gradient and Hellinger lengthens the step.
         scope: who shares one :math:`\beta`: ``"coordinate"`` (default, the paper), ``"tensor"``
             (one per parameter tensor) or ``"global"`` (one per param group), with
             :math:`a = \lVert g\rVert^2/\beta_t^2` over the block.
@@ -291,8 +292,9 @@ def growth_ratio_(a: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
     is the same clip, and it keeps every rule on a bounded range: KL's ``exp`` cannot overflow and
     Algorithm 2 never reaches its pole, whose :math:`+\infty` becomes :math:`c` exactly as the
     ``"infinite"`` reading says. On that range the in-place ratio forms apply. ``pole="report"``
-    evaluates the raw closed form instead (negative past the pole), then clips; without clipping the
-    pole gives :math:`u = +\infty`.
+    evaluates the raw closed form instead (past the pole: negative for reverse KL, positive but below 1
+    for Hellinger once :math:`a > 2`, ``nan`` for Neyman), then clips; without clipping the pole gives
+    :math:`u = +\infty`.
     """
     algorithm, clip = group["algorithm"], group["growth_clip"]
     div = get_divergence(group["divergence"])

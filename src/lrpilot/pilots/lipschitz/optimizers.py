@@ -54,6 +54,7 @@ class LipschitzOptimizer(torch.optim.Optimizer):
         defaults.setdefault("k1_signal", "lipschitz")
         super().__init__(params, defaults)
         self.source = source
+        self._step_w_max: float | None = None
 
     def effective_lrs(self) -> list[float]:
         """The LR applied at the last step, per group (0 before the first step unless ``initial_lr``)."""
@@ -81,13 +82,20 @@ class LipschitzOptimizer(torch.optim.Optimizer):
             )
         loss_part, stats = self.source()
         wd = group["weight_decay"]
-        weight_term = wd * max_weight_norm(group["params"]) if wd > 0 else 0.0
+        weight_term = wd * self._max_weight_norm() if wd > 0 else 0.0
         m_t = (
             grad_sq_estimate(loss_part, stats.k_z, stats.elementwise, weight_term, group["grad_sq_estimate"])
             if self._uses_k2
             else 0.0
         )
         return (stats.k_z if group["k1_signal"] == "kz" else loss_part + weight_term), m_t
+
+    def _max_weight_norm(self) -> float:
+        r"""The paper's :math:`\max\lVert w\rVert` over every parameter this optimizer trains (all groups:
+        the definition :class:`LipschitzPilot` uses too), computed once per step."""
+        if self._step_w_max is None:
+            self._step_w_max = max_weight_norm(p for g in self.param_groups for p in g["params"])
+        return self._step_w_max
 
     def _advance(self, group: dict[str, Any], s1: float, s2: float) -> tuple[float, float, bool]:
         """Update the averages with this step's signals; return (K1, K2) to use and whether the
@@ -146,6 +154,7 @@ class LipschitzOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_w_max = None  # the weights as they are before this step's update
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

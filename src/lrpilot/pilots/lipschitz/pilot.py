@@ -274,14 +274,17 @@ class LipschitzPilot(Pilot):
         if self.loss.kind == "least_squares" and self.mode == "network":
             self.y_norm = targets_norm(signals[TRAIN_PASS])
         if self.mode == "classical":
-            lipschitz, info = self._classical_constant(signals[TRAIN_PASS])
-            lr = _safe_inverse(lipschitz)
-            if lr is None:
+            loss_part, info = self._classical_constant(signals[TRAIN_PASS])
+            # The L2 term of section 5.3, per group: lambda*K (paper) or lambda (smoothness), with K the
+            # paper's estimate of the weight bound from the data.
+            totals = [loss_part + self._l2_term(wd, info["weight_bound"]) for wd in self._weight_decays()]
+            lrs = [_safe_inverse(total) for total in totals]
+            if any(lr is None for lr in lrs):
                 raise ValueError(
-                    f"the classical Lipschitz constant is {lipschitz!r}: cannot take 1/L ({info})"
+                    f"the classical Lipschitz constant is {max(totals)!r}: cannot take 1/L ({info})"
                 )
-            self.last = {**info, "lipschitz": lipschitz}
-            return Decision("lipschitz-classical", lr=self._per_group(lr), save=self._save, info=self.last)
+            self.last = {**info, **self._telemetry(loss_part, info["weight_bound"])}
+            return Decision("lipschitz-classical", lr=tuple(lrs), save=self._save, info=self.last)
         if self.initial_lr is not None:
             return Decision("lipschitz-initial-fixed", lr=self._per_group(self.initial_lr), save=self._save)
         stats = self._probe(signals[TRAIN_PASS])
@@ -331,8 +334,7 @@ class LipschitzPilot(Pilot):
     def _network_lrs(self, stats: BatchStats) -> tuple[tuple[float, ...] | None, dict[str, Any]]:
         """1/L per param group (groups differ by their weight decay) from one epoch's statistics."""
         assert self.model is not None and self.monitor is not None
-        params = self.monitor.layer.parameters() if self.weight_bound == "head" else self.model.parameters()
-        w_max = max_weight_norm(params)
+        w_max = max_weight_norm(self._bound_params())
         if self.constant == "paper":
             loss_part = abs(
                 self.loss.lipschitz(
@@ -342,10 +344,8 @@ class LipschitzPilot(Pilot):
         else:
             loss_part = self.loss.smoothness(stats.k_z, stats.rows)
         lrs = []
-        for group in self.optimizer.param_groups:
-            wd = float(group.get("weight_decay", 0.0))
-            # The L2 term: lambda*K (paper) or lambda (its Hessian, for the smoothness constant).
-            total = loss_part + (wd * w_max if self.constant == "paper" else wd)
+        for wd in self._weight_decays():
+            total = loss_part + self._l2_term(wd, w_max)
             lr = _safe_inverse(total)
             if lr is None:
                 return None, {"k_z": stats.k_z, "m": stats.rows, "max_w": w_max, "lipschitz": total}
@@ -354,12 +354,20 @@ class LipschitzPilot(Pilot):
             "k_z": stats.k_z,
             "m": stats.rows,
             "max_w": w_max,
-            "lipschitz": loss_part,
+            **self._telemetry(loss_part, w_max),
             "scale": self.rollback.scale,
         }
         if self.loss.kind == "least_squares":
             info.update(k_a=stats.k_a, y_norm=self.y_norm)
         return tuple(lrs), info
+
+    def _bound_params(self) -> list[torch.Tensor]:
+        r"""The tensors :math:`\max\lVert w\rVert` runs over: every parameter the optimizer trains (all its
+        groups, as the step-level optimizers take it), or the last layer's (``weight_bound="head"``)."""
+        assert self.monitor is not None
+        if self.weight_bound == "head":
+            return list(self.monitor.layer.parameters())
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _probe(self, train_pass: TrainPass) -> BatchStats:
         """K_z of the initial model over the training data, in evaluation mode (the authors' epoch-start pass)."""
@@ -374,22 +382,19 @@ class LipschitzPilot(Pilot):
         return stats
 
     def _classical_constant(self, train_pass: TrainPass) -> tuple[float, dict[str, Any]]:
-        """The paper's classical-model constant from the data, streamed batch by batch.
+        r"""The loss part of the paper's classical-model constant from the data, streamed batch by batch.
 
         Each norm is the largest over the loader's batches and ``m`` the largest batch: with one full
-        batch this is exactly the paper's full-batch formula.
+        batch this is exactly the paper's full-batch formula. ``info["weight_bound"]`` is the paper's
+        estimate :math:`K = (a+b)/2` of :math:`\lVert w\rVert` from the data (section 7.1): least squares'
+        formula needs it, and so does the L2 term :math:`\lambda K` of section 5.3 for every loss (the LR
+        is fixed before training, so no weight of the trained model can stand in for the bound). The pass
+        leaves the RNG as it found it (a shuffling DataLoader draws from it).
         """
         assert self.model is not None and self.monitor is not None
-        if self.loss.kind != "least_squares":
-            stats = self._probe(train_pass)
-            self.monitor.reset()
-            if self.constant == "smoothness":
-                value = self.loss.smoothness(stats.k_z, stats.rows) + self._max_weight_decay()
-            else:
-                value = self.loss.lipschitz(stats.k_z, stats.rows)
-            return value, {"k_z": stats.k_z, "m": stats.rows}
         head = self.monitor.layer
         model = self.model
+        least_squares = self.loss.kind == "least_squares"
         acc: dict[str, Any] = {"rows": 0, "total_rows": 0, "col_sum": None, "col_max": None,
                                "gram": 0.0, "cross": 0.0, "k_z": 0.0}  # fmt: skip
 
@@ -397,27 +402,50 @@ class LipschitzPilot(Pilot):
             a = _head_input(model, head, x).double()
             if head.bias is not None:
                 a = torch.cat([torch.ones(len(a), 1, dtype=a.dtype, device=a.device), a], dim=1)
-            y = y.double().reshape(len(a), -1)
             acc["rows"], acc["total_rows"] = max(acc["rows"], len(a)), acc["total_rows"] + len(a)
             s, m = a.sum(0), a.max(0).values
             acc["col_sum"] = s if acc["col_sum"] is None else acc["col_sum"] + s
             acc["col_max"] = m if acc["col_max"] is None else torch.maximum(acc["col_max"], m)
-            acc["gram"] = max(acc["gram"], float(torch.linalg.matrix_norm(a.T @ a)))
-            acc["cross"] = max(acc["cross"], float(torch.linalg.matrix_norm(y.T @ a)))
             acc["k_z"] = max(acc["k_z"], float(a.norm()))
+            if least_squares:
+                y = y.double().reshape(len(a), -1)
+                acc["gram"] = max(acc["gram"], float(torch.linalg.matrix_norm(a.T @ a)))
+                acc["cross"] = max(acc["cross"], float(torch.linalg.matrix_norm(y.T @ a)))
 
-        train_pass(add)
+        train_pass(add)  # the loop's pass: evaluation mode, no gradients, the RNG left as it was
         rows, total_rows, col_sum, col_max = acc["rows"], acc["total_rows"], acc["col_sum"], acc["col_max"]
         gram, cross, k_z = acc["gram"], acc["cross"], acc["k_z"]
-        assert col_sum is not None and col_max is not None
+        if col_sum is None or col_max is None:
+            raise ValueError("train_loader yielded no batches")
         # The paper's K = (a + b)/2 over the whole training set (section 7.1).
         k = (float(col_sum.sum()) / total_rows + float(col_max.mean())) / 2
+        info: dict[str, Any] = {"k_z": k_z, "m": rows, "weight_bound": k}
         if self.constant == "smoothness":
-            value = self.loss.smoothness(k_z, rows) + self._max_weight_decay()
-        else:
-            sign = -1.0 if self.ls_form == "paper" else 1.0
-            value = self.loss.scale * abs(k * gram + sign * cross) / rows
-        return value, {"k_z": k_z, "m": rows, "weight_bound": k, "gram": gram, "cross": cross}
+            return self.loss.smoothness(k_z, rows), info
+        if not least_squares:
+            return abs(self.loss.lipschitz(k_z, rows)), info
+        sign = -1.0 if self.ls_form == "paper" else 1.0
+        value = self.loss.scale * abs(k * gram + sign * cross) / rows
+        return value, {**info, "gram": gram, "cross": cross}
+
+    def _weight_decays(self) -> list[float]:
+        r"""Each parameter group's :math:`\lambda` (its ``weight_decay``), in group order."""
+        return [float(g.get("weight_decay", 0.0)) for g in self.optimizer.param_groups]
+
+    def _l2_term(self, wd: float, bound: float) -> float:
+        r"""What an L2 term adds to the constant: :math:`\lambda K` (paper, section 5.3) or :math:`\lambda`
+        (its Hessian, for the smoothness constant)."""
+        return wd * bound if self.constant == "paper" else wd
+
+    def _telemetry(self, loss_part: float, bound: float) -> dict[str, float]:
+        """The constant as the run record reports it (one definition, ``docs/methods/lipschitz.md``).
+
+        ``lipschitz`` is the whole constant of the most regularised group, loss part plus L2 term, so
+        ``1/lipschitz`` is the LR before any rollback factor when every group shares its weight decay;
+        ``loss_lipschitz`` is the loss part alone.
+        """
+        wd = max(self._weight_decays())
+        return {"lipschitz": loss_part + self._l2_term(wd, bound), "loss_lipschitz": loss_part, "weight_decay": wd}
 
     @property
     def _save(self) -> str | None:
@@ -426,9 +454,6 @@ class LipschitzPilot(Pilot):
 
     def _checkpoint(self) -> Decision | None:
         return self.rollback.checkpoint("lipschitz-checkpoint")
-
-    def _max_weight_decay(self) -> float:
-        return max(float(g.get("weight_decay", 0.0)) for g in self.optimizer.param_groups)
 
     def _per_group(self, lr: float) -> tuple[float, ...]:
         return (float(lr),) * len(self.optimizer.param_groups)

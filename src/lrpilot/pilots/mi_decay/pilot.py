@@ -36,7 +36,8 @@ __all__ = ["MIDecayPilot", "MIProbeData", "estimate_ceiling", "estimate_mi", "mi
 
 STARTS = ("top", "mi")
 TIME_DECAYS = ("epsilon", "epoch", "none")
-CEILINGS = ("auto", "entropy", "ksg")
+CEILINGS = ("auto", "entropy", "ksg", "ross")
+ITY_OUTPUTS = ("logits", "softmax")
 BACKENDS = ("auto", "numpy", "torch")
 
 # Floor of ITY in the denominator of d_s (an ITY <= 0 carries no information; keep the sign of the change).
@@ -201,8 +202,10 @@ class MIDecayPilot(Pilot):
         epochs: the budget E.
         task_kind: ``classification``, ``binary`` or ``regression``.
         ixy: the ceiling; ``None`` to estimate it before training, per ``ceiling``.
-        ceiling: ``"entropy"`` (H(Y) of the subset labels), ``"ksg"`` (the k-NN estimate of I(X; Y) on
-            the subset) or ``"auto"`` (entropy for classification, ksg for regression).
+        ceiling: ``"entropy"`` (H(Y) of the subset labels), ``"ksg"`` (the paper's literal IXY: KSG
+            algorithm 1 between the raw inputs and the targets, class labels as one-hot vectors, on the
+            subset), ``"ross"`` (classification only: Ross's k-NN estimate of I(X; Y) against the labels)
+            or ``"auto"`` (entropy for classification, ksg for regression).
         start, time_decay: see :func:`mi_decay_lr`.
         k, mi_seed, mi_backend, device: the estimator's neighbours, jitter seed, backend and device.
         loss_fn: to report the loss on the subset.
@@ -210,12 +213,14 @@ class MIDecayPilot(Pilot):
             or when every attribute drops dramatically: the subset loss above its best / ``crash_drop``,
             ITY and (classification) the subset accuracy below ``crash_drop`` x their best so far.
         info: a dict shared with ``MethodParts.info``; the pilot adds the ``mi`` entry (IXY and friends).
+        ity_output: classification: ITY of the model's ``"logits"`` (default) or of its ``"softmax"``
+            probabilities (sigmoid for a binary task), as the paper's softmax-ended networks output.
 
     Note:
         Deviations from the paper, each measured or explained in ``docs/methods/mi-decay.md``: for
         classification the ceiling defaults to H(Y) of the subset labels, not the KSG estimate of
-        I(X; Y), which on raw pixels falls below the ITY of an *untrained* network and would pin the LR
-        to LR_min from epoch 2 (``ceiling="ksg"`` restores it); ITY of a discrete Y uses Ross's k-NN
+        I(X; Y), which on raw pixels falls far below H(Y) and below the ITY the network reaches, and
+        pins the LR to LR_min from then on (``ceiling="ksg"`` restores it); ITY of a discrete Y uses Ross's k-NN
         estimator (the KSG construction for discrete labels); the ITY/IXY ratio is clamped to [0, 1].
 
     Example:
@@ -259,8 +264,10 @@ class MIDecayPilot(Pilot):
         stop_on_crash: bool = False,
         crash_drop: float = 0.5,
         info: dict[str, Any] | None = None,
+        ity_output: str = "logits",
     ) -> None:
         super().__init__(optimizer)
+        require_in("ity_output", ity_output, ITY_OUTPUTS, method="mi-decay")
         if len(modules) != len(optimizer.param_groups):
             raise ValueError(f"{len(modules)} probe modules for {len(optimizer.param_groups)} param groups")
         self.modules = tuple(modules)
@@ -272,9 +279,9 @@ class MIDecayPilot(Pilot):
         self.classification = task_kind in ("classification", "binary")
         self.binary = task_kind == "binary"
         self.ceiling = ("entropy" if self.classification else "ksg") if ceiling == "auto" else ceiling
-        if self.ceiling == "entropy" and not self.classification:
-            raise ValueError("option ceiling='entropy' of method 'mi-decay' needs class labels; use 'ksg' "
-                             "for regression")
+        if self.ceiling in ("entropy", "ross") and not self.classification:
+            raise ValueError(f"option ceiling={self.ceiling!r} of method 'mi-decay' needs class labels; use "
+                             "'ksg' for regression")
         self.start = start
         self.time_decay = time_decay
         self.k = k
@@ -284,6 +291,9 @@ class MIDecayPilot(Pilot):
         self.loss_fn = loss_fn
         self.stop_on_crash = stop_on_crash
         self.crash_drop = crash_drop
+        # The paper's networks end in a softmax: "softmax" measures ITY on the probabilities (sigmoid for
+        # a binary task), "logits" on the raw output. Only the model output "" is transformed.
+        self.ity_output = ity_output if self.classification else "logits"
         self.info = info if info is not None else {}  # shared with MethodParts.info: lands in the run record
         self.labels = _labels(probe.targets, self.binary) if self.classification else None
         # State (what state_dict saves):
@@ -309,7 +319,10 @@ class MIDecayPilot(Pilot):
         cache: dict[str, float] = {}
         for name in self.modules:
             if name not in cache:
-                cache[name] = self._estimate(outputs[name])
+                t = outputs[name]
+                if name == "" and self.ity_output == "softmax":
+                    t = torch.sigmoid(t) if self.binary else torch.softmax(t.reshape(len(t), -1), dim=1)
+                cache[name] = self._estimate(t)
         out = outputs[""]
         obs: dict[str, Any] = {"ity": [cache[name] for name in self.modules], "mi_s": time.perf_counter() - t0}
         targets = self.data.targets.to(out.device)
@@ -455,25 +468,46 @@ def estimate_mi(t: Any, target: Any, *, classification: bool, k: int = 3, mi_see
     return mi_continuous(t, target, **kw)
 
 
+def one_hot(labels: Any) -> np.ndarray:
+    """Class labels as one-hot rows (columns in sorted label order): Y as a softmax network's targets."""
+    y = np.asarray(labels).reshape(-1)
+    classes, index = np.unique(y, return_inverse=True)
+    out = np.zeros((len(y), len(classes)))
+    out[np.arange(len(y)), index] = 1.0
+    return out
+
+
 def estimate_ceiling(probe: MIProbeData, *, kind: str, ceiling: str = "auto", k: int = 3, mi_seed: int = 0,
                      mi_backend: str = "numpy", device: Any = None) -> dict[str, Any]:
-    """IXY on the subset: the k-NN estimate of I(X; Y), H(Y) for classification, and the one used.
+    """IXY on the subset, and the one used as the ceiling.
 
-    Returns ``{"ixy", "ixy_ksg", "h_y", "ceiling", "samples", "ixy_s"}`` (``ixy_s``: seconds spent).
+    * ``ixy_ksg``: the paper's literal IXY, the KSG estimator (algorithm 1, max-norm, jitter) between the
+      raw inputs and Y, class labels as one-hot vectors (the targets of the paper's softmax networks);
+      for regression, the targets as they are.
+    * ``ixy_ross`` (classification): Ross's k-NN estimator of I(X; Y) against the labels, the estimator
+      of a continuous X and a discrete Y (what ``"ksg"`` computed before issue 16).
+    * ``h_y`` (classification): the plug-in H(Y) of the subset labels, an exact DPI ceiling.
+
+    Returns ``{"ixy", "ixy_ksg", "ixy_ross", "h_y", "ceiling", "samples", "ixy_s"}`` (``ixy_s``: seconds).
     """
     classification = kind in ("classification", "binary")
     if ceiling == "auto":
         ceiling = "entropy" if classification else "ksg"
-    if ceiling == "entropy" and not classification:
-        raise ValueError("ceiling 'entropy' needs class labels; use 'ksg' for regression")
+    if ceiling in ("entropy", "ross") and not classification:
+        raise ValueError(f"ceiling {ceiling!r} needs class labels; use 'ksg' for regression")
     t0 = time.perf_counter()
-    target = _labels(probe.targets, kind == "binary") if classification else probe.targets
-    ksg = estimate_mi(probe.inputs, target, classification=classification, k=k, mi_seed=mi_seed,
-                      mi_backend=mi_backend, device=device)
-    h_y = label_entropy(target) if classification else None
-    ixy = h_y if ceiling == "entropy" else ksg
-    return {"ixy": ixy, "ixy_ksg": ksg, "h_y": h_y, "ceiling": ceiling, "samples": len(probe.inputs),
-            "ixy_s": time.perf_counter() - t0}
+    kw = {"k": k, "seed": mi_seed, "backend": mi_backend, "device": device}
+    if classification:
+        labels = _labels(probe.targets, kind == "binary")
+        ksg = mi_continuous(probe.inputs, one_hot(labels), **kw)
+        ross = mi_continuous_discrete(probe.inputs, labels, **kw)
+        h_y: float | None = label_entropy(labels)
+    else:
+        ksg = mi_continuous(probe.inputs, probe.targets, **kw)
+        ross = h_y = None
+    ixy = {"entropy": h_y, "ksg": ksg, "ross": ross}[ceiling]
+    return {"ixy": ixy, "ixy_ksg": ksg, "ixy_ross": ross, "h_y": h_y, "ceiling": ceiling,
+            "samples": len(probe.inputs), "ixy_s": time.perf_counter() - t0}
 
 
 def layer_groups(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:

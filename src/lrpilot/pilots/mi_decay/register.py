@@ -15,6 +15,7 @@ from lrpilot.core.registry import RANGE_TEST_TAG, BuildContext, MethodInfo, regi
 from lrpilot.pilots.mi_decay.pilot import (
     BACKENDS,
     CEILINGS,
+    ITY_OUTPUTS,
     STARTS,
     TIME_DECAYS,
     MIDecayPilot,
@@ -51,6 +52,7 @@ _DEFAULTS: dict[str, Any] = {
     "mi_seed": None,
     "k": 3,
     "mi_backend": "auto",
+    "ity_output": "logits",
     # SGD (the paper: momentum 0.9)
     "momentum": 0.9,
     "nesterov": False,
@@ -60,7 +62,7 @@ _DEFAULTS: dict[str, Any] = {
     "rrt_trials": 2,
     "rrt_epochs": 3,
     "c1": 10.0,
-    "c2": 1.0,
+    "c2": 0.01,
     "rrt_attribute": "auto",
     "rrt_initial": "first-epoch",
     "rrt_on_crash": "restart",
@@ -81,6 +83,7 @@ def _check_options(name: str, o: Mapping[str, Any]) -> None:
     require_in("start", o["start"], STARTS, method=name)
     require_in("time_decay", o["time_decay"], TIME_DECAYS, method=name)
     require_in("ceiling", o["ceiling"], CEILINGS, method=name)
+    require_in("ity_output", o["ity_output"], ITY_OUTPUTS, method=name)
     require_in("mi_backend", o["mi_backend"], BACKENDS, method=name)
     require_in("rrt_attribute", o["rrt_attribute"], ATTRIBUTES, method=name)
     require_in("rrt_initial", o["rrt_initial"], INITIALS, method=name)
@@ -141,8 +144,9 @@ def _build(ctx: BuildContext, *, layerwise: bool, **o: Any) -> MethodParts:
     if kind == "regression" and o["rrt_attribute"] in ("accuracy", "accuracy+ity"):
         raise ValueError(
             f"option rrt_attribute of method {name!r} cannot be 'accuracy' on a regression task; use 'ity'")
-    if kind == "regression" and o["ceiling"] == "entropy":
-        raise ValueError(f"option ceiling of method {name!r} cannot be 'entropy' on a regression task; use 'ksg'")
+    if kind == "regression" and o["ceiling"] in ("entropy", "ross"):
+        raise ValueError(
+            f"option ceiling of method {name!r} cannot be {o['ceiling']!r} on a regression task; use 'ksg'")
 
     if layerwise:
         if ctx.param_groups is not None:
@@ -186,7 +190,7 @@ def _build(ctx: BuildContext, *, layerwise: bool, **o: Any) -> MethodParts:
     pilot = MIDecayPilot(
         optimizer, probe, modules=modules, epochs=ctx.epochs, task_kind=kind, ixy=ixy, ceiling=o["ceiling"],
         start=o["start"], time_decay=o["time_decay"], loss_fn=ctx.loss_fn, stop_on_crash=o["stop_on_crash"],
-        crash_drop=o["crash_drop"], info=info, **mi_kw, **bounds,
+        crash_drop=o["crash_drop"], info=info, ity_output=o["ity_output"], **mi_kw, **bounds,
     )
     return MethodParts(optimizer, pilot, info=info)
 
@@ -206,7 +210,8 @@ def _range_test(ctx: BuildContext, o: Mapping[str, Any], *, ixy: float, mi_seed:
         trainer = ctx.trial(
             "mi-decay", epochs=o["rrt_epochs"], seed=seed, lr_min=lr, lr_max=lr, lr_top=lr, epsilon=0.0,
             ixy=ixy, mi_samples=o["mi_samples"], mi_seed=mi_seed, k=o["k"], mi_backend=o["mi_backend"],
-            stop_on_crash=True, crash_drop=o["crash_drop"], reinit_seed=None if t == 0 else seed, **sgd,
+            stop_on_crash=True, crash_drop=o["crash_drop"], reinit_seed=None if t == 0 else seed,
+            ity_output=o["ity_output"], **sgd,
         )
         hist = trainer.history
         crashed = hist.status == "diverged" or (hist.status == "stopped" and hist.status_reason == "rrt-crash")
