@@ -115,7 +115,7 @@ def test_calibrate_cli_recompute_and_bad_quantile(tmp_path, capsys):
 
 
 def _no_tuned_methods(monkeypatch):
-    import lrpilot.registry as registry
+    import lrpilot.core.registry as registry
 
     real = registry.list_methods
     monkeypatch.setattr(registry, "list_methods", lambda *a, tags=(), **k: [] if "tuned" in tags else real(*a, tags=tags, **k))

@@ -114,7 +114,7 @@ def calibration_plan(
         methods: the methods (default: every available method tagged ``tuned``, else the fallback).
     """
     from lrpilot.bench.tasks import task_names
-    from lrpilot.registry import list_methods
+    from lrpilot.core.registry import list_methods
 
     fallback = False
     if methods is None:

@@ -128,7 +128,7 @@ class ProcessState:
         """The state of this process now."""
         import torch
 
-        from lrpilot.loop.seeding import capture_rng
+        from lrpilot.core.seeding import capture_rng
 
         return cls(capture_rng(), torch.get_num_threads(), _torch_flags(), dict(os.environ), os.getcwd())
 
@@ -136,7 +136,7 @@ class ProcessState:
         """Put this process back into the captured state (settings that did not change are not touched)."""
         import torch
 
-        from lrpilot.loop.seeding import restore_rng
+        from lrpilot.core.seeding import restore_rng
 
         now = _torch_flags()
         for name, value in self.flags.items():
