@@ -202,12 +202,20 @@ def run_task(task: str, args: argparse.Namespace, device: torch.device) -> dict[
         print(f"  built {m.name} ({entry.setup_s:.2f} s)", file=sys.stderr, flush=True)
     stepper = {e.name: _make_step(e, batches, val_batches) for e in entries}
     for e in entries:  # warm-up: allocator, lazy state, first-step branches
-        for i in range(args.warmup):
-            stepper[e.name](i)
+        e.trainer.model.train()
+        if e.trainer.parts.train_mode is not None:
+            e.trainer.parts.train_mode()  # e.g. Schedule-Free's optimizer.train(), as the loop does
+        try:
+            for i in range(args.warmup):
+                stepper[e.name](i)
+        except Exception as err:  # a method that fails here is reported, not fatal
+            e.error = f"{type(err).__name__}: {err}"
     _sync(device)
     for r in range(args.rounds):
         shift = r % len(entries)
         for e in entries[shift:] + entries[:shift]:
+            if e.error:
+                continue
             try:
                 _sync(device)
                 t0 = time.perf_counter()
