@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lrpilot.baselines.lars import LARS
+from lrpilot.pilots.lipschitz.optimizers import AdaMo, AutoAdam, LipschitzRMSprop
 
 F = nn.functional
 STEPS = 6
@@ -84,3 +85,20 @@ def assert_same(make: Callable[[nn.Module, bool], torch.optim.Optimizer], step: 
 ])
 def test_lars_foreach_equals_the_reference_loop(options: dict[str, Any]) -> None:
     assert_same(lambda net, fe: LARS(_groups(net), lr=0.5, foreach=fe, **options))
+
+
+def _lipschitz_step(opt: torch.optim.Optimizer, net: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y).backward()
+    opt.step(lipschitz=2.0 + t, grad_sq=0.5 + 0.1 * t, k_z=10.0 + t)
+
+
+@pytest.mark.parametrize("make", [
+    lambda net, fe: AdaMo(_groups(net), weight_decay=1e-3, bias_correction="moments", foreach=fe),
+    lambda net, fe: AdaMo(_groups(net), foreach=fe),
+    lambda net, fe: AutoAdam(_groups(net), weight_decay=1e-3, bias_correction="moments", foreach=fe),
+    lambda net, fe: AutoAdam(_groups(net), eps_inside_sqrt=False, k1_init=1.0, k2_init=1e-6, foreach=fe),
+    lambda net, fe: LipschitzRMSprop(_groups(net), foreach=fe),
+], ids=["adamo-wd-bc", "adamo", "auto-adam-wd-bc", "auto-adam-eps-outside", "lipschitz-rmsprop"])
+def test_lipschitz_optimizers_foreach_equal_the_reference_loop(make: Callable[[nn.Module, bool], Any]) -> None:
+    assert_same(make, _lipschitz_step)
