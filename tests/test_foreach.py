@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lrpilot.baselines.lars import LARS
+from lrpilot.pilots.hypergradient import RTHPO, SGDHD, SGDHDVal
 from lrpilot.pilots.lipschitz.optimizers import AdaMo, AutoAdam, LipschitzRMSprop
 
 F = nn.functional
@@ -102,3 +103,79 @@ def _lipschitz_step(opt: torch.optim.Optimizer, net: nn.Module, x: torch.Tensor,
 ], ids=["adamo-wd-bc", "adamo", "auto-adam-wd-bc", "auto-adam-eps-outside", "lipschitz-rmsprop"])
 def test_lipschitz_optimizers_foreach_equal_the_reference_loop(make: Callable[[nn.Module, bool], Any]) -> None:
     assert_same(make, _lipschitz_step)
+
+
+def _val_step(opt: torch.optim.Optimizer, net: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int) -> None:
+    xv, yv = _batch(t, val=True)
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y).backward()
+    opt.step(val_closure=lambda: F.cross_entropy(net(xv), yv))
+
+
+def _rthpo_step(opt: torch.optim.Optimizer, net: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int) -> None:
+    xv, yv = _batch(t, val=True)
+    opt.step(lambda: F.cross_entropy(net(x), y), val_closure=lambda: F.cross_entropy(net(xv), yv))
+
+
+@pytest.mark.parametrize(("make", "step"), [
+    (lambda net, fe: SGDHD(_groups(net), lr=0.05, beta=0.01, foreach=fe), None),
+    (lambda net, fe: SGDHD(_groups(net), lr=0.05, beta=0.01, momentum=0.9, nesterov=True, weight_decay=1e-3,
+                           foreach=fe), None),
+    (lambda net, fe: SGDHDVal(_groups(net), lr=0.05, beta=0.01, momentum=0.5, foreach=fe), _val_step),
+    (lambda net, fe: RTHPO(_groups(net), lr=0.05, beta=0.01, foreach=fe), _rthpo_step),
+    (lambda net, fe: RTHPO(_groups(net), lr=0.05, beta=0.01, momentum=0.9, weight_decay=1e-3, foreach=fe),
+     _rthpo_step),
+], ids=["hd-train", "hd-train-nesterov-wd", "hd-val-momentum", "rt-hpo", "rt-hpo-momentum-wd"])
+def test_hypergradient_foreach_equals_the_reference_loop(make: Callable[..., Any], step: Any) -> None:
+    assert_same(make, step)
+
+
+# ------------------------------------------------------------------------------------------------------
+# never apply a non-finite gradient
+# ------------------------------------------------------------------------------------------------------
+def _poison(net: nn.Module) -> None:
+    net[2].weight.grad[0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("bad_step", [0, 3])
+@pytest.mark.parametrize("cls", ["hd-train", "hd-val", "rt-hpo"])
+def test_a_nonfinite_gradient_is_never_applied(cls: str, bad_step: int, foreach: bool) -> None:
+    """At step ``bad_step`` one entry of one group's gradient is nan (the loss is finite): no weight of
+    any group, momentum buffer or LR moves, ``lr_skipped`` counts the skip in every group, and the next
+    finite step goes on as usual."""
+    net = _net()
+    kw = {"lr": 0.05, "beta": 0.01, "momentum": 0.9, "foreach": foreach}
+    opt = {"hd-train": SGDHD, "hd-val": SGDHDVal, "rt-hpo": RTHPO}[cls](_groups(net), **kw)
+    for t in range(bad_step + 2):
+        x, y = _batch(t)
+        xv, yv = _batch(t, val=True)
+        val = lambda: F.cross_entropy(net(xv), yv)  # noqa: E731
+        before = [p.detach().clone() for p in net.parameters()]
+        bufs = {id(p): opt.state[p]["momentum_buffer"].clone() for p in net.parameters()
+                if "momentum_buffer" in opt.state[p]}
+        lrs = [g["lr"] for g in opt.param_groups]
+        skipped = [g["lr_skipped"] for g in opt.param_groups]
+        if cls == "rt-hpo":
+            def closure(*, backward: bool = True) -> torch.Tensor:
+                out = F.cross_entropy(net(x), y)
+                if t == bad_step:  # a finite loss (+ 0) whose gradient is nan in one entry (0 * 1/sqrt(0))
+                    out = out + (net[2].weight[0, 0] * 0).sqrt() * 0
+                return out
+            opt.step(closure, val_closure=val)
+        else:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            if t == bad_step:
+                _poison(net)
+            opt.step(val_closure=val) if cls == "hd-val" else opt.step()
+        if t == bad_step:
+            assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+            for p in net.parameters():
+                if id(p) in bufs:
+                    assert torch.equal(bufs[id(p)], opt.state[p]["momentum_buffer"])
+            assert [g["lr"] for g in opt.param_groups] == lrs
+            assert [g["lr_skipped"] for g in opt.param_groups] == [s + 1 for s in skipped]
+        else:
+            assert all(torch.isfinite(p).all() for p in net.parameters())
+            assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))

@@ -111,6 +111,19 @@ class HypergradientSGD(torch.optim.Optimizer):
             :meth:`step`: validation batches ``(inputs, targets)`` are drawn from ``val_loader`` in turn
             (cycling) and the loss is ``loss_fn(model(inputs), targets)`` (default cross-entropy). The
             position in the loader is part of the state.
+        foreach: ``True`` or ``None`` (default): every per-parameter operation of the update is one
+            multi-tensor kernel (``torch._foreach_*``) over the group; ``False``: the reference loop,
+            one tensor at a time. They give the same weights and LRs, bit for bit on CPU
+            (``tests/test_foreach.py``).
+
+    **Non-finite gradients.** When a training gradient holds a ``nan`` or ``inf`` the step is not
+    taken: no weight, momentum buffer or tangent moves, every LR is kept (``group["lr_skipped"]``
+    counts it) and the step is not counted. The check is made on the device (a max-abs norm per tensor) and read
+    back together with the hypergradients, in the step's one device-to-host read.
+
+    **Host reads.** The LR is a Python float in ``param_groups`` (what schedulers, telemetry and
+    ``state_dict`` read), so each step reads its hypergradients back once: one synchronisation per
+    step on a GPU, whatever the number of parameters or groups.
 
     References:
         Majumder, Donini & Chaudhari, *Learning the Learning Rate for Gradient Descent by Gradient
@@ -140,6 +153,7 @@ class HypergradientSGD(torch.optim.Optimizer):
         val_loader: Iterable[Any] | None = None,
         model: nn.Module | None = None,
         loss_fn: LossFn | None = None,
+        foreach: bool | None = None,
     ) -> None:
         cls = type(self).__name__
         _check_number(cls, "beta", beta, "the hyper-learning rate, a finite number >= 0")
@@ -172,6 +186,7 @@ class HypergradientSGD(torch.optim.Optimizer):
             "weight_decay": float(weight_decay),
             "min_lr": float(min_lr),
             "max_lr": float(max_lr),
+            "foreach": foreach,
         }
         super().__init__(params, defaults)
         self._add_counters()
@@ -203,6 +218,7 @@ class HypergradientSGD(torch.optim.Optimizer):
 
     def _add_counters(self) -> None:
         for group in self.param_groups:  # checkpoints from before a counter existed still load
+            group.setdefault("foreach", None)
             group.setdefault("hypergrad", 0.0)
             group.setdefault("lr_clamped", 0)
             group.setdefault("lr_skipped", 0)
@@ -260,36 +276,56 @@ class HypergradientSGD(torch.optim.Optimizer):
             if any(g.is_sparse for g in grads):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             if group["weight_decay"] and params:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                grads = _add(grads, params, alpha=group["weight_decay"], foreach=group["foreach"])
             groups.append((group, params, grads))
 
+        ref = self.param_groups[0]["params"][0]
+        # Whether each group's training gradient is finite. When the hypergradient contracts that very
+        # gradient with a previous direction of every tensor, a non-finite entry makes it non-finite, so
+        # the check costs nothing unless it is: then (rarely) one more read. Otherwise (the first step,
+        # a tensor with no previous direction, the validation objective) a flag computed on the device
+        # is read back with the hypergradients.
+        flags: list[torch.Tensor | None] = [None] * len(groups)
         if glob["step"] == 0:  # z_0 = 0: the hypergradient is 0, skip the validation pass
-            deltas = [0.0] * len(groups)
+            dots = [torch.zeros((), dtype=torch.float64, device=ref.device) for _ in groups]
+            covered = [False] * len(groups)
         else:
             contracted = [grads for *_, grads in groups]
             if self.objective == "val":
                 all_params = [p for _, ps, _ in groups for p in ps]
                 val_grads = iter(self._validation_gradient(val_closure, all_params))
                 contracted = [[next(val_grads) for _ in ps] for _, ps, _ in groups]
-            ref = self.param_groups[0]["params"][0]
-            dots = []
+            dots, covered = [], []
             for (_, params, _), gs in zip(groups, contracted):
                 prev = [self._previous_direction(p) for p in params]
                 pairs = [(g, d) for g, d in zip(gs, prev) if d is not None]
                 dots.append(_dot([g for g, _ in pairs], [d for _, d in pairs], ref=ref))
-            deltas = torch.stack(dots).tolist()  # the one sync point of the step
+                covered.append(self.objective == "train" and len(pairs) == len(params))
+        for k, ((group, _, grads), cov) in enumerate(zip(groups, covered)):
+            if not cov:
+                flags[k] = _finite_flag(grads, foreach=group["foreach"])
+        # the one device-to-host read of the step: the hypergradients and the flags that are needed
+        values = iter(_read([*dots, *(f for f in flags if f is not None)]))
+        deltas = [next(values) for _ in groups]
+        finite = [bool(next(values)) if f is not None else True for f in flags]
+
+        for k, ((_, _, grads), delta) in enumerate(zip(groups, deltas)):
+            if flags[k] is None and not math.isfinite(delta):
+                finite[k] = _all_finite(grads)  # a non-finite hypergradient: was it this gradient?
+        if not all(finite):  # never apply a non-finite gradient: nothing moves, every LR is kept
+            for group, _, _ in groups:
+                self._skip_lr(group)
+            return loss
 
         with torch.no_grad():
             for (group, params, grads), delta in zip(groups, deltas):
                 lr_step = self._update_lr(group, delta)
                 if not params:
                     continue
-                if not math.isfinite(delta) and not _all_finite(grads):
-                    continue  # never apply a non-finite gradient
                 directions = self._directions(group, params, grads)
                 owned = directions is not grads or bool(group["weight_decay"])  # not the raw .grad tensors
                 self._keep_directions(params, directions, owned=owned)
-                torch._foreach_add_(params, directions, alpha=-lr_step)
+                _add_(params, directions, alpha=-lr_step, foreach=group["foreach"])
         glob["step"] += 1
         return loss
 
@@ -360,7 +396,7 @@ class HypergradientSGD(torch.optim.Optimizer):
                 for group, sl in segments:
                     if group["weight_decay"]:  # the regularised objective's Hessian: H + lambda I
                         for k in range(n_groups):
-                            torch._foreach_add_(hz[k][sl], tangents[k][sl], alpha=group["weight_decay"])
+                            _add_(hz[k][sl], tangents[k][sl], alpha=group["weight_decay"], foreach=group["foreach"])
                 if contracted is None:  # objective "train": the gradient the step follows (with weight decay)
                     contracted = [
                         g.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else g
@@ -369,10 +405,17 @@ class HypergradientSGD(torch.optim.Optimizer):
                     ]
                 ref = self.param_groups[0]["params"][0]
                 deltas = -torch.stack([_dot(contracted, tangents[k], ref=ref) for k in range(n_groups)])
-        # the one sync point of the step
-        values = torch.cat([loss.detach().reshape(1).to(deltas.dtype), deltas]).tolist()
+        # the one device-to-host read of the step: the loss, every group's hypergradient and gradient check
+        flags = [_finite_flag(grads[sl], foreach=group["foreach"]) for group, sl in segments]
+        values = _read([loss.detach(), *deltas.unbind(0), *flags])
         if dist.any_true(not math.isfinite(values[0])):
             return loss  # a non-finite training loss: change nothing (the loop ends the epoch)
+        finite = values[1 + n_groups :]
+        if not all(finite):  # never apply a non-finite gradient: nothing moves, every LR is kept
+            for group, _ in segments:
+                self._skip_lr(group)
+            return loss
+        values = values[: 1 + n_groups]
 
         with torch.no_grad():
             for p, g in zip(params, grads):
@@ -386,18 +429,19 @@ class HypergradientSGD(torch.optim.Optimizer):
                 ps, gs = params[sl], grads[sl]
                 if not ps:
                     continue
+                fe = group["foreach"]
                 if group["weight_decay"]:
-                    gs = torch._foreach_add(gs, ps, alpha=group["weight_decay"])
+                    gs = _add(gs, ps, alpha=group["weight_decay"], foreach=fe)
                 directions = self._directions(group, ps, gs)
                 # z_k <- z_k - eta (d d_t / d eta_k) - [k == own group] d_t, all at w_t
                 for k in range(n_groups):
                     zs = tangents[k][sl]
                     if not first:
                         dz = self._tangent_directions(group, ps, hz[k][sl], k)
-                        torch._foreach_add_(zs, dz, alpha=-lr_step)
+                        _add_(zs, dz, alpha=-lr_step, foreach=fe)
                     if k == own:
-                        torch._foreach_sub_(zs, directions)
-                torch._foreach_add_(ps, directions, alpha=-lr_step)
+                        _add_(zs, directions, alpha=-1, foreach=fe, subtract=True)
+                _add_(ps, directions, alpha=-lr_step, foreach=fe)
         glob["step"] += 1
         return loss
 
@@ -431,6 +475,11 @@ class HypergradientSGD(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------
     # pieces
     # ------------------------------------------------------------------------------------------------
+    def _skip_lr(self, group: dict[str, Any]) -> None:
+        """A step not taken (non-finite gradient): the LR is kept and the skip counted."""
+        group["hypergrad"] = math.nan
+        group["lr_skipped"] += 1
+
     def _update_lr(self, group: dict[str, Any], delta: float) -> float:
         """Move the group's LR by ``beta * delta`` (safeguarded); return the LR this step applies."""
         old = group["lr"]
@@ -462,10 +511,11 @@ class HypergradientSGD(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             bufs.append(state["momentum_buffer"])
-        torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, grads)
+        fe = group["foreach"]
+        _mul_(bufs, mu, foreach=fe)
+        _add_(bufs, grads, alpha=1, foreach=fe)
         if group["nesterov"]:
-            return torch._foreach_add(grads, bufs, alpha=mu)
+            return _add(grads, bufs, alpha=mu, foreach=fe)
         return bufs
 
     def _tangent_directions(
@@ -476,10 +526,11 @@ class HypergradientSGD(torch.optim.Optimizer):
         if mu == 0:
             return hz
         ys = [self._state_tensor(p, "tangent_momentum")[k] for p in params]
-        torch._foreach_mul_(ys, mu)
-        torch._foreach_add_(ys, hz)
+        fe = group["foreach"]
+        _mul_(ys, mu, foreach=fe)
+        _add_(ys, hz, alpha=1, foreach=fe)
         if group["nesterov"]:
-            return torch._foreach_add(hz, ys, alpha=mu)
+            return _add(hz, ys, alpha=mu, foreach=fe)
         return ys
 
     def _state_tensor(self, p: torch.Tensor, key: str) -> torch.Tensor:
@@ -713,6 +764,55 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, ref: torch.Ten
     if not a:
         return torch.zeros((), dtype=ref.dtype, device=ref.device)
     return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
+
+
+def _finite_flag(tensors: Sequence[torch.Tensor], *, foreach: bool | None) -> torch.Tensor:
+    """A 0-d float64 tensor, 1 if every entry of ``tensors`` is finite, else 0, computed on the device
+    (the max-abs norm is a ``nan``/``inf`` exactly when an entry is, and cannot overflow)."""
+    if not tensors:
+        return torch.ones((), dtype=torch.float64)
+    if foreach is False:
+        norms = [torch.linalg.vector_norm(t, ord=math.inf) for t in tensors]
+    else:
+        norms = list(torch._foreach_norm(list(tensors), ord=math.inf))
+    return torch.isfinite(torch.stack(norms)).all().to(torch.float64)
+
+
+def _read(values: Sequence[torch.Tensor]) -> list[float]:
+    """0-d tensors (on any devices) as Python floats, in one device-to-host transfer per device."""
+    if not values:
+        return []
+    device = values[0].device
+    if all(v.device == device for v in values):
+        return torch.stack([v.to(torch.float64) for v in values]).tolist()
+    return [float(v) for v in values]
+
+
+def _add(xs: list[torch.Tensor], ys: list[torch.Tensor], *, alpha: float, foreach: bool | None) -> list[torch.Tensor]:
+    """``x + alpha * y`` for every pair: one multi-tensor kernel, or the reference loop (``foreach=False``)."""
+    if foreach is False:
+        return [x.add(y, alpha=alpha) for x, y in zip(xs, ys)]
+    return list(torch._foreach_add(xs, ys, alpha=alpha))
+
+
+def _add_(xs: list[torch.Tensor], ys: list[torch.Tensor], *, alpha: float, foreach: bool | None,
+          subtract: bool = False) -> None:
+    """``x += alpha * y`` in place (``x -= y`` with ``subtract``)."""
+    if foreach is False:
+        for x, y in zip(xs, ys):
+            x.sub_(y) if subtract else x.add_(y, alpha=alpha)
+    elif subtract:
+        torch._foreach_sub_(xs, ys)
+    else:
+        torch._foreach_add_(xs, ys, alpha=alpha)
+
+
+def _mul_(xs: list[torch.Tensor], factor: float, *, foreach: bool | None) -> None:
+    if foreach is False:
+        for x in xs:
+            x.mul_(factor)
+    else:
+        torch._foreach_mul_(xs, factor)
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
