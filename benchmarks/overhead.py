@@ -22,8 +22,9 @@ interquartile range over rounds.
 Work a method does before its first step (the tuned baselines' grid search, mi-decay's LR range test)
 is measured once, when it is built, and reported separately as ``setup s`` (and as a multiple of one
 ``sgd`` epoch on the same data): it is charged to the run, not to its steps. The methods are built by
-``Trainer`` on ``--train-subset`` training samples with a budget of ``--budget-epochs`` epochs, so a
-search costs what it costs at that budget (it scales with both).
+``Trainer`` on ``--train-subset`` training samples with a budget that covers every step timed; a grid
+search (``search_epochs``) runs ``--budget-epochs`` epochs per LR, so it costs what it costs at that
+budget (it scales with both). mi-decay's range test runs with its defaults (``rrt_epochs=3``).
 
 With ``--device cuda`` the step-level table also gives the host-device syncs per step inside
 ``optimizer.step`` and ``on_step_end`` (the loop's own ``float(loss)`` excluded), counted with
@@ -158,7 +159,7 @@ def _count_syncs(entry: Entry, step: Callable[[int], float], steps: int, device:
 
 
 def _build(name: str, kind: str, info: Any, data: Any, args: argparse.Namespace, device: torch.device,
-           epochs: int) -> Entry:
+           epochs: int, options: dict[str, Any] | None = None) -> Entry:
     seed_everything(args.seed)
     model = info.model()
     train_loader, val_loader = make_loaders(data, info.batch_size, seed=args.seed)
@@ -166,6 +167,7 @@ def _build(name: str, kind: str, info: Any, data: Any, args: argparse.Namespace,
     trainer = Trainer(
         model, train_loader, val_loader, method=name, epochs=epochs, loss_fn=info.loss(),
         metric=info.build_metric(data), seed=args.seed, device=device, progress=False, task_kind=info.kind,
+        method_options=options,
     )
     _sync(device)
     return Entry(name, kind, trainer, time.perf_counter() - t0)
@@ -195,9 +197,16 @@ def run_task(task: str, args: argparse.Namespace, device: torch.device) -> dict[
 
     # -- step-level ---------------------------------------------------------------------------------
     _build(BASELINE, "optimizer", info, data, args, device, 1)  # first-use costs (imports, allocator)
+    # The budget the methods are built for covers every step timed here (a schedule such as OneCycle
+    # refuses to step past its budget, and a cosine decayed to 0 would time a different code path);
+    # a grid search runs for --budget-epochs whatever that budget (its cost is reported, not timed).
+    spe = len(make_loaders(data, info.batch_size, seed=args.seed)[0])
+    total = args.warmup + args.rounds * steps + (args.sync_steps if device.type == "cuda" else 0)
+    epochs = max(args.budget_epochs, -(-total // spe) + 1)
     entries: list[Entry] = []
     for m in step_methods:
-        entry = _build(m.name, m.kind, info, data, args, device, args.budget_epochs)
+        options = {"search_epochs": args.budget_epochs} if "search_epochs" in m.defaults else {}
+        entry = _build(m.name, m.kind, info, data, args, device, epochs, options)
         entries.append(entry)
         print(f"  built {m.name} ({entry.setup_s:.2f} s)", file=sys.stderr, flush=True)
     stepper = {e.name: _make_step(e, batches, val_batches) for e in entries}
