@@ -19,6 +19,7 @@ from torch import nn
 
 from lrpilot.baselines.lars import LARS
 from lrpilot.pilots.hypergradient import RTHPO, SGDHD, SGDHDVal
+from lrpilot.pilots.hyperreg.optimizer import HyperRegularization
 from lrpilot.pilots.lipschitz.optimizers import AdaMo, AutoAdam, LipschitzRMSprop
 
 F = nn.functional
@@ -179,3 +180,14 @@ def test_a_nonfinite_gradient_is_never_applied(cls: str, bad_step: int, foreach:
         else:
             assert all(torch.isfinite(p).all() for p in net.parameters())
             assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+@pytest.mark.parametrize("options", [
+    {"divergence": "kl", "algorithm": 1},
+    {"divergence": "chi2", "algorithm": 2, "weight_decay": 1e-3, "warmup_steps": 2},
+    {"divergence": "rkl", "algorithm": 3, "wd_in_beta": False, "weight_decay": 1e-3},
+    {"divergence": "hellinger", "algorithm": 1, "scope": "tensor"},
+    {"divergence": "kl", "algorithm": 2, "scope": "global", "growth_clip": None},
+], ids=["kl-1", "chi2-2-wd-warmup", "rkl-3-wd", "hellinger-1-tensor", "kl-2-global"])
+def test_hyperreg_foreach_equals_the_reference_loop(options: dict[str, Any]) -> None:
+    assert_same(lambda net, fe: HyperRegularization(_groups(net), lr=0.1, foreach=fe, **options))
