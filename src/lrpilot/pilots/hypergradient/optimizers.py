@@ -194,8 +194,10 @@ class HypergradientSGD(torch.optim.Optimizer):
         self.needs_val_closure = objective == "val"
         self._val_stream: _ValidationStream | None = None
         # Not state: which .grad tensors the one-step horizon keeps by reference (see _keep_directions).
-        self._last_grad: dict[torch.Tensor, weakref.ref[torch.Tensor]] = {}
-        self._lent: dict[torch.Tensor, int | None] = {}
+        # Keyed by id(param) (a parameter lives as long as its optimizer): hashing a tensor key costs a
+        # Python call, and these are looked up for every tensor in every step.
+        self._last_grad: dict[int, weakref.ref[torch.Tensor]] = {}
+        self._lent: dict[int, int | None] = {}
         if val_loader is not None:
             if objective != "val":
                 raise ValueError(f"{cls}: val_loader is only used with objective='val'")
@@ -340,23 +342,30 @@ class HypergradientSGD(torch.optim.Optimizer):
         writes into last step's tensor. A loop that zeroes gradients in place reuses the tensor; that
         shows as the same tensor two steps running, and we copy into a buffer of our own instead.
         """
-        fresh = all(p in self._last_grad and self._last_grad[p]() is not p.grad for p in params)
+        last_grad, lent, states = self._last_grad, self._lent, self.state
+        fresh = True
+        for p in params:
+            ref = last_grad.get(id(p))
+            if ref is None or ref() is p.grad:
+                fresh = False
+                break
         for p, d in zip(params, directions):
-            state = self.state[p]
-            self._last_grad[p] = weakref.ref(p.grad)
+            key, grad = id(p), p.grad
+            state = states[p]
+            last_grad[key] = weakref.ref(grad)
             if owned or fresh:
                 state["direction"] = d
-                self._lent[p] = d._version if d is p.grad else None
+                lent[key] = d._version if d is grad else None
             else:
-                if "direction" not in state or self._lent.get(p) is not None or state["direction"] is d:
+                if "direction" not in state or lent.get(key) is not None or state["direction"] is d:
                     state["direction"] = torch.empty_like(d)
                 state["direction"].copy_(d)
-                self._lent[p] = None
+                lent[key] = None
 
     def _previous_direction(self, p: torch.Tensor) -> torch.Tensor | None:
         """d_{t-1} of ``p``; ``nan`` if a borrowed ``.grad`` was written into since (never silently wrong)."""
         d = self.state[p].get("direction")
-        version = self._lent.get(p)
+        version = self._lent.get(id(p))
         if d is not None and version is not None and d._version != version:
             return torch.full_like(d, math.nan)  # the hypergradient is skipped, the LR kept
         return d
