@@ -145,6 +145,8 @@ def _count_syncs(entry: Entry, step: Callable[[int], float], steps: int, device:
 
         return wrapper
 
+    saved = [(obj, name, obj.__dict__.get(name)) for obj, name in ((optimizer, "step"), (pilot, "on_step_end"))
+             if obj is not None]
     optimizer.step = counted(original_step)  # type: ignore[method-assign]
     if pilot is not None:
         pilot.on_step_end = counted(original_hook)  # type: ignore[method-assign]
@@ -152,9 +154,11 @@ def _count_syncs(entry: Entry, step: Callable[[int], float], steps: int, device:
         for i in range(steps):
             step(i)
     finally:
-        del optimizer.step
-        if pilot is not None:
-            del pilot.on_step_end
+        for obj, name, value in saved:  # back to what the instance had (usually nothing: the class's method)
+            if value is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
     return count / steps
 
 
