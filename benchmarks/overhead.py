@@ -225,7 +225,7 @@ def run_task(task: str, args: argparse.Namespace, device: torch.device) -> dict[
         try:
             for i in range(args.warmup):
                 stepper[e.name](i)
-        except Exception as err:  # a method that fails here is reported, not fatal
+        except Exception as err:  # noqa: BLE001 - a method that fails here is reported, not fatal
             e.error = f"{type(err).__name__}: {err}"
     _sync(device)
     for r in range(args.rounds):
@@ -240,7 +240,7 @@ def run_task(task: str, args: argparse.Namespace, device: torch.device) -> dict[
                     stepper[e.name](i)
                 _sync(device)
                 e.times.append((_clock() - t0) / steps)
-            except Exception as err:  # a method that fails here is reported, not fatal
+            except Exception as err:  # noqa: BLE001 - a method that fails here is reported, not fatal
                 e.error = f"{type(err).__name__}: {err}"
         print(f"  step round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     if device.type == "cuda":

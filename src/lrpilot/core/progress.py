@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["Progress"]
 
@@ -64,7 +64,7 @@ class Progress:
             self.bar.close()
             self.bar = None
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
