@@ -456,6 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = ["lrpilot", *(sys.argv[1:] if argv is None else argv)]  # recorded with a bench invocation
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not sys.stderr.isatty():
+        # No progress bar off a terminal: the per-trial lines of long searches (range test, grid search)
+        # are INFO records of the "lrpilot" logger; show them so a job log is never silent for minutes.
+        logging.getLogger("lrpilot").setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as err:

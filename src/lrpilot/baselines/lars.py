@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LARS"]
+__all__ = ["LARS", "lars"]
 
 
 class LARS(torch.optim.Optimizer):
@@ -37,6 +37,10 @@ class LARS(torch.optim.Optimizer):
         exclude_1d: skip the trust ratio and weight decay for 1-D tensors (biases, norm scales), a
             common practice after the paper; ``False`` (the paper) adapts every tensor.
         eps: added to the denominator.
+        foreach: ``True`` or ``None`` (default): one multi-tensor (``torch._foreach_*``) kernel per
+            operation over all tensors of a group; ``False``: the reference loop over tensors. Both
+            give the same weights, bit for bit on CPU (``tests/test_baselines.py``). Neither reads a
+            value back to the host: the trust ratio's zero-norm case is a ``torch.where``.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -54,6 +58,8 @@ class LARS(torch.optim.Optimizer):
         trust_coefficient: float = 0.001,
         exclude_1d: bool = False,
         eps: float = 1e-12,
+        *,
+        foreach: bool | None = None,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -70,8 +76,14 @@ class LARS(torch.optim.Optimizer):
             trust_coefficient=trust_coefficient,
             exclude_1d=exclude_1d,
             eps=eps,
+            foreach=foreach,
         )
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints from before the option existed
+            group.setdefault("foreach", None)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -80,27 +92,89 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                adapt = not (group["exclude_1d"] and p.ndim <= 1)
-                if adapt:
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(g)
-                    denom = g_norm + group["weight_decay"] * w_norm + group["eps"]
-                    trust = torch.where(
-                        (w_norm > 0) & (g_norm > 0),
-                        group["trust_coefficient"] * w_norm / denom,
-                        torch.ones_like(w_norm),
-                    )
-                    update = g.add(p, alpha=group["weight_decay"]).mul_(trust)
-                else:
-                    update = g.clone()
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            bufs = []
+            for p in params:
                 state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = torch.zeros_like(p)
-                buf.mul_(group["momentum"]).add_(update, alpha=group["lr"])
-                p.sub_(buf)
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            lars(
+                params,
+                [p.grad for p in params],
+                bufs,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                trust_coefficient=group["trust_coefficient"],
+                exclude_1d=group["exclude_1d"],
+                eps=group["eps"],
+                foreach=group.get("foreach"),
+            )
         return loss
+
+
+def lars(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    exclude_1d: bool,
+    eps: float,
+    foreach: bool | None = None,
+) -> None:
+    """The LARS update of :class:`LARS` on lists of tensors (torch's functional form, ``torch.optim.sgd``)."""
+    func = _single_tensor_lars if foreach is False else _multi_tensor_lars
+    func(params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
+         trust_coefficient=trust_coefficient, exclude_1d=exclude_1d, eps=eps)
+
+
+def _single_tensor_lars(
+    params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *, lr: float,
+    momentum: float, weight_decay: float, trust_coefficient: float, exclude_1d: bool, eps: float,
+) -> None:
+    """The reference: one tensor at a time, as Algorithm 1 reads."""
+    for p, g, buf in zip(params, grads, bufs):
+        if not (exclude_1d and p.ndim <= 1):
+            w_norm = torch.linalg.vector_norm(p)
+            g_norm = torch.linalg.vector_norm(g)
+            denom = g_norm + weight_decay * w_norm + eps
+            trust = torch.where(
+                (w_norm > 0) & (g_norm > 0),
+                trust_coefficient * w_norm / denom,
+                torch.ones_like(w_norm),
+            )
+            update = g.add(p, alpha=weight_decay).mul_(trust)
+        else:
+            update = g.clone()
+        buf.mul_(momentum).add_(update, alpha=lr)
+        p.sub_(buf)
+
+
+def _multi_tensor_lars(
+    params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *, lr: float,
+    momentum: float, weight_decay: float, trust_coefficient: float, exclude_1d: bool, eps: float,
+) -> None:
+    """The same update, one multi-tensor kernel per operation; the trust ratios of all adapted tensors
+    are computed as one vector (elementwise, so each equals the reference's bit for bit)."""
+    adapt = [i for i, p in enumerate(params) if not (exclude_1d and p.ndim <= 1)]
+    updates = list(grads)
+    if adapt:
+        ps, gs = [params[i] for i in adapt], [grads[i] for i in adapt]
+        w_norm = torch.stack(torch._foreach_norm(ps))
+        g_norm = torch.stack(torch._foreach_norm(gs))
+        denom = g_norm + weight_decay * w_norm + eps
+        trust = torch.where((w_norm > 0) & (g_norm > 0), trust_coefficient * w_norm / denom, torch.ones_like(w_norm))
+        scaled = torch._foreach_add(gs, ps, alpha=weight_decay)
+        torch._foreach_mul_(scaled, list(trust.unbind(0)))
+        for i, u in zip(adapt, scaled):
+            updates[i] = u
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, updates, alpha=lr)
+    torch._foreach_sub_(params, bufs)

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lrpilot.core.checks import require_in
+from lrpilot.core.progress import Progress
 from lrpilot.core.registry import BuildContext
 
 __all__ = ["DEFAULT_GRIDS", "grid_search"]
@@ -96,25 +97,25 @@ def grid_search(
 
     runs: list[dict[str, Any]] = []
     higher_is_better = True
-    for lr in grid:
-        trial = ctx.trial(base, epochs=epochs, lr=lr, **options)
-        hist = trial.history
-        higher_is_better = hist.higher_is_better
-        summary = hist.summary()
-        runs.append(
-            {
-                "lr": lr,
-                "best_val_metric": summary["best_val_metric"],
-                "final_val_metric": summary["final_val_metric"],
-                "epochs": summary["epochs"],
-                "steps": summary["steps"],
-                "train_s": summary["train_s"],
-                "wall_s": summary["wall_s"],
-                "status": summary["status"],
-            }
-        )
-        log.info("%s: lr %g -> %s %.4g (%s)", method, lr, _CRITERIA[criterion], summary[_CRITERIA[criterion]],
-                 summary["status"])
+    with Progress(len(grid), f"{method} search") as progress:
+        for lr in grid:
+            trial = ctx.trial(base, epochs=epochs, lr=lr, **options)
+            hist = trial.history
+            higher_is_better = hist.higher_is_better
+            summary = hist.summary()
+            runs.append(
+                {
+                    "lr": lr,
+                    "best_val_metric": summary["best_val_metric"],
+                    "final_val_metric": summary["final_val_metric"],
+                    "epochs": summary["epochs"],
+                    "steps": summary["steps"],
+                    "train_s": summary["train_s"],
+                    "wall_s": summary["wall_s"],
+                    "status": summary["status"],
+                }
+            )
+            progress.update(f"lr {lr:g} -> {_CRITERIA[criterion]} {summary[_CRITERIA[criterion]]:.4g} ({summary['status']})")
 
     key = _CRITERIA[criterion]
     eligible = [r for r in runs if r["status"] != "diverged" and math.isfinite(r[key])]

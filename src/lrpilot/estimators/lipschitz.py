@@ -573,7 +573,14 @@ class PenultimateMonitor:
             # summed squares, and m is the global batch size (one small collective per step).
             sq = dist.all_reduce_sum([float(k_z) ** 2, float(elem) ** 2, float(k_a) ** 2, rows])
             return BatchStats(math.sqrt(sq[0]), math.sqrt(sq[1]), math.sqrt(sq[2]), int(sq[3]))
-        return BatchStats(float(k_z), float(elem), float(k_a), rows)
+        # One device-to-host read for the three statistics (not one per statistic): the step-level
+        # optimizers call this every step.
+        present = [t for t in (k_z, elem, k_a) if t is not _ZERO]
+        values = iter(torch.stack(present).tolist() if len(present) > 1 else [float(k_z)])
+        k_z_v = next(values)
+        elem_v = 0.0 if elem is _ZERO else next(values)
+        k_a_v = 0.0 if k_a is _ZERO else next(values)
+        return BatchStats(k_z_v, elem_v, k_a_v, rows)
 
     def epoch(self) -> BatchStats | None:
         """The maxima over the batches recorded since :meth:`reset` (``None`` if there were none).

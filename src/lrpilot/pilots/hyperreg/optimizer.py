@@ -78,6 +78,11 @@ class HyperRegularization(torch.optim.Optimizer):
         scope: who shares one :math:`\beta`: ``"coordinate"`` (default, the paper), ``"tensor"``
             (one per parameter tensor) or ``"global"`` (one per param group), with
             :math:`a = \lVert g\rVert^2/\beta_t^2` over the block.
+        foreach: ``True`` or ``None`` (default): the per-tensor operations (weight decay, the growths'
+            inputs, :math:`\beta` updates, the descent) are multi-tensor kernels (``torch._foreach_*``);
+            ``False``: the reference loop, one tensor at a time. Same weights and LRs, bit for bit on
+            CPU (``tests/test_foreach.py``). The rule itself is a few whole-tensor passes over one flat
+            buffer either way, and nothing is read back to the host.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -114,15 +119,21 @@ class HyperRegularization(torch.optim.Optimizer):
         wd_in_beta: bool = True,
         pole: str = "infinite",
         scope: str = "coordinate",
+        foreach: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, divergence=divergence, algorithm=algorithm, growth_clip=growth_clip,
             warmup_steps=warmup_steps, warmup_lr=warmup_lr, weight_decay=weight_decay,
-            wd_in_beta=wd_in_beta, pole=pole, scope=scope, step=0,
+            wd_in_beta=wd_in_beta, pole=pole, scope=scope, step=0, foreach=foreach,
         )  # fmt: skip
         _check_options(defaults)
         super().__init__(params, defaults)
         self._mean_lr_cache: tuple[tuple[int, ...], list[float]] | None = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints from before the option existed
+            group.setdefault("foreach", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # checked before torch appends the group, so a bad one leaves the optimizer as it was
@@ -148,8 +159,9 @@ class HyperRegularization(torch.optim.Optimizer):
                 raise RuntimeError("HyperRegularization: scope='global' needs every parameter of a group on one device "
                                    "and dtype; put the others in their own param group")
             grads = [p.grad for p in params]
+            fe = group["foreach"]
             if group["weight_decay"] != 0:
-                decayed = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                decayed = _add(grads, params, alpha=group["weight_decay"], foreach=fe)
             else:
                 decayed = grads
             t = group["step"]
@@ -157,7 +169,7 @@ class HyperRegularization(torch.optim.Optimizer):
             if t < group["warmup_steps"]:
                 self._betas(group, params)  # beta_0 exists from the first step (state_dict, telemetry)
                 warmup_lr = group["lr"] if group["warmup_lr"] is None else group["warmup_lr"]
-                torch._foreach_add_(params, decayed, alpha=-warmup_lr)
+                _add_(params, decayed, alpha=-warmup_lr, foreach=fe)
                 continue
             for idx in buckets:
                 ps = [params[i] for i in idx]
@@ -326,17 +338,22 @@ def _hyperreg_update(
     group: dict[str, Any],
 ) -> None:
     """One step for parameters of one device and dtype (``betas`` from :meth:`HyperRegularization._betas`)."""
-    scope = group["scope"]
+    scope, foreach = group["scope"], group.get("foreach")
     if scope == "coordinate":
         # a = (g / beta)^2 of every coordinate in one flat tensor, so that the rule is a few whole-tensor
         # passes whatever the number of parameters, and in place: no per-tensor temporaries.
         a = scratch.empty((sum(b.numel() for b in betas),), dtype=betas[0].dtype, device=betas[0].device)
         views = [v.view_as(b) for v, b in zip(a.split([b.numel() for b in betas]), betas)]
-        torch._foreach_copy_(views, beta_grads)
-        torch._foreach_div_(views, betas)
+        if foreach is False:
+            for v, g, b in zip(views, beta_grads, betas):
+                v.copy_(g).div_(b)
+        else:
+            torch._foreach_copy_(views, beta_grads)
+            torch._foreach_div_(views, betas)
         a.square_()
     else:
-        norms = torch.stack(torch._foreach_norm(beta_grads))
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in beta_grads] if foreach is False
+                            else torch._foreach_norm(beta_grads))
         if scope == "tensor":
             a = (norms / torch.stack(betas)).square_()
         else:
@@ -354,16 +371,35 @@ def _hyperreg_update(
 
     lagged = group["algorithm"] == 3
     if lagged:
-        _descend(params, step_grads, betas, scope)
-    torch._foreach_mul_(unique_betas, ratios)  # beta <- beta u
+        _descend(params, step_grads, betas, scope, foreach)
+    if foreach is False:
+        for b, r in zip(unique_betas, ratios):
+            b.mul_(r)
+    else:
+        torch._foreach_mul_(unique_betas, ratios)  # beta <- beta u
     if not lagged:
-        _descend(params, step_grads, betas, scope)
+        _descend(params, step_grads, betas, scope, foreach)
 
 
-def _descend(params: list[torch.Tensor], grads: list[torch.Tensor], betas: list[torch.Tensor], scope: str) -> None:
+def _descend(params: list[torch.Tensor], grads: list[torch.Tensor], betas: list[torch.Tensor], scope: str,
+             foreach: bool | None) -> None:
     """``x <- x - g / beta``."""
-    if scope == "coordinate":
+    if scope == "coordinate" and foreach is not False:
         torch._foreach_addcdiv_(params, grads, betas, value=-1.0)
     else:
         for p, g, b in zip(params, grads, betas):
             p.addcdiv_(g, b, value=-1.0)  # a 0-d beta broadcasts
+
+
+def _add(xs: list[torch.Tensor], ys: list[torch.Tensor], *, alpha: float, foreach: bool | None) -> list[torch.Tensor]:
+    if foreach is False:
+        return [x.add(y, alpha=alpha) for x, y in zip(xs, ys)]
+    return list(torch._foreach_add(xs, ys, alpha=alpha))
+
+
+def _add_(xs: list[torch.Tensor], ys: list[torch.Tensor], *, alpha: float, foreach: bool | None) -> None:
+    if foreach is False:
+        for x, y in zip(xs, ys):
+            x.add_(y, alpha=alpha)
+    else:
+        torch._foreach_add_(xs, ys, alpha=alpha)

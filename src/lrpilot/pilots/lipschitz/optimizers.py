@@ -52,9 +52,15 @@ class LipschitzOptimizer(torch.optim.Optimizer):
             lipschitz_lr=float(defaults["lr"] * initial) if initial is not None else 0.0,
         )
         defaults.setdefault("k1_signal", "lipschitz")
+        defaults.setdefault("foreach", None)
         super().__init__(params, defaults)
         self.source = source
         self._step_w_max: float | None = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints from before the option existed
+            group.setdefault("foreach", None)
 
     def effective_lrs(self) -> list[float]:
         """The LR applied at the last step, per group (0 before the first step unless ``initial_lr``)."""
@@ -209,6 +215,19 @@ def _beta(name: str, value: Any, *, allow_zero: bool = False) -> float:
     return float(value)
 
 
+def _state_tensors(state: Any, params: list[torch.Tensor], keys: tuple[str, ...]) -> list[list[torch.Tensor]]:
+    """Per key, the state tensor of every parameter (zeros at first use)."""
+    out: list[list[torch.Tensor]] = [[] for _ in keys]
+    for p in params:
+        st = state[p]
+        if keys[0] not in st:
+            for key in keys:
+                st[key] = torch.zeros_like(p)
+        for lst, key in zip(out, keys):
+            lst.append(st[key])
+    return out
+
+
 def _moment_corrections(group: dict[str, Any]) -> tuple[float, float]:
     """Adam's 1 - beta^t for the first and second moments, when bias correction is on."""
     if group["bias_correction"] == "none":
@@ -275,6 +294,7 @@ class AdaMo(LipschitzOptimizer):
         initial_lr: float | None = None,
         steps_per_epoch: int | None = None,
         bias_correction: str = "none",
+        foreach: bool | None = None,
     ) -> None:
         b = _beta("beta", beta)
         defaults = {
@@ -291,6 +311,7 @@ class AdaMo(LipschitzOptimizer):
             "grad_sq_estimate": "first",
             "_b1": b,
             "_b2": b,
+            "foreach": foreach,
         }
         super().__init__(params, defaults, source)
 
@@ -298,17 +319,32 @@ class AdaMo(LipschitzOptimizer):
         return group["lr"] / k1 if k1 > 0 else 0.0
 
     def _update(self, group: dict[str, Any], params: list[torch.Tensor], alpha: float) -> None:
-        beta, wd = group["beta"], group["weight_decay"]
-        bc1, _ = _moment_corrections(group)
-        for p in params:
-            g = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-            state = self.state[p]
-            if "v" not in state:
-                state["v"] = torch.zeros_like(p)
-            v = state["v"]
-            v.mul_(beta).add_(g, alpha=1 - beta)
-            if alpha != 0.0:
-                p.add_(v, alpha=-alpha / bc1)
+        vs = _state_tensors(self.state, params, ("v",))[0]
+        func = _single_tensor_adamo if group["foreach"] is False else _multi_tensor_adamo
+        func(params, vs, beta=group["beta"], weight_decay=group["weight_decay"], alpha=alpha,
+             bc1=_moment_corrections(group)[0])
+
+
+def _single_tensor_adamo(params: list[torch.Tensor], vs: list[torch.Tensor], *, beta: float, weight_decay: float,
+                         alpha: float, bc1: float) -> None:
+    """AdaMo's update, one tensor at a time (the reference)."""
+    for p, v in zip(params, vs):
+        g = p.grad if weight_decay == 0 else p.grad.add(p, alpha=weight_decay)
+        v.mul_(beta).add_(g, alpha=1 - beta)
+        if alpha != 0.0:
+            p.add_(v, alpha=-alpha / bc1)
+
+
+def _multi_tensor_adamo(params: list[torch.Tensor], vs: list[torch.Tensor], *, beta: float, weight_decay: float,
+                        alpha: float, bc1: float) -> None:
+    """The same update, one multi-tensor kernel per operation."""
+    grads = [p.grad for p in params]
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_mul_(vs, beta)
+    torch._foreach_add_(vs, grads, alpha=1 - beta)
+    if alpha != 0.0:
+        torch._foreach_add_(params, vs, alpha=-alpha / bc1)
 
 
 class AutoAdam(LipschitzOptimizer):
@@ -373,6 +409,7 @@ class AutoAdam(LipschitzOptimizer):
         steps_per_epoch: int | None = None,
         bias_correction: str = "none",
         _k1_signal: str = "lipschitz",
+        foreach: bool | None = None,
     ) -> None:
         b1 = _beta("beta1", beta1, allow_zero=True)
         b2 = _beta("beta2", beta2)
@@ -395,6 +432,7 @@ class AutoAdam(LipschitzOptimizer):
             "k1_signal": _k1_signal,
             "_b1": b1,
             "_b2": b2,
+            "foreach": foreach,
         }
         super().__init__(params, defaults, source)
 
@@ -404,22 +442,49 @@ class AutoAdam(LipschitzOptimizer):
         return group["lr"] * (math.sqrt(k2) + group["eps"]) / k1
 
     def _update(self, group: dict[str, Any], params: list[torch.Tensor], alpha: float) -> None:
-        b1, b2, eps, wd = group["_b1"], group["_b2"], group["eps"], group["weight_decay"]
+        vs, ss = _state_tensors(self.state, params, ("v", "s"))
         bc1, bc2 = _moment_corrections(group)
-        for p in params:
-            g = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-            state = self.state[p]
-            if "v" not in state:
-                state["v"] = torch.zeros_like(p)
-                state["s"] = torch.zeros_like(p)
-            v, s = state["v"], state["s"]
-            v.mul_(b1).add_(g, alpha=1 - b1)
-            s.mul_(b2).addcmul_(g, g, value=1 - b2)
-            if alpha == 0.0:
-                continue
-            s_hat = s / bc2 if bc2 != 1.0 else s
-            denom = (s_hat + eps).sqrt_() if group["eps_inside_sqrt"] else s_hat.sqrt().add_(eps)
-            p.addcdiv_(v, denom, value=-alpha / bc1)
+        func = _single_tensor_auto_adam if group["foreach"] is False else _multi_tensor_auto_adam
+        func(params, vs, ss, b1=group["_b1"], b2=group["_b2"], eps=group["eps"], weight_decay=group["weight_decay"],
+             eps_inside_sqrt=group["eps_inside_sqrt"], alpha=alpha, bc1=bc1, bc2=bc2)
+
+
+def _single_tensor_auto_adam(params: list[torch.Tensor], vs: list[torch.Tensor], ss: list[torch.Tensor], *,
+                             b1: float, b2: float, eps: float, weight_decay: float, eps_inside_sqrt: bool,
+                             alpha: float, bc1: float, bc2: float) -> None:
+    """Auto-Adam's (and Lipschitz RMSprop's) update, one tensor at a time (the reference)."""
+    for p, v, s in zip(params, vs, ss):
+        g = p.grad if weight_decay == 0 else p.grad.add(p, alpha=weight_decay)
+        v.mul_(b1).add_(g, alpha=1 - b1)
+        s.mul_(b2).addcmul_(g, g, value=1 - b2)
+        if alpha == 0.0:
+            continue
+        s_hat = s / bc2 if bc2 != 1.0 else s
+        denom = (s_hat + eps).sqrt_() if eps_inside_sqrt else s_hat.sqrt().add_(eps)
+        p.addcdiv_(v, denom, value=-alpha / bc1)
+
+
+def _multi_tensor_auto_adam(params: list[torch.Tensor], vs: list[torch.Tensor], ss: list[torch.Tensor], *,
+                            b1: float, b2: float, eps: float, weight_decay: float, eps_inside_sqrt: bool,
+                            alpha: float, bc1: float, bc2: float) -> None:
+    """The same update, one multi-tensor kernel per operation."""
+    grads = [p.grad for p in params]
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_mul_(vs, b1)
+    torch._foreach_add_(vs, grads, alpha=1 - b1)
+    torch._foreach_mul_(ss, b2)
+    torch._foreach_addcmul_(ss, grads, grads, value=1 - b2)
+    if alpha == 0.0:
+        return
+    s_hat = torch._foreach_div(ss, bc2) if bc2 != 1.0 else ss
+    if eps_inside_sqrt:
+        denom = torch._foreach_add(s_hat, eps)
+        torch._foreach_sqrt_(denom)
+    else:
+        denom = torch._foreach_sqrt(s_hat)
+        torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, vs, denom, value=-alpha / bc1)
 
 
 class LipschitzRMSprop(AutoAdam):
@@ -478,6 +543,7 @@ class LipschitzRMSprop(AutoAdam):
         initial_lr: float | None = None,
         steps_per_epoch: int | None = None,
         bias_correction: str = "none",
+        foreach: bool | None = None,
     ) -> None:
         rho = _beta("rho", rho)
         if denominator not in ("kz", "lipschitz"):
@@ -486,5 +552,5 @@ class LipschitzRMSprop(AutoAdam):
             params, source, lr=lr, beta1=0.0, beta2=rho, eps=eps, eps_inside_sqrt=eps_inside_sqrt,
             weight_decay=weight_decay, grad_sq_estimate=grad_sq_estimate, k1_init=0.0, k2_init=k2_init,
             update=update, initial_lr=initial_lr, steps_per_epoch=steps_per_epoch, bias_correction=bias_correction,
-            _k1_signal=denominator,
+            _k1_signal=denominator, foreach=foreach,
         )  # fmt: skip

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from lrpilot.core.checks import require_in, require_positive
+from lrpilot.core.progress import Progress
 
 __all__ = ["DEFAULT_RRT_LRS", "RangeTestResult", "run_range_test", "select_bounds"]
 
@@ -219,18 +220,22 @@ def run_range_test(
     lrs = check_lrs(lrs)
     runs: list[dict[str, Any]] = []
     start = 0
-    for t in range(trials):
-        i = start
-        start = 0
-        while i < len(lrs):
-            run = dict(trial(lrs[i], t))
-            run.setdefault("lr", lrs[i])
-            run.setdefault("trial", t)
-            runs.append(run)
-            if run["status"] != "completed" and on_crash == "restart":
-                start = i
-                break
-            i += 1
+    # At most trials * len(lrs) runs (fewer when a crash restarts a sweep part-way): a bar on a
+    # terminal, a log line per run otherwise (the test costs about twice a training budget).
+    with Progress(trials * len(lrs), "mi-decay range test") as progress:
+        for t in range(trials):
+            i = start
+            start = 0
+            while i < len(lrs):
+                run = dict(trial(lrs[i], t))
+                run.setdefault("lr", lrs[i])
+                run.setdefault("trial", t)
+                runs.append(run)
+                progress.update(f"trial {t} lr {lrs[i]:g}: {run['status']}")
+                if run["status"] != "completed" and on_crash == "restart":
+                    start = i
+                    break
+                i += 1
     return select_bounds(runs, **select)
 
 

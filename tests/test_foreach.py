@@ -1,0 +1,197 @@
+"""Every optimizer with a multi-tensor (``torch._foreach_*``) path against its reference loop.
+
+Each pair is built on identical copies of a small network (two param groups, a 1-D bias, a tensor whose
+gradient is ``None``) and trained for a few steps on the same float32 batches on CPU. On CPU the
+multi-tensor kernels are loops of the same single-tensor operations, so the weights and LRs agree
+*exactly* (``torch.equal``); where a fast path reorders floating-point work the test says so and states
+its tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lrpilot.baselines.lars import LARS
+from lrpilot.pilots.hypergradient import RTHPO, SGDHD, SGDHDVal
+from lrpilot.pilots.hyperreg.optimizer import HyperRegularization
+from lrpilot.pilots.lipschitz.optimizers import AdaMo, AutoAdam, LipschitzRMSprop
+
+F = nn.functional
+STEPS = 6
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    net.unused = nn.Parameter(torch.ones(2))  # never gets a gradient
+    return net
+
+
+def _batch(t: int, *, val: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * t + 7 * val)
+    return torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def _groups(net: nn.Module) -> list[dict[str, Any]]:
+    return [{"params": [net[0].weight, net[0].bias, net.unused]}, {"params": [net[2].weight, net[2].bias]}]
+
+
+def _train(make: Callable[[nn.Module, bool], torch.optim.Optimizer], foreach: bool,
+           step: Callable[..., Any] | None = None) -> tuple[list[torch.Tensor], list[Any]]:
+    net = _net()
+    opt = make(net, foreach)
+    for t in range(STEPS):
+        x, y = _batch(t)
+        if step is None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        else:
+            step(opt, net, x, y, t)
+    lrs = [copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups]
+    return [p.detach().clone() for p in net.parameters()], lrs
+
+
+def assert_same(make: Callable[[nn.Module, bool], torch.optim.Optimizer], step: Callable[..., Any] | None = None,
+                *, atol: float = 0.0) -> None:
+    ref_w, ref_groups = _train(make, False, step)
+    fast_w, fast_groups = _train(make, True, step)
+    for a, b in zip(ref_w, fast_w):
+        if atol == 0.0:
+            assert torch.equal(a, b), (a - b).abs().max()
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=atol)
+    for ga, gb in zip(ref_groups, fast_groups):
+        ga.pop("foreach", None), gb.pop("foreach", None)
+        assert ga.keys() == gb.keys()
+        for k in ga:
+            va, vb = ga[k], gb[k]
+            if isinstance(va, torch.Tensor):
+                va, vb = va.tolist(), vb.tolist()
+            if atol == 0.0 or not isinstance(va, float):
+                both_nan = isinstance(va, float) and math.isnan(va) and math.isnan(vb)
+                assert va == vb or both_nan, (k, va, vb)
+            else:
+                assert va == pytest.approx(vb, rel=1e-5, abs=atol), (k, va, vb)
+    assert any(not torch.equal(a, b) for a, b in zip(ref_w, [p.detach() for p in _net().parameters()]))
+
+
+@pytest.mark.parametrize("options", [
+    {"momentum": 0.9, "weight_decay": 5e-4},
+    {"momentum": 0.0, "exclude_1d": True, "trust_coefficient": 0.01},
+])
+def test_lars_foreach_equals_the_reference_loop(options: dict[str, Any]) -> None:
+    assert_same(lambda net, fe: LARS(_groups(net), lr=0.5, foreach=fe, **options))
+
+
+def _lipschitz_step(opt: torch.optim.Optimizer, net: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y).backward()
+    opt.step(lipschitz=2.0 + t, grad_sq=0.5 + 0.1 * t, k_z=10.0 + t)
+
+
+@pytest.mark.parametrize("make", [
+    lambda net, fe: AdaMo(_groups(net), weight_decay=1e-3, bias_correction="moments", foreach=fe),
+    lambda net, fe: AdaMo(_groups(net), foreach=fe),
+    lambda net, fe: AutoAdam(_groups(net), weight_decay=1e-3, bias_correction="moments", foreach=fe),
+    lambda net, fe: AutoAdam(_groups(net), eps_inside_sqrt=False, k1_init=1.0, k2_init=1e-6, foreach=fe),
+    lambda net, fe: LipschitzRMSprop(_groups(net), foreach=fe),
+], ids=["adamo-wd-bc", "adamo", "auto-adam-wd-bc", "auto-adam-eps-outside", "lipschitz-rmsprop"])
+def test_lipschitz_optimizers_foreach_equal_the_reference_loop(make: Callable[[nn.Module, bool], Any]) -> None:
+    assert_same(make, _lipschitz_step)
+
+
+def _val_step(opt: torch.optim.Optimizer, net: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int) -> None:
+    xv, yv = _batch(t, val=True)
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y).backward()
+    opt.step(val_closure=lambda: F.cross_entropy(net(xv), yv))
+
+
+def _rthpo_step(opt: torch.optim.Optimizer, net: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int) -> None:
+    xv, yv = _batch(t, val=True)
+    opt.step(lambda: F.cross_entropy(net(x), y), val_closure=lambda: F.cross_entropy(net(xv), yv))
+
+
+@pytest.mark.parametrize(("make", "step"), [
+    (lambda net, fe: SGDHD(_groups(net), lr=0.05, beta=0.01, foreach=fe), None),
+    (lambda net, fe: SGDHD(_groups(net), lr=0.05, beta=0.01, momentum=0.9, nesterov=True, weight_decay=1e-3,
+                           foreach=fe), None),
+    (lambda net, fe: SGDHDVal(_groups(net), lr=0.05, beta=0.01, momentum=0.5, foreach=fe), _val_step),
+    (lambda net, fe: RTHPO(_groups(net), lr=0.05, beta=0.01, foreach=fe), _rthpo_step),
+    (lambda net, fe: RTHPO(_groups(net), lr=0.05, beta=0.01, momentum=0.9, weight_decay=1e-3, foreach=fe),
+     _rthpo_step),
+], ids=["hd-train", "hd-train-nesterov-wd", "hd-val-momentum", "rt-hpo", "rt-hpo-momentum-wd"])
+def test_hypergradient_foreach_equals_the_reference_loop(make: Callable[..., Any], step: Any) -> None:
+    assert_same(make, step)
+
+
+# ------------------------------------------------------------------------------------------------------
+# never apply a non-finite gradient
+# ------------------------------------------------------------------------------------------------------
+def _poison(net: nn.Module) -> None:
+    net[2].weight.grad[0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("bad_step", [0, 3])
+@pytest.mark.parametrize("cls", ["hd-train", "hd-val", "rt-hpo"])
+def test_a_nonfinite_gradient_is_never_applied(cls: str, bad_step: int, foreach: bool) -> None:
+    """At step ``bad_step`` one entry of one group's gradient is nan (the loss is finite): no weight of
+    any group, momentum buffer or LR moves, ``lr_skipped`` counts the skip in every group, and the next
+    finite step goes on as usual."""
+    net = _net()
+    kw = {"lr": 0.05, "beta": 0.01, "momentum": 0.9, "foreach": foreach}
+    opt = {"hd-train": SGDHD, "hd-val": SGDHDVal, "rt-hpo": RTHPO}[cls](_groups(net), **kw)
+    for t in range(bad_step + 2):
+        x, y = _batch(t)
+        xv, yv = _batch(t, val=True)
+        def val(xv: torch.Tensor = xv, yv: torch.Tensor = yv) -> torch.Tensor:
+            return F.cross_entropy(net(xv), yv)
+        before = [p.detach().clone() for p in net.parameters()]
+        bufs = {id(p): opt.state[p]["momentum_buffer"].clone() for p in net.parameters()
+                if "momentum_buffer" in opt.state[p]}
+        lrs = [g["lr"] for g in opt.param_groups]
+        skipped = [g["lr_skipped"] for g in opt.param_groups]
+        if cls == "rt-hpo":
+            def closure(*, backward: bool = True, x: torch.Tensor = x, y: torch.Tensor = y,
+                        t: int = t) -> torch.Tensor:
+                out = F.cross_entropy(net(x), y)
+                if t == bad_step:  # a finite loss (+ 0) whose gradient is nan in one entry (0 * 1/sqrt(0))
+                    out = out + (net[2].weight[0, 0] * 0).sqrt() * 0
+                return out
+            opt.step(closure, val_closure=val)
+        else:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            if t == bad_step:
+                _poison(net)
+            opt.step(val_closure=val) if cls == "hd-val" else opt.step()
+        if t == bad_step:
+            assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+            for p in net.parameters():
+                if id(p) in bufs:
+                    assert torch.equal(bufs[id(p)], opt.state[p]["momentum_buffer"])
+            assert [g["lr"] for g in opt.param_groups] == lrs
+            assert [g["lr_skipped"] for g in opt.param_groups] == [s + 1 for s in skipped]
+        else:
+            assert all(torch.isfinite(p).all() for p in net.parameters())
+            assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+@pytest.mark.parametrize("options", [
+    {"divergence": "kl", "algorithm": 1},
+    {"divergence": "chi2", "algorithm": 2, "weight_decay": 1e-3, "warmup_steps": 2},
+    {"divergence": "rkl", "algorithm": 3, "wd_in_beta": False, "weight_decay": 1e-3},
+    {"divergence": "hellinger", "algorithm": 1, "scope": "tensor"},
+    {"divergence": "kl", "algorithm": 2, "scope": "global", "growth_clip": None},
+], ids=["kl-1", "chi2-2-wd-warmup", "rkl-3-wd", "hellinger-1-tensor", "kl-2-global"])
+def test_hyperreg_foreach_equals_the_reference_loop(options: dict[str, Any]) -> None:
+    assert_same(lambda net, fe: HyperRegularization(_groups(net), lr=0.1, foreach=fe, **options))

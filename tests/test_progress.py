@@ -1,0 +1,77 @@
+"""Long searches report progress: one INFO line per trial off a terminal (a bar on one), and the CLI
+shows those lines when it is not on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+from lrpilot.cli import main
+from lrpilot.core.progress import Progress
+from lrpilot.loop.fit import Trainer
+from lrpilot.pilots.mi_decay import run_range_test
+from tests.conftest import TinyTask
+from tests.test_mi_decay import run_record
+
+
+def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "lrpilot" and r.levelno == logging.INFO]
+
+
+def test_range_test_logs_one_line_per_trial_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    def trial(lr: float, t: int) -> dict:
+        crashed = lr >= 1.0 and t == 0
+        return {**run_record(lr, [0.5, 0.6, 0.7], [1.0, 1.1, 1.2], [1.0, 0.1, 0.05]),
+                "status": "crashed" if crashed else "completed"}
+
+    with caplog.at_level(logging.INFO, logger="lrpilot"):
+        run_range_test(trial, [0.1, 1.0, 3.0], trials=2)
+    lines = _lines(caplog)
+    expected = [  # the crash at lr 1 ends trial 0; trial 1 restarts from lr 1
+        r"mi-decay range test \[1/6\] trial 0 lr 0.1: completed, \d+\.\d s",
+        r"mi-decay range test \[2/6\] trial 0 lr 1: crashed, \d+\.\d s",
+        r"mi-decay range test \[3/6\] trial 1 lr 1: completed, \d+\.\d s",
+        r"mi-decay range test \[4/6\] trial 1 lr 3: completed, \d+\.\d s",
+    ]
+    assert len(lines) == len(expected)
+    for line, pattern in zip(lines, expected):
+        assert re.fullmatch(pattern, line), line
+
+
+def test_grid_search_logs_one_line_per_lr_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    task = TinyTask()
+    with caplog.at_level(logging.INFO, logger="lrpilot"):
+        trainer = Trainer(task.model(), task.train, task.val, method="sgd-cosine-tuned", epochs=1, progress=False,
+                          method_options={"grid": (0.01, 0.1)})
+    runs = trainer.parts.info["search"]["runs"]
+    lines = [line for line in _lines(caplog) if "search" in line]
+    assert len(lines) == 2
+    for i, (line, run) in enumerate(zip(lines, runs), start=1):
+        metric = f"{run['best_val_metric']:.4g}"
+        assert re.fullmatch(
+            rf"sgd-cosine-tuned search \[{i}/2\] lr {run['lr']:g} -> best_val_metric {metric} \(completed\), \d+\.\d s",
+            line,
+        ), line
+
+
+def test_a_bar_replaces_the_lines_on_a_terminal(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="lrpilot"), Progress(2, "demo", enabled=True) as progress:
+        assert progress.bar is not None
+        progress.update("one")
+        progress.update("two")
+    assert progress.bar is None  # closed on exit
+    assert _lines(caplog) == []
+    assert "demo" in capsys.readouterr().err
+
+
+def test_the_cli_shows_info_lines_when_not_on_a_terminal() -> None:
+    logger = logging.getLogger("lrpilot")
+    before = logger.level
+    try:
+        logger.setLevel(logging.NOTSET)
+        assert main(["list", "tasks"]) == 0  # pytest's stderr is not a terminal
+        assert logger.getEffectiveLevel() == logging.INFO
+    finally:
+        logger.setLevel(before)
