@@ -218,6 +218,68 @@ class CurvatureLipschitzPilot(lip.LipschitzPilot):
         return lrs, info
 
 
+class GuardedLipschitzPilot(lip.LipschitzPilot):
+    """Prototype: the paper's 1/L, with three safeguards against the 1/K_z feedback loop.
+
+    1. ``max_growth``: the LR of epoch e is at most ``max_growth`` times the LR of the last good epoch
+       (1.0: never rises). 1/L grows as K_z shrinks, and K_z shrinks when ReLUs die, i.e. exactly after
+       an LR that was too large: without a cap the pilot answers a too-large LR with a larger one.
+    2. ``stall``: an epoch whose mean training loss is above ``stall`` times the validation loss at
+       initialisation (a classifier stuck at ln k), or whose K_z fell below 1/10 of the previous
+       epoch's, counts as collapsed (the shipped pilot only catches K_z == 0 exactly).
+    3. A rollback backs off from the LR of the last *good* epoch, not from the failed epoch's LR (which,
+       after a collapse, is the huge 1/L of a dead network).
+    """
+
+    def __init__(self, optimizer: Any, *, max_growth: float = 1.0, stall: float = 0.98, **options: Any) -> None:
+        super().__init__(optimizer, **options)
+        self.max_growth, self.stall = float(max_growth), float(stall)
+        self.good_lr: tuple[float, ...] | None = None
+        self.prev_k_z = math.nan
+
+    def on_train_begin(self, signals: Any) -> Any:
+        decision = super().on_train_begin(signals)
+        self.good_lr = decision.lr
+        return decision
+
+    def on_epoch_end(self, signals: Any) -> Any:
+        assert self.monitor is not None
+        stats = self.monitor.epoch()
+        k_z = stats.k_z if stats is not None else math.nan
+        stalled = (math.isfinite(signals.train_loss) and math.isfinite(self.initial_loss)
+                   and signals.train_loss > self.stall * self.initial_loss)
+        shrunk = math.isfinite(self.prev_k_z) and k_z < self.prev_k_z / 10
+        if not signals.nonfinite and (stalled or shrunk):
+            self.monitor.reset()
+            return self._diverged(signals, reason="lipschitz-collapsed-rollback",
+                                  info={"train_loss": signals.train_loss, "k_z": k_z})
+        decision = super().on_epoch_end(signals)
+        if decision is not None and decision.reason == "lipschitz-epoch" and decision.lr is not None:
+            assert self.good_lr is not None
+            # the epoch just ended was good: its LR (signals.lr) is the new reference
+            self.good_lr = tuple(signals.lr)
+            capped = tuple(min(a, self.max_growth * g) for a, g in zip(decision.lr, self.good_lr))
+            decision = decision.with_lr(capped)
+            self.prev_k_z = k_z
+        return decision
+
+    def _diverged(self, signals: Any, reason: str = "lipschitz-diverged-rollback", info: Any = None) -> Any:
+        if self.good_lr is not None:  # back off from the last good LR, not from the failed epoch's
+            signals = type(signals)(**{**signals.__dict__, "lr": tuple(min(a, b) for a, b in
+                                                                      zip(signals.lr, self.good_lr))})
+        decision = super()._diverged(signals, reason, info)
+        if decision is not None and decision.lr is not None:
+            self.good_lr = decision.lr
+        return decision
+
+
+def build_guarded_lipschitz(ctx: BuildContext, **o: Any) -> MethodParts:
+    spec = lip._loss_spec(ctx, "lipschitz")
+    opt = torch.optim.SGD(ctx.params(), lr=1e-3, momentum=o.pop("momentum"), weight_decay=o.pop("weight_decay"))
+    pilot = GuardedLipschitzPilot(opt, loss=spec, train_loader=ctx.train_loader, **o)
+    return MethodParts(opt, pilot, info={"loss": spec.kind})
+
+
 def build_curvature_lipschitz(ctx: BuildContext, **o: Any) -> MethodParts:
     spec = lip._loss_spec(ctx, "lipschitz")
     opt = torch.optim.SGD(ctx.params(), lr=1e-3, momentum=o.pop("momentum"), weight_decay=o.pop("weight_decay"))
@@ -266,6 +328,10 @@ def _register_prototypes() -> None:
                    {**get_method("auto-adam").defaults, "k1_init": 1.0, "k2_init": 1e-6, "max_growth": 0.01,
                     "max_alpha": math.inf},
                    lr_granularity="step", kind="step-pilot", handles_nonfinite=True),
+        MethodInfo("proto-lipschitz-guarded", "proto", "lipschitz, LR never above the last good one, stall "
+                   "detection, rollback from the last good LR", build_guarded_lipschitz,
+                   {**_LIP_DEFAULTS, "max_growth": 1.0, "stall": 0.98},
+                   lr_granularity="epoch", kind="epoch-pilot", handles_nonfinite=True),
         MethodInfo("proto-lipschitz-curv", "proto", "lipschitz, LR = min(1/L, 1/lambda_max)",
                    build_curvature_lipschitz, {**_LIP_DEFAULTS, "curv_batches": 2, "curv_iters": 20},
                    lr_granularity="epoch", kind="epoch-pilot", handles_nonfinite=True),
@@ -287,14 +353,18 @@ FAMILIES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
     "hd-val": [("default", "hd-val", {}),
                ("mult+horizon", "proto-hd-val-mult", {"tangent_decay": 0.99}),
                ("mult+horizon+mom", "proto-hd-val-mult", {"tangent_decay": 0.99, "lr": 0.01, "momentum": 0.9})],
-    "lipschitz": [("default", "lipschitz", {}), ("curvature-capped", "proto-lipschitz-curv", {})],
+    "lipschitz": [("default", "lipschitz", {}), ("curvature-capped", "proto-lipschitz-curv", {}),
+                  ("guarded", "proto-lipschitz-guarded", {}),
+                  ("guarded-growth-1.25", "proto-lipschitz-guarded", {"max_growth": 1.25})],
     "auto-adam": [("default", "auto-adam", {}),
                   ("section-9 init", "auto-adam", {"k1_init": 1.0, "k2_init": 1e-6}),
                   ("section-9 init+growth cap", "proto-auto-adam-capped", {}),
-                  ("section-9 init+growth cap+max 0.01", "proto-auto-adam-capped", {"max_alpha": 0.01})],
+                  ("section-9 init+growth cap+max-0.01", "proto-auto-adam-capped", {"max_alpha": 0.01}),
+                  ("max-0.01 only", "proto-auto-adam-capped",
+                   {"k1_init": 0.0, "k2_init": 0.0, "max_growth": 1e9, "max_alpha": 0.01})],
     "adamo": [("default", "adamo", {})],
     "aalr": [("default", "aalr", {})],
-    "hyperreg": [("default", "hyperreg-kl-1", {})],
+    "hyperreg": [("default", "hyperreg-kl-1", {}), ("lr 1.0", "hyperreg-kl-1", {"lr": 1.0})],
 }
 
 
@@ -377,18 +447,22 @@ def trace(family: str, method: str, options: dict[str, Any], task: str, seed: in
 
 
 def _trace_path(family: str, label: str, task: str, seed: int) -> Path:
-    return RUNS / f"trace-{family}-{label.replace(' ', '_').replace('+', '_')}-{task}-s{seed}.json"
+    slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in label)
+    return RUNS / f"trace-{family}-{slug}-{task}-s{seed}.json"
 
 
-def cmd_trace(family: str, task: str, seed: int, sharp_every: int, epochs: int | None) -> None:
+def cmd_trace(family: str, task: str, seed: int, sharp_every: int, epochs: int | None,
+              labels: list[str] | None = None) -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     for label, method, options in FAMILIES[family]:
+        if labels and label not in labels:
+            continue
         out = trace(family, method, options, task, seed, sharp_every, epochs)
         out["label"] = label
         _trace_path(family, label, task, seed).write_text(json.dumps(out, default=_json_default))
         s = out["summary"]
-        print(f"{family} {label:24s} {task} s{seed}: best {s['best_val_metric']:.4f} final "
-              f"{s['final_val_metric']:.4f} status {s['status']} ({out['wall_s']:.0f} s)")
+        print(f"{family} {label:24s} {task} s{seed}: best {_f(s['best_val_metric']):.4f} final "
+              f"{_f(s['final_val_metric']):.4f} status {s['status']} ({out['wall_s']:.0f} s)")
 
 
 def _json_default(o: Any) -> Any:
@@ -421,10 +495,10 @@ def cmd_plot(family: str, task: str, seed: int) -> Path:
     if not traces:
         raise SystemExit(f"no traces for {family}: run `trace --family {family}` first")
     extra = {"rt-hpo": "z_norm", "hd-train": "hypergrad", "hd-val": "hypergrad", "auto-adam": "k1",
-             "adamo": "k1"}.get(family)
+             "adamo": "k1", "lipschitz": "k_z"}.get(family)
     panels = 3 + (extra is not None)
     fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.0), dpi=80)
-    colours = ["tab:red", "tab:blue", "tab:green"]
+    colours = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange"]
     for tr, c in zip(traces, colours):
         steps = [r["step"] for r in tr["steps"]]
         lab = f"{tr['label']} ({tr['method']})"
@@ -436,7 +510,11 @@ def cmd_plot(family: str, task: str, seed: int) -> Path:
         axes[1].semilogy(steps, [min(max(_f(r["loss"]), 1e-4), 1e4) for r in tr["steps"]], color=c, lw=0.5)
         ep = tr["epochs"]
         axes[2].plot([e["step"] for e in ep], [_f(e["val_metric"]) for e in ep], color=c, marker=".", lw=1)
-        if extra is not None:
+        if extra == "k_z":  # an epoch-level pilot: K_z from its decisions
+            pts = [(d["step"], _f(d["info"]["k_z"])) for d in tr["decisions"] if "k_z" in d.get("info", {})]
+            if pts:
+                axes[3].semilogy(*zip(*pts), color=c, marker=".", lw=1)
+        elif extra is not None:
             vals = [abs(_f(r.get(extra))) for r in tr["steps"]]
             axes[3].semilogy(steps, [max(v, 1e-12) if math.isfinite(v) else math.nan for v in vals], color=c, lw=0.5)
     axes[0].set_title("LR in force (dotted: 2/lambda_max)", fontsize=8)
@@ -447,7 +525,7 @@ def cmd_plot(family: str, task: str, seed: int) -> Path:
     for ax in axes:
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=6, loc="best")
+    axes[0].legend(fontsize=5, loc="best", framealpha=0.5)
     fig.suptitle(f"{family} on {task}, seed {seed}", fontsize=9)
     fig.tight_layout()
     FIGURES.mkdir(parents=True, exist_ok=True)
@@ -492,13 +570,13 @@ def cmd_measure(family: str, tasks: list[str], seeds: list[int], labels: list[st
                        "epochs": len(rec["epochs"]), "wall_s": time.perf_counter() - t0}
                 with MEASURE.open("a") as f:
                     f.write(json.dumps(row, default=_json_default) + "\n")
-                print(f"{family} {label:24s} {task} s{seed}: best {row['best']:.4f} final {row['final']:.4f} "
+                print(f"{family} {label:24s} {task} s{seed}: best {_f(row['best']):.4f} final {_f(row['final']):.4f} "
                       f"{row['status']} ({row['wall_s']:.0f} s)")
 
 
 def _failure(row: dict[str, Any]) -> bool:
     best, final = _f(row["best"]), _f(row["final"])
-    return (row["status"] != "ok" or row["stopped"] or not math.isfinite(final) or best - final > 0.05)
+    return (row["status"] != "completed" or row["stopped"] or not math.isfinite(final) or best - final > 0.05)
 
 
 def cmd_table() -> None:
@@ -513,7 +591,7 @@ def cmd_table() -> None:
         rs.sort(key=lambda r: r["seed"])
         best = statistics.median(_f(r["best"]) for r in rs)
         final = statistics.median(_f(r["final"]) if math.isfinite(_f(r["final"])) else 0.0 for r in rs)
-        fails = [f"s{r['seed']}:{r['status'] if r['status'] != 'ok' else 'drop'}" for r in rs if _failure(r)]
+        fails = [f"s{r['seed']}:{r['status'] if r['status'] != 'completed' else 'drop'}" for r in rs if _failure(r)]
         ref = targets.get(task, {}).get("methods", {}).get("sgd-cosine-tuned", {}).get("median_best")
         print(f"| {family} | {task} | {label} | {len(rs)} | {best:.4f} | {final:.4f} | "
               f"{len(fails)} {' '.join(fails)} | {ref if ref is None else f'{ref:.4f}'} |")
@@ -527,7 +605,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="mnist1d-cnn")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--labels", default=None, help="comma-separated forms to measure (default: all)")
+    ap.add_argument("--labels", default=None, help="comma-separated forms to trace or measure (default: all)")
     ap.add_argument("--sharp-every", type=int, default=80, help="steps between two lambda_max estimates (0: off)")
     ap.add_argument("--epochs", type=int, default=None, help="trace budget (default: the task's)")
     a = ap.parse_args()
@@ -535,7 +613,7 @@ def main() -> None:
     families = sorted(FAMILIES) if a.family is None else [a.family]
     if a.command in ("trace", "all"):
         for fam in families:
-            cmd_trace(fam, a.task, a.seed, a.sharp_every, a.epochs)
+            cmd_trace(fam, a.task, a.seed, a.sharp_every, a.epochs, a.labels.split(",") if a.labels else None)
     if a.command in ("plot", "all"):
         for fam in families:
             cmd_plot(fam, a.task, a.seed)
