@@ -577,9 +577,18 @@ def cmd_measure(family: str, tasks: list[str], seeds: list[int], labels: list[st
                       f"{row['status']} ({row['wall_s']:.0f} s)")
 
 
-def _failure(row: dict[str, Any]) -> bool:
+def _failure(row: dict[str, Any]) -> str | None:
+    """Why a run counts as failed (the issue's criterion, plus a run that never left chance), or None."""
     best, final = _f(row["best"]), _f(row["final"])
-    return (row["status"] != "completed" or row["stopped"] or not math.isfinite(final) or best - final > 0.05)
+    if row["status"] != "completed" or row["stopped"]:
+        return str(row["status"])
+    if not math.isfinite(final):
+        return "nonfinite"
+    if best - final > 0.05:
+        return "drop"
+    if best < 0.15:  # every task here has 10 classes: 0.1 is chance
+        return "chance"
+    return None
 
 
 def cmd_table() -> None:
@@ -594,7 +603,7 @@ def cmd_table() -> None:
         rs.sort(key=lambda r: r["seed"])
         best = statistics.median(_f(r["best"]) for r in rs)
         final = statistics.median(_f(r["final"]) if math.isfinite(_f(r["final"])) else 0.0 for r in rs)
-        fails = [f"s{r['seed']}:{r['status'] if r['status'] != 'completed' else 'drop'}" for r in rs if _failure(r)]
+        fails = [f"s{r['seed']}:{_failure(r)}" for r in rs if _failure(r)]
         ref = targets.get(task, {}).get("methods", {}).get("sgd-cosine-tuned", {}).get("median_best")
         print(f"| {family} | {task} | {label} | {len(rs)} | {best:.4f} | {final:.4f} | "
               f"{len(fails)} {' '.join(fails)} | {ref if ref is None else f'{ref:.4f}'} |")
