@@ -96,9 +96,27 @@ class MultiplicativeHD(hg.HypergradientSGD):
     """
 
     def __init__(self, params: Any, lr: float, beta: float, *, beta_m: float = 0.02, tangent_decay: float = 1.0,
-                 **options: Any) -> None:
+                 tangent_clip: bool = False, **options: Any) -> None:
         super().__init__(params, lr, beta, **options)
-        self.beta_m, self.tangent_decay = float(beta_m), float(tangent_decay)
+        self.beta_m, self.tangent_decay, self.tangent_clip = float(beta_m), float(tangent_decay), bool(tangent_clip)
+
+    def _clip_tangent(self) -> None:
+        """``tangent_clip``: keep ``||z|| <= ||d_t|| / (1 - gamma)``, the most a decayed sum of update directions
+        can reach without curvature amplifying it (negative-curvature directions, or ``lr * lambda`` past the
+        edge, make ``A_t`` expanding; the cosine only needs z's direction)."""
+        pairs = [(st["tangent"], st.get("tangent_momentum"), st.get("momentum_buffer"), p.grad)
+                 for p, st in self.state.items() if isinstance(p, torch.Tensor) and "tangent" in st]
+        if not pairs:
+            return
+        z = _norm([t for t, *_ in pairs])
+        d = _norm([(m if m is not None else g) for _, _, m, g in pairs if (m if m is not None else g) is not None])
+        bound = d / max(1.0 - self.tangent_decay, 1e-12)
+        if math.isfinite(z) and z > bound > 0:
+            with torch.no_grad():
+                for t, y, *_ in pairs:
+                    t.mul_(bound / z)
+                    if y is not None:
+                        y.mul_(bound / z)
 
     def step(self, closure: Any = None, *, val_closure: Any = None, **kw: Any) -> Any:  # type: ignore[override]
         if self.horizon == "full" and self.tangent_decay != 1.0:
@@ -109,7 +127,10 @@ class MultiplicativeHD(hg.HypergradientSGD):
                         if "tangent_momentum" in st:
                             st["tangent_momentum"].mul_(self.tangent_decay)
         with _cosine_contraction():
-            return super().step(closure, val_closure=val_closure, **kw)
+            loss = super().step(closure, val_closure=val_closure, **kw)
+        if self.horizon == "full" and self.tangent_clip:
+            self._clip_tangent()
+        return loss
 
     def _keep_directions(self, params: list[torch.Tensor], directions: list[torch.Tensor], *, owned: bool) -> None:
         """One-step horizon with ``tangent_decay`` < 1: keep ``a_t = gamma a_{t-1} + d_t`` (the tangent of the
@@ -312,6 +333,17 @@ class GrowthCappedAutoAdam(lip.AutoAdam):
         return min(alpha, group["lr"] * group["max_alpha"])
 
 
+class ContinuousAdaMo(lip.AdaMo):
+    """Prototype: AdaMo whose average K starts at 1/initial_lr, so the LR is continuous when the first
+    epoch's fixed LR x ends (the shipped class starts K at x, so the LR jumps from x to 1/x: 0.1 -> 10)."""
+
+    def __init__(self, params: Any, source: Any = None, **options: Any) -> None:
+        super().__init__(params, source, **options)
+        for g in self.param_groups:
+            if g["initial_lr"] is not None:
+                g["k1"] = g["k1_init"] = 1.0 / g["initial_lr"]
+
+
 def _register_prototypes() -> None:
     hd = dict(get_method("hd-train").defaults)
     common = {"lr_granularity": "step", "kind": "step-pilot"}
@@ -322,11 +354,15 @@ def _register_prototypes() -> None:
         MethodInfo("proto-hd-val-mult", "proto", "hd-val, multiplicative normalised step",
                    _hd_builder("val", "one-step"), {**hd, "beta_m": 0.02, "tangent_decay": 1.0}, **common),
         MethodInfo("proto-rt-hpo-mult", "proto", "rt-hpo, multiplicative normalised step, decaying tangent",
-                   _hd_builder("val", "full"), {**hd, "beta_m": 0.02, "tangent_decay": 0.99}, **common),
+                   _hd_builder("val", "full"), {**hd, "beta_m": 0.02, "tangent_decay": 0.99, "tangent_clip": False},
+                   **common),
         MethodInfo("proto-auto-adam-capped", "proto", "auto-adam, section 9 initial values, LR growth <= 1%/step",
                    lip._adaptive_builder("auto-adam", GrowthCappedAutoAdam),
                    {**get_method("auto-adam").defaults, "k1_init": 1.0, "k2_init": 1e-6, "max_growth": 0.01,
                     "max_alpha": math.inf},
+                   lr_granularity="step", kind="step-pilot", handles_nonfinite=True),
+        MethodInfo("proto-adamo-continuous", "proto", "adamo, K starts at 1/initial_lr",
+                   lip._adaptive_builder("adamo", ContinuousAdaMo), dict(get_method("adamo").defaults),
                    lr_granularity="step", kind="step-pilot", handles_nonfinite=True),
         MethodInfo("proto-lipschitz-guarded", "proto", "lipschitz, LR never above the last good one, stall "
                    "detection, rollback from the last good LR", build_guarded_lipschitz,
@@ -347,7 +383,8 @@ FAMILIES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
     "rt-hpo": [("default", "rt-hpo", {}),
                ("mult+decay", "proto-rt-hpo-mult", {}),
                ("mult+decay+mom", "proto-rt-hpo-mult", {"lr": 0.01, "momentum": 0.9}),
-               ("mult+decay+mom-lr0.1", "proto-rt-hpo-mult", {"lr": 0.1, "momentum": 0.9})],
+               ("mult+decay+mom-lr0.1", "proto-rt-hpo-mult", {"lr": 0.1, "momentum": 0.9}),
+               ("mult+decay+clip+mom-lr0.1", "proto-rt-hpo-mult", {"lr": 0.1, "momentum": 0.9, "tangent_clip": True})],
     "hd-train": [("default", "hd-train", {}),
                  ("mult+horizon", "proto-hd-train-mult", {"tangent_decay": 0.99}),
                  ("mult+horizon+mom", "proto-hd-train-mult", {"tangent_decay": 0.99, "lr": 0.01, "momentum": 0.9}),
@@ -365,7 +402,7 @@ FAMILIES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
                   ("section-9 init+growth cap+max-0.01", "proto-auto-adam-capped", {"max_alpha": 0.01}),
                   ("max-0.01 only", "proto-auto-adam-capped",
                    {"k1_init": 0.0, "k2_init": 0.0, "max_growth": 1e9, "max_alpha": 0.01})],
-    "adamo": [("default", "adamo", {})],
+    "adamo": [("default", "adamo", {}), ("continuous K", "proto-adamo-continuous", {})],
     "aalr": [("default", "aalr", {})],
     "hyperreg": [("default", "hyperreg-kl-1", {}), ("lr 1.0", "hyperreg-kl-1", {"lr": 1.0})],
 }
@@ -591,22 +628,30 @@ def _failure(row: dict[str, Any]) -> str | None:
     return None
 
 
-def cmd_table() -> None:
+def cmd_table(family: str | None = None) -> str:
+    """The measurements as a markdown table (one family, or all), forms in FAMILIES order; printed."""
     rows = [json.loads(line) for line in MEASURE.read_text().splitlines() if line.strip()]
     targets = json.loads(TARGETS.read_text())["tasks"]
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["family"], r["task"], r["label"]), []).append(r)
-    print("| family | task | form | seeds | median best | median final | failures | sgd-cosine-tuned |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (family, task, label), rs in sorted(groups.items()):
+        if family is None or r["family"] == family:
+            groups.setdefault((r["family"], r["task"], r["label"]), []).append(r)
+    order = {(fam, label): i for fam, forms in FAMILIES.items() for i, (label, _, _) in enumerate(forms)}
+    lines = ["| family | task | form | seeds | median best | median final | failures | vs sgd-cosine-tuned |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- | ---: |"]
+    for (fam, task, label), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                        order.get((kv[0][0], kv[0][2]), 99))):
         rs.sort(key=lambda r: r["seed"])
         best = statistics.median(_f(r["best"]) for r in rs)
         final = statistics.median(_f(r["final"]) if math.isfinite(_f(r["final"])) else 0.0 for r in rs)
-        fails = [f"s{r['seed']}:{_failure(r)}" for r in rs if _failure(r)]
+        fails = [f"s{r['seed']} {_failure(r)}" for r in rs if _failure(r)]
         ref = targets.get(task, {}).get("methods", {}).get("sgd-cosine-tuned", {}).get("median_best")
-        print(f"| {family} | {task} | {label} | {len(rs)} | {best:.4f} | {final:.4f} | "
-              f"{len(fails)} {' '.join(fails)} | {ref if ref is None else f'{ref:.4f}'} |")
+        gap = "" if ref is None else f"{100 * (best - ref):+.1f} pts"
+        lines.append(f"| {fam} | {task} | {label} | {len(rs)} | {best:.4f} | {final:.4f} | "
+                     f"{len(fails)}{': ' + ', '.join(fails) if fails else ''} | {gap} |")
+    text = "\n".join(lines)
+    print(text)
+    return text
 
 
 def main() -> None:
@@ -622,7 +667,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="trace budget (default: the task's)")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    families = sorted(FAMILIES) if a.family is None else [a.family]
+    families = list(FAMILIES) if a.family is None else [a.family]
     if a.command in ("trace", "all"):
         for fam in families:
             cmd_trace(fam, a.task, a.seed, a.sharp_every, a.epochs, a.labels.split(",") if a.labels else None)
@@ -634,7 +679,7 @@ def main() -> None:
             cmd_measure(fam, a.tasks.split(","), [int(s) for s in a.seeds.split(",")],
                         a.labels.split(",") if a.labels else None)
     if a.command in ("table", "all"):
-        cmd_table()
+        cmd_table(a.family)
 
 
 if __name__ == "__main__":
