@@ -542,7 +542,7 @@ def cmd_plot(family: str, task: str, seed: int) -> Path:
     for tr, c in zip(traces, colours):
         steps = [r["step"] for r in tr["steps"]]
         lab = f"{tr['label']} ({tr['method']})"
-        axes[0].semilogy(steps, [max(_f(r["lr"]), 1e-12) for r in tr["steps"]], color=c, lw=1, label=lab)
+        axes[0].semilogy(steps, [max(_f(r["lr"]), 1e-6) for r in tr["steps"]], color=c, lw=1, label=lab)
         sharp = [(r["step"], 2.0 / _f(r["lambda_max"])) for r in tr["steps"]
                  if "lambda_max" in r and _f(r["lambda_max"]) > 0]
         if sharp:
@@ -557,7 +557,7 @@ def cmd_plot(family: str, task: str, seed: int) -> Path:
         elif extra is not None:
             vals = [abs(_f(r.get(extra))) for r in tr["steps"]]
             axes[3].semilogy(steps, [max(v, 1e-12) if math.isfinite(v) else math.nan for v in vals], color=c, lw=0.5)
-    axes[0].set_title("LR in force (dotted: 2/lambda_max)", fontsize=8)
+    axes[0].set_title("LR in force (0 drawn at 1e-6; dotted: 2/lambda_max)", fontsize=8)
     axes[1].set_title("mini-batch training loss", fontsize=8)
     axes[2].set_title("validation accuracy (per epoch)", fontsize=8)
     if extra is not None:
