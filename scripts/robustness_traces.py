@@ -1,33 +1,42 @@
 """Why the seed methods fail on conv nets with their defaults (issue 15): traces, plots, remedy prototypes.
 
-    python scripts/robustness_traces.py trace   --family rt-hpo [--task mnist1d-cnn] [--seed 0]
-    python scripts/robustness_traces.py plot    --family rt-hpo
+    python scripts/robustness_traces.py trace   --family rt-hpo [--task mnist1d-cnn] [--seed 0] [--labels a,b]
+    python scripts/robustness_traces.py plot    --family rt-hpo [--seed 0]
     python scripts/robustness_traces.py measure --family rt-hpo [--tasks mnist1d-cnn,mnist1d-mlp] [--seeds 0,1,2]
-    python scripts/robustness_traces.py table
+    python scripts/robustness_traces.py table   [--family rt-hpo]
     python scripts/robustness_traces.py all     # every family: traces, plots, measurements, table
 
-Each *family* has a default method (the registry name a user gets with no options) and one or more
-*remedies*, prototyped here as subclasses or thin wrappers of the shipped classes and registered under
-``proto-...`` names for this process only: ``src/lrpilot/pilots`` is not edited. ``docs/robustness-study.md``
-reads the results; the recommended code changes are written out there.
+Each *family* (:data:`FAMILIES`) lists its default form (the registry name a user gets with no options)
+and the remedy forms, prototyped here as subclasses of the shipped classes and registered under
+``proto-...`` names for this process only (``src/lrpilot/pilots`` is not edited):
 
-``trace`` trains the default and every remedy once (one seed) and records per optimizer step: the LR in
-force, the mini-batch training loss, what the family tracks (hypergradient and tangent norm, Lipschitz
-averages, ...) and, every ``--sharp-every`` steps, the largest Hessian eigenvalue of the training loss on a
-fixed training batch (power iteration with Hessian-vector products, 20 iterations, its own RNG): plain SGD
-is stable only while ``lr < 2 / lambda_max``, the line the plots draw. Traces go to
-``runs/robustness/trace-<family>-<method>-<task>-s<seed>.json``; ``plot`` makes
-``docs/figures/robustness/<family>.png`` from them.
+* :class:`MultiplicativeHD` (hd-train, hd-val, rt-hpo): normalised multiplicative LR step, decayed or
+  accumulated tangent, optional tangent-norm clip;
+* :class:`GuardedLipschitzPilot` (lipschitz): stall/shrink detection, back-off from the last good LR,
+  per-epoch growth cap; :class:`CurvatureLipschitzPilot`: ``min(1/L, 1/lambda_max)`` (measured, rejected);
+* :class:`GrowthCappedAutoAdam` (auto-adam): per-step growth cap and absolute cap on the step size;
+* :class:`ContinuousAdaMo` (adamo): the average ``K`` starts at ``1/initial_lr``.
 
-``measure`` runs ``lrpilot.bench.tasks.run_task`` for the default and the remedies, ``--seeds`` on
-``--tasks`` (the task's default budget), and appends one JSON line per run to
-``runs/robustness/measure.jsonl`` (skipping runs already there). ``table`` prints, per family, task and
-method: median best, median final, and the number of seeds that diverged, stopped, or ended more than 5
-points below their own best, beside ``sgd-cosine-tuned``'s stored median best
-(``src/lrpilot/bench/data/targets.json``).
+``docs/robustness-study.md`` reads the results and writes out the recommended code changes.
 
-Everything is seeded (``run_task`` seeds the run; the power iteration uses its own generator) and runs on
-one CPU thread (set ``OMP_NUM_THREADS=1``).
+``trace`` trains the listed forms once (one seed) and records per optimizer step: the LR in force, the
+mini-batch training loss, what the family tracks (hypergradient and tangent norm, Lipschitz averages, ...)
+and, every ``--sharp-every`` steps, the largest Hessian eigenvalue of the training loss on a fixed training
+batch (power iteration with Hessian-vector products, 20 iterations, its own RNG): plain SGD is stable only
+while ``lr < 2 / lambda_max``, the dotted line of the plots. Traces go to
+``runs/robustness/trace-<family>-<form>-<task>-s<seed>.json``; ``plot`` draws
+``docs/figures/robustness/<family>.png`` from the traces that exist.
+
+``measure`` runs ``lrpilot.bench.tasks.run_task`` for the forms, ``--seeds`` on ``--tasks`` (the task's
+default budget), and appends one JSON line per run to ``runs/robustness/measure.jsonl`` (runs already there
+are skipped, so a killed command resumes). ``table`` prints, per family, task and form: median best,
+median final, and the seeds that diverged, stopped, never left chance or ended more than 5 points below
+their own best, beside ``sgd-cosine-tuned``'s stored median best (``src/lrpilot/bench/data/targets.json``).
+
+The runs of ``docs/robustness-study.md``: ``trace`` for every family at seed 0 on ``mnist1d-cnn``
+(auto-adam at ``--seed 1``, its failing seed), ``measure --tasks mnist1d-cnn,mnist1d-mlp`` for hd-train and
+hd-val, ``--tasks mnist1d-cnn`` for rt-hpo, ``--tasks mnist1d-cnn,mnist1d-mlp,digits-mlp`` for the others.
+Everything is seeded; set ``OMP_NUM_THREADS=1``.
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ from lrpilot.loop.seeding import seed_everything
 from lrpilot.pilots import hypergradient as hg
 from lrpilot.pilots import lipschitz as lip
 from lrpilot.pilots.base import MethodParts
-from lrpilot.registry import BuildContext, MethodInfo, get_method, register, resolve_options
+from lrpilot.registry import BuildContext, MethodInfo, get_method, register
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "robustness"
@@ -475,8 +484,10 @@ def trace(family: str, method: str, options: dict[str, Any], task: str, seed: in
     trainer.optimizer.register_step_post_hook(post_hook)
     t0 = time.perf_counter()
     hist = trainer.run()
-    pilot_info = [dict(reason=d.reason, action=d.action, epoch=d.epoch, step=d.step, lr=d.lr, info=d.info)
-                  for d in hist.decisions]
+    pilot_info = [
+        {"reason": d.reason, "action": d.action, "epoch": d.epoch, "step": d.step, "lr": d.lr, "info": d.info}
+        for d in hist.decisions
+    ]
     return {
         "family": family, "method": method, "options": options, "task": task, "seed": seed,
         "wall_s": time.perf_counter() - t0, "steps": rows,
