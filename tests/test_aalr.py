@@ -656,8 +656,10 @@ def test_regression_task_with_every_objective():
                      "phase2-improved"])
     for objective in ("train-eval", "train-mean", "val"):
         torch.manual_seed(0)
+        # "val" decides from a decision split; given here as the shifted set, so its walk is its own.
+        split = {"hyper_loader": val} if objective == "val" else {}
         hist = lrpilot.fit(nn.Linear(5, 1), train, val, method="aalr", loss_fn=nn.MSELoss(), epochs=10,
-                           progress=False, patience=2, objective=objective, lr=0.01)  # fmt: skip
+                           progress=False, patience=2, objective=objective, lr=0.01, **split)  # fmt: skip
         assert hist.status == "completed"
         assert hist.metric_name == "loss"
         lrs, reasons = walks[objective]

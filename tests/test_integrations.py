@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: One method per family, with options that make the run short and, for AALR, force a rollback.
 METHODS = {
-    "aalr": {"patience": 1, "lr": 2.0},
+    "aalr": {"patience": 1, "lr": 2.0, "objective": "train-eval"},  # the paper's J: LR 2 is worse, a rollback
     "mi-decay": {"lr_min": 0.01, "lr_max": 0.5, "lr_top": 0.2, "epsilon": 0.05, "mi_samples": 96},
     "hd-train": {"lr": 0.05},
     "lipschitz": {},
@@ -148,7 +148,7 @@ def test_own_loop_drives_your_optimizer_as_fit_drives_a_pilot_object() -> None:
     opt2 = torch.optim.SGD(model2.parameters(), lr=2.0, momentum=0.9)
     train, val = TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv, 96, shuffle=False)
     pilot = lrpilot.attach("aalr", model2, opt2, train_loader=train, val_loader=val, epochs=EPOCHS, seed=0,
-                           patience=1)
+                           patience=1, objective="train-eval")  # the class's default J
     assert pilot.optimizer is opt2
     for epoch in range(EPOCHS):
         train.set_epoch(epoch)
@@ -210,7 +210,7 @@ def test_attach_says_what_to_pass_when_a_signal_is_missing() -> None:
     x, y, xv, yv = _data()
     train, val = TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv, 96, shuffle=False)
     with pytest.raises(ValueError, match=r"train_loader"):
-        lrpilot.attach("aalr", _net(), epochs=3, steps_per_epoch=8)  # J over the training set
+        lrpilot.attach("aalr", _net(), epochs=3, steps_per_epoch=8, objective="train-eval")  # J over the training set
     with pytest.raises(ValueError, match=r"steps per epoch: pass train_loader= or steps_per_epoch="):
         lrpilot.attach("sgd-cosine", _net(), epochs=3)
     with pytest.raises(ValueError, match=r"val_loader"):
@@ -392,7 +392,7 @@ def test_lightning_drives_the_modules_own_optimizer(quiet_lightning) -> None:
     ref = lrpilot.fit(model, *_loaders(), method=lrpilot.AALR(opt, patience=1, epochs=EPOCHS), epochs=EPOCHS,
                       seed=0, progress=False)
     module = Module(optimizer="sgd")
-    callback = LRPilot("aalr", seed=0, use_module_optimizer=True, patience=1)
+    callback = LRPilot("aalr", seed=0, use_module_optimizer=True, patience=1, objective="train-eval")
     trainer = _trainer([callback])
     trainer.fit(module, *_loaders())
     assert _trace(callback.history)["decisions"] == _trace(ref)["decisions"]

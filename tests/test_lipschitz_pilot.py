@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lrpilot.bench.tasks.models import MLP, LinearModel
-from lrpilot.core.contract import EpochSignals
+from lrpilot.core.contract import TRAIN_PASS, EpochSignals
 from lrpilot.core.data import TensorLoader
 from lrpilot.core.seeding import seed_everything
 from lrpilot.estimators.lipschitz import (
@@ -169,10 +169,11 @@ def test_classical_smoothness_adds_lambda_per_group() -> None:
         [{"params": [model.head.weight], "weight_decay": 0.5}, {"params": [model.head.bias], "weight_decay": 0.0}],
         lr=1.0,
     )
-    pilot = LipschitzPilot(opt, loss=LossSpec.from_loss(nn.CrossEntropyLoss(), 3), train_loader=full,
-                           constant="smoothness")
+    pilot = LipschitzPilot(opt, loss=LossSpec.from_loss(nn.CrossEntropyLoss(), 3), constant="smoothness")
     pilot.attach(model)
-    decision = pilot.on_train_begin(EpochSignals(epoch=0, step=0, lr=(1.0, 1.0), train_loss=math.nan, val_loss=1.0, val_metric=math.nan))
+    train_pass = lambda fn: [fn(xb, yb) for xb, yb in full]  # noqa: E731  (the loop's TRAIN_PASS, by hand)
+    decision = pilot.on_train_begin(EpochSignals(epoch=0, step=0, lr=(1.0, 1.0), train_loss=math.nan, val_loss=1.0,
+                                                 val_metric=math.nan, extra={TRAIN_PASS: train_pass}))
     design = torch.cat([torch.ones(4, 1), x], dim=1).double()
     beta = 0.5 * float(design.norm()) ** 2 / 4  # softmax: ||A||^2 / (2m)
     assert decision.lr == pytest.approx((1 / (beta + 0.5), 1 / beta), rel=1e-9)

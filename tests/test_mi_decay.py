@@ -466,7 +466,8 @@ def test_regression_uses_ksg_and_ity_in_the_range_test():
     loader = TensorLoader(x, y, 30)
     torch.manual_seed(0)
     trainer = Trainer(nn.Linear(5, 1), loader, loader, method="mi-decay", epochs=3, loss_fn=nn.MSELoss(),
-                      progress=False, method_options={"rrt_lrs": (0.001, 0.01, 0.1), "rrt_epochs": 2})
+                      progress=False, method_options={"rrt_lrs": (0.001, 0.01, 0.1), "rrt_epochs": 2},
+                      hyper_fraction=0)  # every point trains; the trials are compared on `loader`
     info = trainer.parts.info
     probe = trainer.pilot.data
     assert len(probe.inputs) == 300  # every point: fewer than mi_samples
@@ -513,7 +514,7 @@ def test_range_test_python_call_and_cli(tmp_path):
     from lrpilot.cli import main
 
     task = TinyTask()
-    report = range_test(task.model(), task.train, task.val, options={**RRT, "rrt_trials": 1})
+    report = range_test(task.model(), task.train, task.val, options={**RRT, "rrt_trials": 1}, hyper_fraction=0)
     assert set(report) == {"range_test", "search", "mi"}
     rt = report["range_test"]
     # LR 1e4 crashes (its activations overflow); the other four complete and make D.

@@ -22,7 +22,7 @@ from torch import nn
 from lrpilot.bench.tasks import get_task, make_loaders
 from lrpilot.core.registry import get_method, resolve_options
 from lrpilot.core.seeding import seed_everything
-from lrpilot.loop.fit import Trainer
+from lrpilot.loop.fit import DEFAULT_HYPER_FRACTION, Trainer
 from lrpilot.loop.history import jsonable
 from lrpilot.loop.metrics import Metric
 
@@ -43,6 +43,8 @@ def range_test(
     seed: int = 0,
     device: str | torch.device | None = None,
     options: Mapping[str, Any] | None = None,
+    hyper_loader: Any = None,
+    hyper_fraction: float = DEFAULT_HYPER_FRACTION,
 ) -> dict[str, Any]:
     """Run the range test of ``method`` (``mi-decay`` or ``mi-decay-layerwise``) on ``model``.
 
@@ -60,7 +62,7 @@ def range_test(
     trainer = Trainer(
         model, train_loader, val_loader if val_loader is not None else train_loader, method=method, epochs=1,
         loss_fn=loss_fn, metric=metric, seed=seed, device=device, progress=False, task_kind=task_kind,
-        method_options=opts,
+        method_options=opts, hyper_loader=hyper_loader, hyper_fraction=hyper_fraction,
     )
     info = trainer.parts.info
     # Plain JSON (non-finite numbers as None), like the run record it is a part of.

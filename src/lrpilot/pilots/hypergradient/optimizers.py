@@ -192,9 +192,11 @@ class HypergradientSGD(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         self._add_counters()
-        # The loop hands every horizon a closure: the one-step horizon uses it as any optimizer would,
-        # and the loss it returns (nan for a step skipped on a non-finite gradient) reaches the loop.
-        self.needs_closure = True
+        # Only the full horizon needs the loop's closure (its HVPs need the loss's graph). The one-step
+        # forms step on .grad as any torch optimizer does, so they run in any loop (Lightning's automatic
+        # optimization included); a step they skip on a non-finite gradient changes nothing and is counted
+        # (steps_skipped); given a closure, they return nan for it, which the loop then sees.
+        self.needs_closure = horizon == "full"
         self.needs_val_closure = objective == "val"
         self._val_stream: _ValidationStream | None = None
         # Not state: which .grad tensors the one-step horizon keeps by reference (see _keep_directions).
