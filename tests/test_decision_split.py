@@ -153,3 +153,24 @@ def test_side_passes_do_not_change_the_training_order_of_a_shuffling_dataloader(
         return [e.train_loss for e in history.epochs]
 
     assert losses(True) == losses(False)
+
+
+@pytest.mark.parametrize("own_generator", [False, True])
+def test_a_range_test_leaves_the_training_order_of_a_shuffling_dataloader_alone(own_generator):
+    """Training after mi-decay's range test is step for step the training with the bounds it found given."""
+    task = TinyTask()
+    data = TensorDataset(task.train.inputs, task.train.targets)
+    split = TensorLoader(*next(iter(task.val)), 16, shuffle=False)  # the same decision split for both runs
+
+    def loader():
+        gen = torch.Generator().manual_seed(5) if own_generator else None
+        return DataLoader(data, batch_size=16, shuffle=True, generator=gen)
+
+    rrt = {"rrt_lrs": (0.003, 0.03, 0.3), "rrt_epochs": 2, "rrt_trials": 2, "mi_samples": 64}
+    searched = Trainer(task.model(), loader(), task.val, method="mi-decay", epochs=3, seed=0, progress=False,
+                       method_options=rrt, hyper_loader=split)
+    bounds = {k: searched.pilot.bounds[k] for k in ("lr_min", "lr_max", "lr_top", "epsilon")}
+    found = searched.run()
+    given = lrpilot.fit(task.model(), loader(), task.val, method="mi-decay", epochs=3, seed=0, progress=False,
+                        mi_samples=64, hyper_loader=split, **bounds)
+    assert [e.train_loss for e in found.epochs] == [e.train_loss for e in given.epochs]
