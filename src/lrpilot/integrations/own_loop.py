@@ -57,9 +57,9 @@ from lrpilot.core.data import split_batch
 from lrpilot.core.registry import BuildContext, build_method, get_method
 from lrpilot.core.seeding import rng_preserved, seed_everything
 from lrpilot.loop.decisions import TrainingState, as_decisions
-from lrpilot.loop.fit import Trainer, infer_task_kind, train_pass
+from lrpilot.loop.fit import Trainer, infer_task_kind, resolve_metric, train_pass
 from lrpilot.loop.history import DecisionRecord, EpochRecord, History
-from lrpilot.loop.metrics import Metric, get_metric, loss_metric
+from lrpilot.loop.metrics import Metric
 from lrpilot.loop.probe import run_probe
 
 __all__ = ["AttachedPilot", "attach", "build_parts", "evaluate"]
@@ -629,17 +629,6 @@ def check_signals(attached: AttachedPilot, where: str) -> None:
             f"method {attached.method_name!r} steps on validation mini-batches: pass val_loader= to {where} "
             "and call optimizer.step(**pilot.step_kwargs())"
         )
-
-
-def resolve_metric(metric: Metric | str | None, user_loss: Any, loss_fn: Any) -> Metric:
-    """The metric as ``lrpilot.fit`` resolves it: accuracy with the default loss, else the loss itself."""
-    if isinstance(metric, Metric):
-        return metric
-    if isinstance(metric, str):
-        return get_metric(metric)
-    if metric is not None:
-        raise TypeError(f"metric must be a Metric or a name, got {type(metric).__name__}")
-    return get_metric("accuracy") if user_loss is None else loss_metric(loss_fn)
 
 
 def _mean_over_ranks(value: float) -> float:

@@ -42,7 +42,7 @@ from lrpilot.loop.history import DecisionRecord, EpochRecord, History
 from lrpilot.loop.metrics import Metric, get_metric, loss_metric
 from lrpilot.loop.probe import run_probe
 
-__all__ = ["DEFAULT_HYPER_FRACTION", "Trainer", "fit", "infer_task_kind", "train_pass"]
+__all__ = ["DEFAULT_HYPER_FRACTION", "Trainer", "fit", "infer_task_kind", "resolve_metric", "train_pass"]
 
 #: The fraction of the training data carved out as the decision split of a method that decides from
 #: validation signals, when no ``hyper_loader`` is given (seeded by the run's seed).
@@ -153,7 +153,7 @@ class Trainer:
         self._grads_synced_by_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         dist.broadcast_tensors_([t.detach() for t in (*self.model.parameters(), *self.model.buffers())])
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
-        self.metric = _resolve_metric(metric, loss_fn, self.loss_fn)
+        self.metric = resolve_metric(metric, loss_fn, self.loss_fn)
         self.task_kind = task_kind or infer_task_kind(self.loss_fn)
         self.train_loader = _on_device(train_loader, self.device)
         self.val_loader = _on_device(val_loader, self.device)
@@ -752,7 +752,8 @@ def fit(
 # ----------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------
-def _resolve_metric(metric: Metric | str | None, user_loss: Any, loss_fn: Any) -> Metric:
+def resolve_metric(metric: Metric | str | None, user_loss: Any, loss_fn: Any) -> Metric:
+    """The metric as given (a :class:`Metric` or a name), else accuracy with the default loss, else the loss itself."""
     if isinstance(metric, Metric):
         return metric
     if isinstance(metric, str):
