@@ -57,8 +57,8 @@ from lrpilot.core import distributed as dist
 from lrpilot.core.contract import MethodParts
 from lrpilot.core.registry import get_method
 from lrpilot.core.seeding import seed_everything
-from lrpilot.integrations.own_loop import AttachedPilot, build_parts, check_signals, resolve_metric
-from lrpilot.loop.fit import infer_task_kind
+from lrpilot.integrations.own_loop import AttachedPilot, build_parts, check_signals
+from lrpilot.loop.fit import infer_task_kind, resolve_metric
 from lrpilot.loop.history import History
 from lrpilot.loop.metrics import Metric
 
