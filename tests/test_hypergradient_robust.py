@@ -237,14 +237,14 @@ def test_a_nan_loss_in_the_default_form_changes_nothing(cls) -> None:
 
 @pytest.mark.slow
 def test_rt_hpo_default_trains_the_mnist1d_cnn_it_used_to_diverge_on() -> None:
-    # Before (additive, lr = beta = 1e-3, vanilla SGD, full budget): best 0.2555 / 0.175 / 0.230, seed 2
-    # diverged (docs/robustness-study.md). A reduced budget keeps this under a minute on one CPU thread.
+    # The paper-literal form (PAPER_OPTIONS) with this very budget (seed 0, 6 of the task's 30 epochs):
+    # best 0.1355, its LR clamped at 0 where it stays (measured; the study traces why). The default form:
+    # best 0.889, LR 0.127 at the end. ~17 s on one CPU thread.
     from lrpilot.bench.tasks import run_task
 
-    rec = run_task("mnist1d-cnn", "rt-hpo", epochs=6, seed=0, train_subset=2000, progress=False)
+    rec = run_task("mnist1d-cnn", "rt-hpo", epochs=6, seed=0, progress=False)
     s = rec["summary"]
     assert s["status"] == "completed", s
-    assert s["best_val_metric"] > 0.6, s
+    assert s["best_val_metric"] > 0.8, s
     assert s["final_val_metric"] > s["best_val_metric"] - 0.05, s
-    assert rec["epochs"][-1]["lr"][0] > 1e-3  # the LR moved neither to 0 nor to infinity
-    assert rec["epochs"][-1]["lr"][0] < 1.0
+    assert 1e-3 < rec["epochs"][-1]["lr"][0] < 1.0  # the LR went neither to 0 nor off to infinity
