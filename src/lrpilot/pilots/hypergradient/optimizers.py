@@ -97,19 +97,38 @@ class HypergradientSGD(torch.optim.Optimizer):
     the hypergradient is 0 and finite, and a NaN gradient used to be applied. ``group["hypergrad"]`` holds
     the last hypergradient :math:`dE/d\eta = -\Delta_t` (``nan`` when skipped).
 
+    **Default form** (issue 15, ``docs/robustness-study.md``): the update above is the paper's
+    (``lr_rule="additive"``); by default the LR moves multiplicatively,
+    :math:`\eta_t = \eta_{t-1} \exp(\beta \cos(G_t, -z_t))`, at most a factor :math:`e^{\pm\beta}` per
+    step and never 0, and the tangent is decayed (``tangent_decay``) and, for the full horizon, clipped
+    (``tangent_clip``). With the additive rule the step carries the scale of :math:`z`, which grows with
+    the horizon and explodes once :math:`\eta\lambda_{\max} > 2`; on a conv net the LR overshot, was
+    driven through 0 and stayed there (0 is absorbing: at :math:`\eta = 0` nothing contracts z).
+    The paper's form: ``lr_rule="additive", lr=1e-3, beta=1e-3, momentum=0, tangent_decay=1,
+    tangent_clip=False`` (Baydin et al. 2018's SGD-HD setting).
+
     Args:
         params: parameters or param groups.
-        lr: initial LR :math:`\bar\eta` (default 1e-3, Baydin et al. 2018, section 5).
-        beta: hyper-learning rate :math:`\beta` (default 1e-3, Baydin et al. 2018 for SGD-HD).
+        lr: initial LR :math:`\bar\eta` (default 0.1; > 0 under the multiplicative rule).
+        beta: hyper-learning rate :math:`\beta` (default 0.02: unitless under the multiplicative rule;
+            Baydin et al. 2018's SGD-HD setting for the additive rule is 1e-3).
         objective: ``"train"`` or ``"val"``: whose gradient :math:`G_t` is contracted with the tangent.
         horizon: ``"one-step"`` or ``"full"`` (see above).
-        momentum: :math:`\mu` in [0, 1) (default 0: the paper's vanilla SGD).
+        momentum: :math:`\mu` in [0, 1) (default 0.9; 0 is the paper's vanilla SGD).
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         weight_decay: L2 penalty :math:`\lambda`, part of the training objective (default 0).
         min_lr, max_lr: the LR is kept in ``[min_lr, max_lr]`` (default 0 and ``None``: no cap).
         lr_update: ``"before-step"`` (default, as Baydin et al.'s algorithm and code: the step from
             :math:`w_t` uses the LR just updated with :math:`\Delta_t`) or ``"after-step"`` (the literal
             indexing of the paper's eq. 2: the step uses :math:`\eta_{t-1}`, then the LR moves).
+        lr_rule: ``"multiplicative"`` (default: ``lr * exp(beta * cos)``, the cosine of the contracted
+            gradient and the tangent) or ``"additive"`` (the paper's ``lr + beta * Delta``).
+        tangent_decay: gamma in (0, 1] (default 0.99, per param group). Full horizon:
+            ``z_{t+1} = A_t (gamma z_t) + B_t`` (~1/(1 - gamma) steps of memory). One-step horizon: the
+            contracted direction is the decayed sum ``a_t = gamma a_{t-1} + d_t`` instead of ``d_{t-1}``
+            alone. 1: the paper's.
+        tangent_clip: full horizon only (default True): after each step keep
+            ``||z|| <= ||d_t|| / (1 - gamma)``; ``False`` (or gamma = 1): no clip, the paper's.
         val_loader, model, loss_fn: for ``objective="val"`` without a ``val_closure`` argument to
             :meth:`step`: validation batches ``(inputs, targets)`` are drawn from ``val_loader`` in turn
             (cycling) and the loss is ``loss_fn(model(inputs), targets)`` (default cross-entropy). The
@@ -720,8 +739,10 @@ class SGDHD(HypergradientSGD):
     per step.
 
     Args:
-        params, lr, beta, momentum, nesterov, weight_decay, min_lr, max_lr, lr_update: see
-        :class:`HypergradientSGD` (defaults: ``lr=1e-3``, ``beta=1e-3``, Baydin et al. 2018, section 5).
+        params, lr, beta, momentum, nesterov, weight_decay, min_lr, max_lr, lr_update, lr_rule,
+        tangent_decay: see :class:`HypergradientSGD` (the formula above is the paper's
+        ``lr_rule="additive"`` with ``tangent_decay=1``; Baydin et al. 2018's setting is ``lr=1e-3``,
+        ``beta=1e-3``, momentum 0).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
