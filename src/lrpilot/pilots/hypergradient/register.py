@@ -18,8 +18,7 @@ from lrpilot.pilots.hypergradient.optimizers import OBJECTIVES, RTHPO, SGDHD, Hy
 #: (~100-step horizon; for the one-step methods an accumulated direction), momentum 0.9 carried in the
 #: tangent and SGD's usual LR 0.1. rt-hpo also clips ||z|| (tangent_clip); the one-step horizon has no
 #: curvature term that could blow z up, so it has nothing to clip. The paper-literal form:
-#: ``PAPER_OPTIONS`` (``-o lr_rule=additive -o beta=0.001 -o lr=0.001 -o momentum=0 -o tangent_decay=1
-#: -o tangent_clip=False``).
+#: ``PAPER_OPTIONS`` (``-o lr_rule=additive -o beta=0.001 -o lr=0.001 -o momentum=0 -o tangent_decay=1``).
 _HD_DEFAULTS: dict[str, Any] = {
     "lr": 0.1,
     "beta": 0.02,
@@ -33,11 +32,10 @@ _HD_DEFAULTS: dict[str, Any] = {
     "tangent_decay": 0.99,
 }
 _RT_HPO_DEFAULTS: dict[str, Any] = {**_HD_DEFAULTS, "tangent_clip": True, "objective": "val"}
-#: The paper's (and Baydin et al.'s SGD-HD) form, selectable with ``-o``: for hd-train and hd-val
-#: without ``tangent_clip`` (which the one-step horizon ignores).
-PAPER_OPTIONS: dict[str, Any] = {
-    "lr_rule": "additive", "beta": 1e-3, "lr": 1e-3, "momentum": 0.0, "tangent_decay": 1.0, "tangent_clip": False,
-}
+#: The paper's (and Baydin et al.'s SGD-HD) form of all three methods, selectable with ``-o``. With
+#: ``tangent_decay=1`` rt-hpo's clip bound is infinite, so ``tangent_clip`` needs no entry (hd-train and
+#: hd-val, whose one-step horizon has nothing to clip, do not take it).
+PAPER_OPTIONS: dict[str, Any] = {"lr_rule": "additive", "beta": 1e-3, "lr": 1e-3, "momentum": 0.0, "tangent_decay": 1.0}
 _PAPER = "Majumder, Donini & Chaudhari (shared/papers/002); Baydin et al. 2018"
 
 
