@@ -32,6 +32,10 @@ from torch.nn import functional as F
 from lrpilot.bench.tasks.models import MLP
 from lrpilot.pilots.hypergradient import RTHPO, SGDHD, SGDHDVal
 
+#: the form these figures were measured with (docs/methods/rt-hpo.md, Speed): the paper's additive step,
+#: vanilla SGD, undecayed tangent; the robustness defaults add a few norms per step (not re-measured)
+PAPER = {"lr_rule": "additive", "momentum": 0.0, "tangent_decay": 1.0, "tangent_clip": False}
+
 MODELS: dict[str, tuple[tuple[int, ...], int]] = {
     "fmnist-mlp": ((784, 512, 256, 10), 128),
     "mnist1d-mlp": ((40, 100, 100, 10), 100),
@@ -52,8 +56,8 @@ def make_stepper(name: str, model: nn.Module, x, y, xv, yv) -> Callable[[], None
     if name in ("sgd", "hd-train", "hd-val"):
         opt = {
             "sgd": lambda: torch.optim.SGD(model.parameters(), lr=lr),
-            "hd-train": lambda: SGDHD(model.parameters(), lr=lr, beta=beta),
-            "hd-val": lambda: SGDHDVal(model.parameters(), lr=lr, beta=beta),
+            "hd-train": lambda: SGDHD(model.parameters(), lr=lr, beta=beta, **PAPER),
+            "hd-val": lambda: SGDHDVal(model.parameters(), lr=lr, beta=beta, **PAPER),
         }[name]()
         kwargs = {"val_closure": val_loss} if name == "hd-val" else {}
 
@@ -67,7 +71,7 @@ def make_stepper(name: str, model: nn.Module, x, y, xv, yv) -> Callable[[], None
         return step
 
     objective = "train" if name == "rt-hpo-train" else "val"
-    opt = RTHPO(model.parameters(), lr=lr, beta=beta, objective=objective)
+    opt = RTHPO(model.parameters(), lr=lr, beta=beta, objective=objective, **PAPER)
 
     def closure(*, backward: bool = True) -> torch.Tensor:
         return loss()

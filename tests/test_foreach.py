@@ -128,7 +128,21 @@ def _rthpo_step(opt: torch.optim.Optimizer, net: nn.Module, x: torch.Tensor, y: 
     (lambda net, fe: RTHPO(_groups(net), lr=0.05, beta=0.01, foreach=fe), _rthpo_step),
     (lambda net, fe: RTHPO(_groups(net), lr=0.05, beta=0.01, momentum=0.9, weight_decay=1e-3, foreach=fe),
      _rthpo_step),
-], ids=["hd-train", "hd-train-nesterov-wd", "hd-val-momentum", "rt-hpo", "rt-hpo-momentum-wd"])
+    # the robustness study's options beside the defaults above (multiplicative, decay 0.99, clip, momentum
+    # 0.9): a fast decay with the raw gradients accumulated, a decay per group, a clip that bites
+    (lambda net, fe: SGDHD(_groups(net), lr=0.05, beta=0.05, momentum=0.0, tangent_decay=0.5, foreach=fe), None),
+    (lambda net, fe: SGDHDVal([{**g, "tangent_decay": d} for g, d in zip(_groups(net), (0.9, 1.0))], lr=0.05,
+                              weight_decay=1e-3, foreach=fe), _val_step),
+    (lambda net, fe: RTHPO([{**g, "tangent_decay": d} for g, d in zip(_groups(net), (0.5, 0.9))], lr=0.05,
+                           beta=0.05, nesterov=True, foreach=fe), _rthpo_step),
+    # the paper-literal form: additive step, vanilla SGD, undecayed and unclipped tangent
+    (lambda net, fe: SGDHD(_groups(net), lr=0.05, beta=0.01, momentum=0.0, lr_rule="additive", tangent_decay=1.0,
+                           foreach=fe), None),
+    (lambda net, fe: RTHPO(_groups(net), lr=0.05, beta=0.01, momentum=0.0, lr_rule="additive", tangent_decay=1.0,
+                           tangent_clip=False, foreach=fe), _rthpo_step),
+], ids=["hd-train", "hd-train-nesterov-wd", "hd-val-momentum", "rt-hpo", "rt-hpo-momentum-wd",
+        "hd-train-decay-0.5", "hd-val-decay-per-group-wd", "rt-hpo-decay-per-group-nesterov",
+        "hd-train-paper", "rt-hpo-paper"])
 def test_hypergradient_foreach_equals_the_reference_loop(make: Callable[..., Any], step: Any) -> None:
     assert_same(make, step)
 

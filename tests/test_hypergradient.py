@@ -16,9 +16,28 @@ from torch.func import functional_call
 import lrpilot
 from lrpilot.core.data import TensorLoader
 from lrpilot.estimators.curvature import hessian_reference
-from lrpilot.pilots.hypergradient import RTHPO, SGDHD, HypergradientSGD, SGDHDVal
+from lrpilot.pilots.hypergradient import optimizers as hg
 
 F = nn.functional
+
+#: The paper-literal form (Baydin et al.'s SGD-HD setting, the paper's eq. 2 and 5): additive LR step,
+#: vanilla SGD, undecayed and unclipped tangent. The classes' defaults are the robustness study's
+#: multiplicative form (tests/test_hypergradient_robust.py); the tests in this file pin the paper's
+#: update rules, so the classes they use default to the paper's options (any option passed wins).
+PAPER = {"lr_rule": "additive", "momentum": 0.0, "tangent_decay": 1.0, "tangent_clip": False}
+
+
+def _paper_literal(cls: type) -> type:
+    class Paper(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, params, lr=1e-3, beta=1e-3, **options):  # type: ignore[no-untyped-def]
+            super().__init__(params, lr, beta, **{**PAPER, **options})
+
+    Paper.__name__ = Paper.__qualname__ = cls.__name__
+    return Paper
+
+
+SGDHD, SGDHDVal, RTHPO = _paper_literal(hg.SGDHD), _paper_literal(hg.SGDHDVal), _paper_literal(hg.RTHPO)
+HypergradientSGD = _paper_literal(hg.HypergradientSGD)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -654,7 +673,7 @@ def test_state_dict_round_trip_keeps_the_validation_loader_position() -> None:
 def test_beta_zero_is_plain_sgd_in_the_loop(tiny, name: str) -> None:
     # hyper_fraction=0: hd-val and rt-hpo keep all the training data, as plain SGD does.
     ours = lrpilot.Trainer(tiny.model(), tiny.train, tiny.val, method=name, epochs=2, progress=False,
-                           method_options={"lr": 0.05, "beta": 0.0}, hyper_fraction=0)
+                           method_options={"lr": 0.05, "beta": 0.0, "momentum": 0.0}, hyper_fraction=0)
     ours.run()
     plain = lrpilot.Trainer(tiny.model(), tiny.train, tiny.val, method="sgd", epochs=2, progress=False,
                             method_options={"lr": 0.05, "momentum": 0.0})

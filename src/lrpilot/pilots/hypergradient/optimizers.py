@@ -55,6 +55,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OBJECTIVES = ("train", "val")
 _HORIZONS = ("one-step", "full")
 _LR_UPDATES = ("before-step", "after-step")
+LR_RULES = ("multiplicative", "additive")
 _GLOBAL = "hypergradient"  # key of the optimizer-wide state in ``self.state`` (saved by state_dict)
 
 
@@ -96,19 +97,38 @@ class HypergradientSGD(torch.optim.Optimizer):
     the hypergradient is 0 and finite, and a NaN gradient used to be applied. ``group["hypergrad"]`` holds
     the last hypergradient :math:`dE/d\eta = -\Delta_t` (``nan`` when skipped).
 
+    **Default form** (issue 15, ``docs/robustness-study.md``): the update above is the paper's
+    (``lr_rule="additive"``); by default the LR moves multiplicatively,
+    :math:`\eta_t = \eta_{t-1} \exp(\beta \cos(G_t, -z_t))`, at most a factor :math:`e^{\pm\beta}` per
+    step and never 0, and the tangent is decayed (``tangent_decay``) and, for the full horizon, clipped
+    (``tangent_clip``). With the additive rule the step carries the scale of :math:`z`, which grows with
+    the horizon and explodes once :math:`\eta\lambda_{\max} > 2`; on a conv net the LR overshot, was
+    driven through 0 and stayed there (0 is absorbing: at :math:`\eta = 0` nothing contracts z).
+    The paper's form: ``lr_rule="additive", lr=1e-3, beta=1e-3, momentum=0, tangent_decay=1,
+    tangent_clip=False`` (Baydin et al. 2018's SGD-HD setting).
+
     Args:
         params: parameters or param groups.
-        lr: initial LR :math:`\bar\eta` (default 1e-3, Baydin et al. 2018, section 5).
-        beta: hyper-learning rate :math:`\beta` (default 1e-3, Baydin et al. 2018 for SGD-HD).
+        lr: initial LR :math:`\bar\eta` (default 0.1; > 0 under the multiplicative rule).
+        beta: hyper-learning rate :math:`\beta` (default 0.02: unitless under the multiplicative rule;
+            Baydin et al. 2018's SGD-HD setting for the additive rule is 1e-3).
         objective: ``"train"`` or ``"val"``: whose gradient :math:`G_t` is contracted with the tangent.
         horizon: ``"one-step"`` or ``"full"`` (see above).
-        momentum: :math:`\mu` in [0, 1) (default 0: the paper's vanilla SGD).
+        momentum: :math:`\mu` in [0, 1) (default 0.9; 0 is the paper's vanilla SGD).
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         weight_decay: L2 penalty :math:`\lambda`, part of the training objective (default 0).
         min_lr, max_lr: the LR is kept in ``[min_lr, max_lr]`` (default 0 and ``None``: no cap).
         lr_update: ``"before-step"`` (default, as Baydin et al.'s algorithm and code: the step from
             :math:`w_t` uses the LR just updated with :math:`\Delta_t`) or ``"after-step"`` (the literal
             indexing of the paper's eq. 2: the step uses :math:`\eta_{t-1}`, then the LR moves).
+        lr_rule: ``"multiplicative"`` (default: ``lr * exp(beta * cos)``, the cosine of the contracted
+            gradient and the tangent) or ``"additive"`` (the paper's ``lr + beta * Delta``).
+        tangent_decay: gamma in (0, 1] (default 0.99, per param group). Full horizon:
+            ``z_{t+1} = A_t (gamma z_t) + B_t`` (~1/(1 - gamma) steps of memory). One-step horizon: the
+            contracted direction is the decayed sum ``a_t = gamma a_{t-1} + d_t`` instead of ``d_{t-1}``
+            alone. 1: the paper's.
+        tangent_clip: full horizon only (default True): after each step keep
+            ``||z|| <= ||d_t|| / (1 - gamma)``; ``False`` (or gamma = 1): no clip, the paper's.
         val_loader, model, loss_fn: for ``objective="val"`` without a ``val_closure`` argument to
             :meth:`step`: validation batches ``(inputs, targets)`` are drawn from ``val_loader`` in turn
             (cycling) and the loss is ``loss_fn(model(inputs), targets)`` (default cross-entropy). The
@@ -141,17 +161,20 @@ class HypergradientSGD(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        beta: float = 1e-3,
+        lr: float = 0.1,
+        beta: float = 0.02,
         *,
         objective: str = "train",
         horizon: str = "one-step",
-        momentum: float = 0.0,
+        momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 0.0,
         min_lr: float = 0.0,
         max_lr: float | None = None,
         lr_update: str = "before-step",
+        lr_rule: str = "multiplicative",
+        tangent_decay: float = 0.99,
+        tangent_clip: bool = True,
         val_loader: Iterable[Any] | None = None,
         model: nn.Module | None = None,
         loss_fn: LossFn | None = None,
@@ -176,10 +199,20 @@ class HypergradientSGD(torch.optim.Optimizer):
             ("objective", objective, OBJECTIVES),
             ("horizon", horizon, _HORIZONS),
             ("lr_update", lr_update, _LR_UPDATES),
+            ("lr_rule", lr_rule, LR_RULES),
         ):
             if value not in choices:
                 raise ValueError(f"{cls}: {name} must be one of {list(choices)}, got {value!r}")
+        if not _is_number(tangent_decay) or not 0.0 < tangent_decay <= 1.0:
+            raise ValueError(f"{cls}: tangent_decay must be in (0, 1] (1 = the paper's undecayed tangent), "
+                             f"got {tangent_decay!r}")
+        if not isinstance(tangent_clip, bool):
+            raise ValueError(f"{cls}: tangent_clip must be True or False, got {tangent_clip!r}")
+        if lr_rule == "multiplicative" and lr <= 0:
+            raise ValueError(f"{cls}: lr_rule='multiplicative' scales the LR, so lr must be > 0 (an LR of 0 "
+                             f"would never move), got {lr!r}")
         self.objective, self.horizon, self.lr_update = objective, horizon, lr_update
+        self.lr_rule, self.tangent_clip = lr_rule, tangent_clip
         defaults = {
             "lr": float(lr),
             "beta": float(beta),
@@ -188,6 +221,7 @@ class HypergradientSGD(torch.optim.Optimizer):
             "weight_decay": float(weight_decay),
             "min_lr": float(min_lr),
             "max_lr": float(max_lr),
+            "tangent_decay": float(tangent_decay),
             "foreach": foreach,
         }
         super().__init__(params, defaults)
@@ -227,6 +261,7 @@ class HypergradientSGD(torch.optim.Optimizer):
     def _add_counters(self) -> None:
         for group in self.param_groups:  # checkpoints from before a counter existed still load
             group.setdefault("foreach", None)
+            group.setdefault("tangent_decay", 1.0)  # checkpoints from before the option: the paper's tangent
             group.setdefault("hypergrad", 0.0)
             group.setdefault("lr_clamped", 0)
             group.setdefault("lr_skipped", 0)
@@ -307,7 +342,9 @@ class HypergradientSGD(torch.optim.Optimizer):
             for (_, params, _), gs in zip(groups, contracted):
                 prev = [self._previous_direction(p) for p in params]
                 pairs = [(g, d) for g, d in zip(gs, prev) if d is not None]
-                dots.append(_dot([g for g, _ in pairs], [d for _, d in pairs], ref=ref))
+                a, b = [g for g, _ in pairs], [d for _, d in pairs]
+                dot = _dot(a, b, ref=ref)
+                dots.append(_cosine(dot, a, b, ref=ref) if self.lr_rule == "multiplicative" else dot)
                 covered.append(self.objective == "train" and len(pairs) == len(params))
         for k, ((group, _, grads), cov) in enumerate(zip(groups, covered)):
             if not cov:
@@ -332,7 +369,10 @@ class HypergradientSGD(torch.optim.Optimizer):
                     continue
                 directions = self._directions(group, params, grads)
                 owned = directions is not grads or bool(group["weight_decay"])  # not the raw .grad tensors
-                self._keep_directions(params, directions, owned=owned)
+                if group["tangent_decay"] == 1.0:
+                    self._keep_directions(params, directions, owned=owned)
+                else:
+                    self._accumulate_directions(group, params, directions)
                 _add_(params, directions, alpha=-lr_step, foreach=group["foreach"])
         glob["step"] += 1
         return loss
@@ -367,6 +407,30 @@ class HypergradientSGD(torch.optim.Optimizer):
                     state["direction"] = torch.empty_like(d)
                 state["direction"].copy_(d)
                 lent[key] = None
+
+    def _accumulate_directions(
+        self, group: dict[str, Any], params: list[torch.Tensor], directions: list[torch.Tensor]
+    ) -> None:
+        """``tangent_decay`` gamma < 1: keep ``a_t = gamma a_{t-1} + d_t`` in an owned buffer.
+
+        This is RT-HPO's tangent with the curvature term left out (A = I), over a horizon of about
+        1 / (1 - gamma) steps: the study (``docs/robustness-study.md``, hd-train) found the one-step
+        hypergradient ``<g_{t-1}, g_t>`` biased low (consecutive mini-batch gradients anti-correlate
+        through the curvature), so even a scale-free rule drifts the LR down; over ~100 steps the
+        agreement adds up linearly and the noise as its square root. Never a borrowed ``.grad``.
+        """
+        states, lent, fe = self.state, self._lent, group["foreach"]
+        accs = []
+        for p, d in zip(params, directions):
+            state = states[p]
+            acc = state.get("direction")
+            if acc is None or lent.get(id(p)) is not None or acc is d:
+                state["direction"] = torch.zeros_like(d)
+            else:
+                accs.append(acc)
+            lent[id(p)] = None
+        _mul_(accs, group["tangent_decay"], foreach=fe)
+        _add_([states[p]["direction"] for p in params], directions, alpha=1, foreach=fe)
 
     def _previous_direction(self, p: torch.Tensor) -> torch.Tensor | None:
         """d_{t-1} of ``p``; ``nan`` if a borrowed ``.grad`` was written into since (never silently wrong)."""
@@ -419,7 +483,10 @@ class HypergradientSGD(torch.optim.Optimizer):
                         for g, p in zip(grads[sl], params[sl])
                     ]
                 ref = self.param_groups[0]["params"][0]
-                deltas = -torch.stack([_dot(contracted, tangents[k], ref=ref) for k in range(n_groups)])
+                dots = [_dot(contracted, tangents[k], ref=ref) for k in range(n_groups)]
+                if self.lr_rule == "multiplicative":
+                    dots = [_cosine(dot, contracted, tangents[k], ref=ref) for k, dot in enumerate(dots)]
+                deltas = -torch.stack(dots)
         # the one device-to-host read of the step: the loss, every group's hypergradient and gradient check
         flags = [_finite_flag(grads[sl]) for group, sl in segments]
         values = _read([loss.detach(), *deltas.unbind(0), *flags])
@@ -435,7 +502,7 @@ class HypergradientSGD(torch.optim.Optimizer):
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.grad = g  # the training gradient, for anyone who inspects .grad after the step
-            lrs = []
+            lrs, all_directions = [], []
             for k, ((group, _), delta) in enumerate(zip(segments, values[1:])):
                 lrs.append(self._update_lr(group, delta))
                 if not math.isfinite(delta) and not first and self._reset_tangent_if_nonfinite(params, k):
@@ -448,6 +515,7 @@ class HypergradientSGD(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     gs = _add(gs, ps, alpha=group["weight_decay"], foreach=fe)
                 directions = self._directions(group, ps, gs)
+                all_directions += directions
                 # z_k <- z_k - eta (d d_t / d eta_k) - [k == own group] d_t, all at w_t
                 for k in range(n_groups):
                     zs = tangents[k][sl]
@@ -457,8 +525,47 @@ class HypergradientSGD(torch.optim.Optimizer):
                     if k == own:
                         _add_(zs, directions, alpha=-1, foreach=fe, subtract=True)
                 _add_(ps, directions, alpha=-lr_step, foreach=fe)
+            self._shrink_tangents(params, tangents, all_directions)
         glob["step"] += 1
         return loss
+
+    def _shrink_tangents(
+        self, params: list[torch.Tensor], tangents: list[list[torch.Tensor]], directions: list[torch.Tensor]
+    ) -> None:
+        """After a step: clip z_k (``tangent_clip``) and decay it by group k's ``tangent_decay`` gamma.
+
+        **Decay.** The stored tangent is ``gamma z_{t+1}``, so the next step's contraction and its
+        Hessian-vector product see ``z_{t+1} = A_t (gamma z_t) + B_t``. Why: with gamma = 1 (the paper)
+        z sums every past update direction and its norm grows with the run (linearly on a plateau,
+        geometrically once ``lr * lambda_max > 2``); ``docs/robustness-study.md`` traced rt-hpo's
+        divergence and its LR stuck at 0 to this. gamma = 0.99 keeps a horizon of ~100 steps. Done at
+        the end of a step taken (not at the start of the next) so that a skipped step changes nothing.
+
+        **Clip** (before the decay): ``||z_k|| <= ||d_t|| / (1 - gamma)`` (norms over all weights,
+        ``d_t`` this step's update directions), the most a decayed sum of update directions reaches
+        without curvature amplifying it. Why: along negative-curvature directions of the mini-batch
+        Hessian (or past the stability edge) ``A_t`` expands z faster than the decay shrinks it; in
+        the study z reached 1e18 and then non-finite while training itself was stable, freezing the LR.
+        The multiplicative rule uses only z's direction, so rescaling z loses nothing it needs. The
+        scale ``min(1, bound / ||z_k||)`` stays on the device (no host read); a non-finite norm leaves
+        z to the non-finite reset of the next step. With gamma = 1 the bound is infinite: no clip.
+        """
+        ref = self.param_groups[0]["params"][0]
+        d_norm: torch.Tensor | None = None
+        for k, group in enumerate(self.param_groups):
+            gamma = group["tangent_decay"]
+            if gamma == 1.0:
+                continue
+            zs = tangents[k]
+            ys = [self.state[p]["tangent_momentum"][k] for p in params if "tangent_momentum" in self.state[p]]
+            factor: float | torch.Tensor = gamma
+            if self.tangent_clip:
+                if d_norm is None:
+                    d_norm = _dot(directions, directions, ref=ref).sqrt()
+                z_norm = _dot(zs, zs, ref=ref).sqrt()
+                bound = d_norm / (1.0 - gamma)
+                factor = torch.where(z_norm > bound, bound / z_norm, torch.ones_like(z_norm)) * gamma
+            _mul_([*zs, *ys], factor, foreach=group["foreach"])
 
     def _gradient_and_hvps(
         self,
@@ -512,14 +619,23 @@ class HypergradientSGD(torch.optim.Optimizer):
         group["lr_skipped"] += 1
 
     def _update_lr(self, group: dict[str, Any], delta: float) -> float:
-        """Move the group's LR by ``beta * delta`` (safeguarded); return the LR this step applies."""
+        """Move the group's LR (safeguarded); return the LR this step applies.
+
+        ``lr_rule="additive"``: ``lr + beta * delta`` (the paper's eq. 2, Baydin et al.'s SGD-HD).
+        ``"multiplicative"``: ``delta`` is a cosine in [-1, 1] and the LR becomes
+        ``lr * exp(beta * delta)``: a change of at most ``exp(+-beta)`` per step whatever the gradients'
+        scale, and an LR > 0 never reaches 0 (0 was absorbing for the additive rule, see the study).
+        """
         old = group["lr"]
         if not math.isfinite(delta):
             group["hypergrad"] = math.nan
             group["lr_skipped"] += 1
             return old
         group["hypergrad"] = -delta
-        new = old + group["beta"] * delta
+        if self.lr_rule == "multiplicative":
+            new = old * math.exp(group["beta"] * delta)
+        else:
+            new = old + group["beta"] * delta
         if not math.isfinite(new):
             group["lr_skipped"] += 1
             new = old
@@ -625,8 +741,10 @@ class SGDHD(HypergradientSGD):
     per step.
 
     Args:
-        params, lr, beta, momentum, nesterov, weight_decay, min_lr, max_lr, lr_update: see
-        :class:`HypergradientSGD` (defaults: ``lr=1e-3``, ``beta=1e-3``, Baydin et al. 2018, section 5).
+        params, lr, beta, momentum, nesterov, weight_decay, min_lr, max_lr, lr_update, lr_rule,
+        tangent_decay: see :class:`HypergradientSGD` (the formula above is the paper's
+        ``lr_rule="additive"`` with ``tangent_decay=1``; Baydin et al. 2018's setting is ``lr=1e-3``,
+        ``beta=1e-3``, momentum 0).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -644,7 +762,7 @@ class SGDHD(HypergradientSGD):
         :class:`HypergradientSGD` keeps it in ``[min_lr, max_lr]``.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, beta: float = 1e-3, **options: Any) -> None:
+    def __init__(self, params: Iterable[Any], lr: float = 0.1, beta: float = 0.02, **options: Any) -> None:
         _reject(type(self).__name__, options, ("objective", "horizon", "val_loader", "model", "loss_fn"))
         super().__init__(params, lr, beta, objective="train", horizon="one-step", **options)
 
@@ -674,7 +792,7 @@ class SGDHDVal(HypergradientSGD):
         ...     opt.step(val_closure=lambda: loss_fn(model(xv), yv))
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, beta: float = 1e-3, **options: Any) -> None:
+    def __init__(self, params: Iterable[Any], lr: float = 0.1, beta: float = 0.02, **options: Any) -> None:
         _reject(type(self).__name__, options, ("objective", "horizon"))
         super().__init__(params, lr, beta, objective="val", horizon="one-step", **options)
 
@@ -716,8 +834,8 @@ class RTHPO(HypergradientSGD):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        beta: float = 1e-3,
+        lr: float = 0.1,
+        beta: float = 0.02,
         *,
         objective: str = "val",
         **options: Any,
@@ -797,6 +915,18 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, ref: torch.Ten
     return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
 
 
+def _cosine(
+    dot: torch.Tensor, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, ref: torch.Tensor
+) -> torch.Tensor:
+    """``dot / (|a| |b|)`` (``dot = <a, b>``) as a 0-d tensor; 0 when either norm is 0.
+
+    A non-finite entry stays non-finite (``nan == 0`` is false), so the non-finite checks that read the
+    hypergradient still see it.
+    """
+    den = _dot(a, a, ref=ref).sqrt() * _dot(b, b, ref=ref).sqrt()
+    return torch.where(den == 0, torch.zeros_like(dot), dot / den)
+
+
 def _finite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """A 0-d tensor on the device that is finite exactly when every entry of ``tensors`` is (barring
     overflow: finite entries make it ``inf`` only past the dtype's largest value, a gradient no step
@@ -844,7 +974,9 @@ def _add_(xs: list[torch.Tensor], ys: list[torch.Tensor], *, alpha: float, forea
         torch._foreach_add_(xs, ys, alpha=alpha)
 
 
-def _mul_(xs: list[torch.Tensor], factor: float, *, foreach: bool | None) -> None:
+def _mul_(xs: list[torch.Tensor], factor: float | torch.Tensor, *, foreach: bool | None) -> None:
+    if not xs:
+        return
     if foreach is False:
         for x in xs:
             x.mul_(factor)
