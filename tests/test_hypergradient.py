@@ -568,7 +568,7 @@ def test_a_detached_validation_loss_is_rejected() -> None:
 @pytest.mark.parametrize(
     "make, pattern",
     [
-        (lambda p: SGDHD(p, beta=-1.0), r"beta must be the hyper-learning rate"),
+        (lambda p: SGDHD(p, beta=-1.0), r"beta must be a finite number >= 0"),
         (lambda p: SGDHD(p, lr=1.0, max_lr=0.5), r"lr must be a finite number in \[min_lr, max_lr\]"),
         (lambda p: SGDHD(p, momentum=1.0), r"momentum must be in \[0, 1\)"),
         (lambda p: SGDHD(p, nesterov=True), r"nesterov=True needs momentum > 0"),

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from lrpilot.core import distributed as dist
+from lrpilot.core.checks import is_number, require_bool, require_in, require_positive, require_range
 from lrpilot.estimators.curvature import gradient_with_graph, hvp
 
 __all__ = ["RTHPO", "SGDHD", "HypergradientSGD", "SGDHDVal"]
@@ -181,18 +182,16 @@ class HypergradientSGD(torch.optim.Optimizer):
         foreach: bool | None = None,
     ) -> None:
         cls = type(self).__name__
-        _check_number(cls, "beta", beta, "the hyper-learning rate, a finite number >= 0")
-        _check_number(cls, "weight_decay", weight_decay, "a finite number >= 0")
-        _check_number(cls, "min_lr", min_lr, "a finite number >= 0")
+        for name, value in (("beta", beta), ("weight_decay", weight_decay), ("min_lr", min_lr)):
+            require_positive(name, value, owner=cls, allow_zero=True)
         if max_lr is None:
             max_lr = math.inf
-        if not _is_number(max_lr) or math.isnan(max_lr) or max_lr < min_lr:
+        if not (is_number(max_lr) or max_lr == math.inf) or max_lr < min_lr:
             raise ValueError(f"{cls}: max_lr must be a number >= min_lr ({min_lr}) or None, got {max_lr!r}")
-        if not _is_number(lr) or not math.isfinite(lr) or not min_lr <= lr <= max_lr:
+        if not is_number(lr) or not min_lr <= lr <= max_lr:
             raise ValueError(f"{cls}: lr must be a finite number in [min_lr, max_lr] = [{min_lr}, {max_lr}], "
                              f"got {lr!r}")
-        if not _is_number(momentum) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"{cls}: momentum must be in [0, 1), got {momentum!r}")
+        require_range("momentum", momentum, 0, 1, open_high=True, owner=cls)
         if nesterov and momentum <= 0:
             raise ValueError(f"{cls}: nesterov=True needs momentum > 0, got momentum={momentum!r}")
         for name, value, choices in (
@@ -201,13 +200,9 @@ class HypergradientSGD(torch.optim.Optimizer):
             ("lr_update", lr_update, _LR_UPDATES),
             ("lr_rule", lr_rule, LR_RULES),
         ):
-            if value not in choices:
-                raise ValueError(f"{cls}: {name} must be one of {list(choices)}, got {value!r}")
-        if not _is_number(tangent_decay) or not 0.0 < tangent_decay <= 1.0:
-            raise ValueError(f"{cls}: tangent_decay must be in (0, 1] (1 = the paper's undecayed tangent), "
-                             f"got {tangent_decay!r}")
-        if not isinstance(tangent_clip, bool):
-            raise ValueError(f"{cls}: tangent_clip must be True or False, got {tangent_clip!r}")
+            require_in(name, value, choices, owner=cls)
+        require_range("tangent_decay", tangent_decay, 0, 1, open_low=True, owner=cls)  # 1: the paper's tangent
+        require_bool("tangent_clip", tangent_clip, owner=cls)
         if lr_rule == "multiplicative" and lr <= 0:
             raise ValueError(f"{cls}: lr_rule='multiplicative' scales the LR, so lr must be > 0 (an LR of 0 "
                              f"would never move), got {lr!r}")
@@ -986,15 +981,6 @@ def _mul_(xs: list[torch.Tensor], factor: float | torch.Tensor, *, foreach: bool
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_number(cls: str, name: str, value: Any, what: str) -> None:
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{cls}: {name} must be {what}, got {value!r}")
 
 
 def _reject(cls: str, options: dict[str, Any], fixed: Sequence[str]) -> None:
