@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lrpilot.bench.tasks.models import MLP, LinearModel
-from lrpilot.core.contract import TRAIN_PASS, EpochSignals
+from lrpilot.core.contract import TRAIN_EVAL_LOSS, TRAIN_PASS, EpochSignals
 from lrpilot.core.data import TensorLoader
 from lrpilot.core.seeding import seed_everything
 from lrpilot.estimators.lipschitz import (
@@ -297,6 +297,89 @@ def test_a_rollback_backs_off_from_the_last_good_lr_not_the_failed_one() -> None
     fresh.attach(model)
     fresh.load_state_dict(state)
     assert fresh.good_lr == (0.5,) and fresh.on_epoch_end(_signals(2, huge.lr[0], True)).lr == (0.05,)
+
+
+def _guarded(**options) -> tuple[nn.Module, LipschitzPilot]:
+    """A network-mode pilot at a fixed first LR of 0.5, begun with an untrained-model loss of 2.0."""
+    model = MLP((4, 8, 3))
+    pilot = LipschitzPilot(torch.optim.SGD(model.parameters(), lr=0.1), loss=LossSpec("cross_entropy", 3),
+                           mode="network", initial_lr=0.5, backoff=0.1, **options)
+    pilot.attach(model)
+    begin = pilot.on_train_begin(EpochSignals(epoch=0, step=0, lr=(0.1,), train_loss=math.nan, val_loss=2.0,
+                                              val_metric=math.nan, extra={TRAIN_EVAL_LOSS: 2.0}))
+    assert begin.lr == (0.5,) and pilot.initial_loss == 2.0
+    return model, pilot
+
+
+def _epoch(epoch: int, lr: float, train_loss: float) -> EpochSignals:
+    return EpochSignals(epoch=epoch, step=6 * epoch, lr=(lr,), train_loss=train_loss, val_loss=train_loss,
+                        val_metric=0.5)
+
+
+def _dying(model: nn.Module, scale: float) -> None:
+    """A training forward pass whose penultimate activations are ``scale`` times smaller (dying ReLUs)."""
+    with torch.no_grad():
+        model.body[0].bias.zero_()
+    model(scale * torch.ones(5, 4))
+
+
+def test_a_stalled_epoch_is_rolled_back() -> None:
+    """stall_factor: a mean training loss above 0.98 x the untrained model's (1.99 > 1.96) is a dead network."""
+    model, pilot = _guarded(stall_factor=0.98)
+    _dying(model, 1.0)
+    stalled = pilot.on_epoch_end(_epoch(1, 0.5, 1.99))
+    assert (stalled.reason, stalled.restore, stalled.lr) == ("lipschitz-stalled-rollback", "lipschitz-last-good",
+                                                             (pytest.approx(0.05, rel=1e-12),))
+    assert stalled.info["initial_loss"] == 2.0
+    _dying(model, 1.0)
+    assert pilot.on_epoch_end(_epoch(2, 0.05, 1.95)).reason == "lipschitz-epoch"  # 1.95 < 1.96: trains
+    model, paper = _guarded(stall_factor=None)
+    _dying(model, 1.0)
+    assert paper.on_epoch_end(_epoch(1, 0.5, 1.99)).reason == "lipschitz-epoch"  # the paper: no such test
+
+
+def test_a_shrunk_k_z_counts_as_collapsed() -> None:
+    """shrink_factor: K_z below 0.1 x the last good epoch's. The paper's test (K_z == 0) misses it, and its
+    1/L is huge."""
+    for shrink, expected in ((0.1, "lipschitz-collapsed-rollback"), (None, "lipschitz-epoch")):
+        model, pilot = _guarded(shrink_factor=shrink)
+        _dying(model, 1.0)
+        good = pilot.on_epoch_end(_epoch(1, 0.5, 1.0))
+        assert good.reason == "lipschitz-epoch" and pilot.good_k_z > 0
+        _dying(model, 0.05)  # K_z falls 20x
+        decision = pilot.on_epoch_end(_epoch(2, good.lr[0], 1.0))
+        assert decision.reason == expected
+        if shrink is not None:  # back off from the last good LR (epoch 2's, which was good.lr)
+            assert decision.lr == (pytest.approx(0.1 * min(good.lr[0], 0.5), rel=1e-12),)
+            assert decision.info["k_z"] < 0.1 * decision.info["good_k_z"]
+        else:
+            assert decision.lr[0] > 10 * good.lr[0]  # the paper's 1/L rewards the dying network
+
+
+def test_max_growth_caps_the_next_lr_at_a_multiple_of_the_last_good_one() -> None:
+    model, pilot = _guarded(max_growth=1.25)
+    _dying(model, 1e-3)  # tiny activations: 1/L is huge
+    capped = pilot.on_epoch_end(_epoch(1, 0.5, 1.0))
+    assert capped.lr == (0.625,) and capped.info["uncapped_lr"] > 100  # 1.25 x 0.5
+    _dying(model, 1e-3)
+    assert pilot.on_epoch_end(_epoch(2, 0.625, 1.0)).lr == (pytest.approx(0.78125, rel=1e-12),)
+    state = pilot.state_dict()
+    assert state["good_lr"] == [0.625] and state["good_k_z"] == pilot.good_k_z
+    model, paper = _guarded(max_growth=None)
+    _dying(model, 1e-3)
+    assert paper.on_epoch_end(_epoch(1, 0.5, 1.0)).lr[0] > 100
+
+
+def test_the_registry_default_is_guarded_and_the_paper_form_is_selectable() -> None:
+    from lrpilot.core.registry import get_method
+
+    defaults = get_method("lipschitz").defaults
+    assert (defaults["stall_factor"], defaults["shrink_factor"], defaults["max_growth"]) == (0.98, 0.1, 1.25)
+    task = TinyTask()
+    trainer = Trainer(task.model(), task.train, task.val, method="lipschitz", epochs=1, seed=0, progress=False,
+                      method_options=PAPER)  # fmt: skip
+    pilot = trainer.pilot
+    assert (pilot.stall_factor, pilot.shrink_factor, pilot.max_growth) == (None, None, None)
 
 
 def _exploding_regression():
