@@ -180,7 +180,9 @@ def _register_all() -> None:
             "lipschitz",
             "AdaMo: momentum SGD with LR = 1/EMA of per-batch Lipschitz constants (Algorithm 1)",
             _adaptive_builder("adamo", AdaMo),
-            {"lr": 1.0, "beta": 0.9, **_ADAPTIVE, "initial_lr": 0.1, "k1_start": "paper"},
+            # K starts at 1/initial_lr: no x94 LR jump after the first epoch (docs/methods/lipschitz.md);
+            # section 7.3.1 read literally: k1_start="paper".
+            {"lr": 1.0, "beta": 0.9, **_ADAPTIVE, "initial_lr": 0.1, "k1_start": "continuous"},
             tags=seed,
             **step_level,
             invalid_options=(
