@@ -73,7 +73,10 @@ def table(_: argparse.Namespace) -> None:
     for (method, label, task), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["seed"])
         fails = [f"s{r['seed']} {failed(r)}" for r in rs if failed(r)]
-        med = lambda k: statistics.median(r[k] if r[k] is not None else float("nan") for r in rs)  # noqa: E731
+
+        def med(key: str, rs: list[dict] = rs) -> float:
+            return statistics.median(r[key] if r[key] is not None else float("nan") for r in rs)
+
         print(f"| {method} | {label} | {task} | {len(rs)} | {med('best'):.4f} | {med('final'):.4f} | "
               f"{len(fails)}{': ' + ', '.join(fails) if fails else ''} | {statistics.median(r['wall_s'] for r in rs):.0f} |")
 

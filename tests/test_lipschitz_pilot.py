@@ -25,7 +25,6 @@ from lrpilot.loop.history import History
 from lrpilot.pilots.lipschitz import LipschitzGuard, LipschitzPilot
 from tests.conftest import TinyTask, blobs
 
-
 # The paper's form of `lipschitz`: none of the conv-net guard's options (docs/robustness-study.md).
 PAPER = {"stall_factor": None, "shrink_factor": None, "max_growth": None}
 
