@@ -108,6 +108,26 @@ def test_lipschitz_optimizers_foreach_equal_the_reference_loop(make: Callable[[n
     assert_same(make, _lipschitz_step)
 
 
+def _falling_lipschitz_step(opt: Any, net: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int) -> None:
+    """A Lipschitz constant that falls 3x per step (dying activations): the step size would run away."""
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y).backward()
+    opt.step(lipschitz=2.0 / 3**t, grad_sq=0.5, k_z=10.0 / 3**t)
+
+
+@pytest.mark.parametrize("make", [
+    lambda net, fe: AutoAdam(_groups(net), k1_init=1.0, k2_init=1e-6, max_lr=0.01, max_lr_growth=0.01, foreach=fe),
+    lambda net, fe: AutoAdam(_groups(net), weight_decay=1e-3, max_lr=2e-3, foreach=fe),
+    lambda net, fe: LipschitzRMSprop(_groups(net), max_lr_growth=0.05, foreach=fe),
+    lambda net, fe: AdaMo(_groups(net), initial_lr=0.1, steps_per_epoch=2, k1_start="continuous", foreach=fe),
+], ids=["auto-adam-default-caps", "auto-adam-max-lr", "lipschitz-rmsprop-growth", "adamo-continuous"])
+def test_the_caps_and_starts_keep_foreach_equal_to_the_reference(make: Callable[[nn.Module, bool], Any]) -> None:
+    """The step-size caps (auto-adam's defaults) and AdaMo's continuous start, where they bind."""
+    assert_same(make, _falling_lipschitz_step)
+    _, groups = _train(make, False, _falling_lipschitz_step)
+    assert groups[0]["lipschitz_lr"] > 0
+
+
 def _val_step(opt: torch.optim.Optimizer, net: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int) -> None:
     xv, yv = _batch(t, val=True)
     opt.zero_grad(set_to_none=True)

@@ -171,6 +171,94 @@ def test_auto_adam_section_9_remedy_starts_near_adams_default_lr() -> None:
     assert lrs[:4] == [pytest.approx(1e-3 + 1e-8)] * 4
 
 
+def _step_sizes(opt_factory, lips: list[float], sqs: list[float]) -> tuple[list[float], torch.Tensor]:
+    w = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = opt_factory([w])
+    lrs = []
+    for lip, sq in zip(lips, sqs):
+        w.grad = torch.tensor([0.5, -1.0], dtype=torch.float64)
+        opt.step(lipschitz=lip, grad_sq=sq)
+        lrs.append(opt.effective_lrs()[0])
+    return lrs, w.detach().clone()
+
+
+def test_auto_adam_growth_cap_limits_each_step_to_one_percent_more() -> None:
+    """The study's runaway: L_t falls (dying activations), K1 follows in ~10 steps, K2 does not, and the step
+    size sqrt(K2)/K1 rises as 1/L. With K1 = 1, K2 = 1e-6 and M_t = 1e-6 the first step size is exactly
+    1e-3; L_t = 0.01 afterwards makes the uncapped size rise 11 % per step, the capped one 1 %."""
+    lips, sqs = [1.0] + [0.01] * 5, [1e-6] * 6
+    paper, w_paper = _step_sizes(lambda p: AutoAdam(p, eps=0.0, k1_init=1.0, k2_init=1e-6), lips, sqs)
+    k1, expected_paper = 1.0, []
+    for lip in lips:
+        k1 = 0.9 * k1 + 0.1 * lip
+        expected_paper.append(1e-3 / k1)
+    assert paper == pytest.approx(expected_paper, rel=1e-9)
+    capped, w_capped = _step_sizes(
+        lambda p: AutoAdam(p, eps=0.0, k1_init=1.0, k2_init=1e-6, max_lr_growth=0.01), lips, sqs
+    )
+    assert capped == pytest.approx([1e-3 * 1.01**t for t in range(6)], rel=1e-9)
+    assert not torch.equal(w_paper, w_capped)  # the cap is the step size the update uses
+    # both caps, with the lr multiplier 0.5 scaling the sizes and the absolute cap (0.5 * 1.025e-3):
+    # 1 % growth per step until the absolute cap binds at the fourth step
+    both, _ = _step_sizes(
+        lambda p: AutoAdam(p, lr=0.5, eps=0.0, k1_init=1.0, k2_init=1e-6, max_lr=1.025e-3, max_lr_growth=0.01),
+        lips, sqs,
+    )  # fmt: skip
+    assert both == pytest.approx([5e-4, 5.05e-4, 5.1005e-4, 5.125e-4, 5.125e-4, 5.125e-4], rel=1e-9)
+
+
+def test_auto_adam_max_lr_caps_the_step_size_times_the_multiplier() -> None:
+    lips, sqs = [1.0, 0.01, 0.01], [1.0, 1.0, 1.0]  # sqrt(K2)/K1 ~ 0.03 .. 0.04: far above Adam's scale
+    lrs, _ = _step_sizes(lambda p: AutoAdam(p, lr=0.5, eps=0.0, k1_init=1.0, k2_init=1e-6, max_lr=0.01), lips, sqs)
+    assert lrs == [0.005, 0.005, 0.005]  # lr * max_lr, exactly
+    paper, _ = _step_sizes(lambda p: AutoAdam(p, lr=0.5, eps=0.0, k1_init=1.0, k2_init=1e-6), lips, sqs)
+    assert min(paper) > 0.015
+
+
+def test_auto_adam_caps_survive_a_state_dict_round_trip() -> None:
+    lips, sqs = [1.0] + [0.01] * 7, [1e-6] * 8
+
+    def make(p):
+        return AutoAdam(p, eps=0.0, k1_init=1.0, k2_init=1e-6, max_lr=0.05, max_lr_growth=0.01)
+
+    w = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = make([w])
+    for lip, sq in zip(lips[:4], sqs[:4]):
+        w.grad = torch.tensor([0.5, -1.0], dtype=torch.float64)
+        opt.step(lipschitz=lip, grad_sq=sq)
+    saved_w, saved = w.detach().clone(), copy.deepcopy(opt.state_dict())
+    w2 = nn.Parameter(saved_w.clone())
+    opt2 = AutoAdam([w2])  # the paper's defaults: the saved groups bring the caps back
+    opt2.load_state_dict(saved)
+    assert (opt2.param_groups[0]["max_lr"], opt2.param_groups[0]["max_lr_growth"]) == (0.05, 0.01)
+    for lip, sq in zip(lips[4:], sqs[4:]):
+        for param, o in ((w, opt), (w2, opt2)):
+            param.grad = torch.tensor([0.5, -1.0], dtype=torch.float64)
+            o.step(lipschitz=lip, grad_sq=sq)
+        assert opt2.effective_lrs() == opt.effective_lrs()
+    assert opt.effective_lrs()[0] == pytest.approx(1e-3 * 1.01**7, rel=1e-9)
+    assert torch.equal(w, w2)
+
+
+def test_adamo_continuous_start_keeps_the_lr_continuous_after_the_fixed_epoch() -> None:
+    """With initial_lr = x the paper starts K at x, so the LR jumps from x to ~1/x after the first epoch;
+    k1_start="continuous" starts K at 1/x."""
+    lips = [1.0] * 4
+
+    def lrs(k1_start: str) -> list[float]:
+        w = nn.Parameter(torch.ones(2, dtype=torch.float64))
+        opt = AdaMo([w], initial_lr=0.1, steps_per_epoch=2, k1_start=k1_start)
+        out = []
+        for lip in lips:
+            w.grad = torch.ones(2, dtype=torch.float64)
+            opt.step(lipschitz=lip)
+            out.append(opt.effective_lrs()[0])
+        return out
+
+    assert lrs("paper") == pytest.approx([0.1, 0.1, 1 / (0.9 * 0.1 + 0.1), 1 / (0.81 * 0.1 + 0.19)], rel=1e-12)
+    assert lrs("continuous") == pytest.approx([0.1, 0.1, 1 / (0.9 * 10 + 0.1), 1 / (0.81 * 10 + 0.19)], rel=1e-12)
+
+
 def test_auto_adam_bias_correction_all_only_moves_epsilon() -> None:
     w0, grads, lips, sqs, _ = _script(6)
     plain, _ = _run(lambda p: AutoAdam(p, eps=0.0), w0, grads, lipschitz=lips, grad_sq=sqs)
@@ -309,6 +397,9 @@ def test_state_dict_round_trip_continues_identically() -> None:
         (lambda p: AutoAdam(p, grad_sq_estimate="third"), "grad_sq_estimate"),
         (lambda p: AutoAdam(p, k2_init=-1.0), "k2_init"),
         (lambda p: AutoAdam(p, lr=0.0), "lr"),
+        (lambda p: AutoAdam(p, max_lr=0.0), "max_lr"),
+        (lambda p: AutoAdam(p, max_lr_growth=-0.1), "max_lr_growth"),
+        (lambda p: AdaMo(p, k1_start="one"), "k1_start"),
         (lambda p: LipschitzRMSprop(p, rho=0.0), "rho"),
         (lambda p: LipschitzRMSprop(p, denominator="K1"), "denominator"),
     ],

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lrpilot.bench.tasks.models import MLP, LinearModel
-from lrpilot.core.contract import TRAIN_PASS, EpochSignals
+from lrpilot.core.contract import TRAIN_EVAL_LOSS, TRAIN_PASS, EpochSignals
 from lrpilot.core.data import TensorLoader
 from lrpilot.core.seeding import seed_everything
 from lrpilot.estimators.lipschitz import (
@@ -24,6 +24,9 @@ from lrpilot.loop.fit import Trainer
 from lrpilot.loop.history import History
 from lrpilot.pilots.lipschitz import LipschitzGuard, LipschitzPilot
 from tests.conftest import TinyTask, blobs
+
+# The paper's form of `lipschitz`: none of the conv-net guard's options (docs/robustness-study.md).
+PAPER = {"stall_factor": None, "shrink_factor": None, "max_growth": None}
 
 
 class _HeadInputNorms:
@@ -53,7 +56,7 @@ def test_network_lr_is_one_over_l_from_the_previous_epochs_activations() -> None
         epochs=3,
         seed=0,
         progress=False,
-        method_options={"weight_decay": wd, "initial_lr": 0.05},
+        method_options={"weight_decay": wd, "initial_lr": 0.05, **PAPER},
     )
     for epoch in (1, 2):
         seen = len(reference.norms)
@@ -171,9 +174,9 @@ def test_classical_smoothness_adds_lambda_per_group() -> None:
     )
     pilot = LipschitzPilot(opt, loss=LossSpec.from_loss(nn.CrossEntropyLoss(), 3), constant="smoothness")
     pilot.attach(model)
-    train_pass = lambda fn: [fn(xb, yb) for xb, yb in full]  # noqa: E731  (the loop's TRAIN_PASS, by hand)
+    train_pass = {TRAIN_PASS: lambda fn: [fn(xb, yb) for xb, yb in full]}  # the loop's pass over the data
     decision = pilot.on_train_begin(EpochSignals(epoch=0, step=0, lr=(1.0, 1.0), train_loss=math.nan, val_loss=1.0,
-                                                 val_metric=math.nan, extra={TRAIN_PASS: train_pass}))
+                                                 val_metric=math.nan, extra=train_pass))
     design = torch.cat([torch.ones(4, 1), x], dim=1).double()
     beta = 0.5 * float(design.norm()) ** 2 / 4  # softmax: ||A||^2 / (2m)
     assert decision.lr == pytest.approx((1 / (beta + 0.5), 1 / beta), rel=1e-9)
@@ -187,7 +190,7 @@ def test_network_telemetry_is_the_whole_constant_over_all_trained_parameters() -
         model = task.model()
         trainer = Trainer(
             model, task.train, task.val, method="lipschitz", epochs=1, seed=0, progress=False,
-            method_options={"weight_decay": wd},
+            method_options={"weight_decay": wd, **PAPER},
         )
         trainer.run()
         info = trainer.history.decisions[-1].info
@@ -258,9 +261,124 @@ def test_scripted_divergences_roll_back_and_back_off() -> None:
     ok = pilot.on_epoch_end(_signals(2, 0.2, False))
     assert ok.save == "lipschitz-last-good" and ok.reason == "lipschitz-epoch"
     later = pilot.on_epoch_end(_signals(3, ok.lr[0], True))
-    assert later.lr[0] == pytest.approx(0.1 * ok.lr[0])
+    assert ok.lr[0] > 0.2  # 1/L rose: the rollback backs off from the last good LR, 0.2
+    assert later.lr[0] == pytest.approx(0.1 * 0.2)
     assert pilot.rollback.scale == pytest.approx(0.1)  # later 1/L are scaled down too
     assert pilot.on_epoch_end(_signals(4, later.lr[0], True)) is None  # max_rollbacks reached: the loop stops
+
+
+def test_a_rollback_backs_off_from_the_last_good_lr_not_the_failed_one() -> None:
+    """The study's root cause 3: after a collapse 1/L is huge (K_z ~ 0), the next epoch diverges at it, and
+    a tenth of it diverges again. The rollback must back off from the LR of the last good epoch."""
+    model = MLP((4, 8, 3))
+    pilot = LipschitzPilot(
+        torch.optim.SGD(model.parameters(), lr=0.1), loss=LossSpec("cross_entropy", 3), mode="network",
+        initial_lr=0.5, backoff=0.1, max_rollbacks=3,
+    )  # fmt: skip
+    pilot.attach(model)
+    begin = pilot.on_train_begin(_signals(0, 0.1, False))
+    assert begin.lr == (0.5,)
+    with torch.no_grad():
+        model.body[0].bias.zero_()
+    model(1e-6 * torch.randn(5, 4))  # epoch 1 at 0.5, good, with almost no activation: K_z ~ 0
+    huge = pilot.on_epoch_end(_signals(1, 0.5, False))
+    assert huge.reason == "lipschitz-epoch" and huge.lr[0] > 1e3  # the 1/L of a nearly dead network
+    # epoch 2 ran at the huge LR and diverged: back off from 0.5 (the last good LR), not from huge.lr
+    first = pilot.on_epoch_end(_signals(2, huge.lr[0], True))
+    assert (first.reason, first.restore, first.lr) == ("lipschitz-diverged-rollback", "lipschitz-last-good", (0.05,))
+    state = pilot.state_dict()
+    assert state["good_lr"] == [0.5]
+    again = pilot.on_epoch_end(_signals(3, 0.05, True))  # 0.05 diverged too: min(0.05, 0.5) * 0.1
+    assert again.lr == (pytest.approx(0.005, rel=1e-12),)
+    # the good LR survives a state_dict round trip into a fresh pilot
+    fresh = LipschitzPilot(torch.optim.SGD(model.parameters(), lr=0.1), loss=LossSpec("cross_entropy", 3),
+                           mode="network", initial_lr=0.5)
+    fresh.attach(model)
+    fresh.load_state_dict(state)
+    assert fresh.good_lr == (0.5,) and fresh.on_epoch_end(_signals(2, huge.lr[0], True)).lr == (0.05,)
+
+
+def _guarded(**options) -> tuple[nn.Module, LipschitzPilot]:
+    """A network-mode pilot at a fixed first LR of 0.5, begun with an untrained-model loss of 2.0."""
+    model = MLP((4, 8, 3))
+    pilot = LipschitzPilot(torch.optim.SGD(model.parameters(), lr=0.1), loss=LossSpec("cross_entropy", 3),
+                           mode="network", initial_lr=0.5, backoff=0.1, **options)
+    pilot.attach(model)
+    begin = pilot.on_train_begin(EpochSignals(epoch=0, step=0, lr=(0.1,), train_loss=math.nan, val_loss=2.0,
+                                              val_metric=math.nan, extra={TRAIN_EVAL_LOSS: 2.0}))
+    assert begin.lr == (0.5,) and pilot.initial_loss == 2.0
+    return model, pilot
+
+
+def _epoch(epoch: int, lr: float, train_loss: float) -> EpochSignals:
+    return EpochSignals(epoch=epoch, step=6 * epoch, lr=(lr,), train_loss=train_loss, val_loss=train_loss,
+                        val_metric=0.5)
+
+
+def _dying(model: nn.Module, scale: float) -> None:
+    """A training forward pass whose penultimate activations are ``scale`` times smaller (dying ReLUs)."""
+    with torch.no_grad():
+        model.body[0].bias.zero_()
+    model(scale * torch.ones(5, 4))
+
+
+def test_a_stalled_epoch_is_rolled_back() -> None:
+    """stall_factor: a mean training loss above 0.98 x the untrained model's (1.99 > 1.96) is a dead network."""
+    model, pilot = _guarded(stall_factor=0.98)
+    _dying(model, 1.0)
+    stalled = pilot.on_epoch_end(_epoch(1, 0.5, 1.99))
+    assert (stalled.reason, stalled.restore, stalled.lr) == ("lipschitz-stalled-rollback", "lipschitz-last-good",
+                                                             (pytest.approx(0.05, rel=1e-12),))
+    assert stalled.info["initial_loss"] == 2.0
+    _dying(model, 1.0)
+    assert pilot.on_epoch_end(_epoch(2, 0.05, 1.95)).reason == "lipschitz-epoch"  # 1.95 < 1.96: trains
+    model, paper = _guarded(stall_factor=None)
+    _dying(model, 1.0)
+    assert paper.on_epoch_end(_epoch(1, 0.5, 1.99)).reason == "lipschitz-epoch"  # the paper: no such test
+
+
+def test_a_shrunk_k_z_counts_as_collapsed() -> None:
+    """shrink_factor: K_z below 0.1 x the last good epoch's. The paper's test (K_z == 0) misses it, and its
+    1/L is huge."""
+    for shrink, expected in ((0.1, "lipschitz-collapsed-rollback"), (None, "lipschitz-epoch")):
+        model, pilot = _guarded(shrink_factor=shrink)
+        _dying(model, 1.0)
+        good = pilot.on_epoch_end(_epoch(1, 0.5, 1.0))
+        assert good.reason == "lipschitz-epoch" and pilot.good_k_z > 0
+        _dying(model, 0.05)  # K_z falls 20x
+        decision = pilot.on_epoch_end(_epoch(2, good.lr[0], 1.0))
+        assert decision.reason == expected
+        if shrink is not None:  # back off from the last good LR (epoch 2's, which was good.lr)
+            assert decision.lr == (pytest.approx(0.1 * min(good.lr[0], 0.5), rel=1e-12),)
+            assert decision.info["k_z"] < 0.1 * decision.info["good_k_z"]
+        else:
+            assert decision.lr[0] > 10 * good.lr[0]  # the paper's 1/L rewards the dying network
+
+
+def test_max_growth_caps_the_next_lr_at_a_multiple_of_the_last_good_one() -> None:
+    model, pilot = _guarded(max_growth=1.25)
+    _dying(model, 1e-3)  # tiny activations: 1/L is huge
+    capped = pilot.on_epoch_end(_epoch(1, 0.5, 1.0))
+    assert capped.lr == (0.625,) and capped.info["uncapped_lr"] > 100  # 1.25 x 0.5
+    _dying(model, 1e-3)
+    assert pilot.on_epoch_end(_epoch(2, 0.625, 1.0)).lr == (pytest.approx(0.78125, rel=1e-12),)
+    state = pilot.state_dict()
+    assert state["good_lr"] == [0.625] and state["good_k_z"] == pilot.good_k_z
+    model, paper = _guarded(max_growth=None)
+    _dying(model, 1e-3)
+    assert paper.on_epoch_end(_epoch(1, 0.5, 1.0)).lr[0] > 100
+
+
+def test_the_registry_default_is_guarded_and_the_paper_form_is_selectable() -> None:
+    from lrpilot.core.registry import get_method
+
+    defaults = get_method("lipschitz").defaults
+    assert (defaults["stall_factor"], defaults["shrink_factor"], defaults["max_growth"]) == (0.98, 0.1, 1.25)
+    task = TinyTask()
+    trainer = Trainer(task.model(), task.train, task.val, method="lipschitz", epochs=1, seed=0, progress=False,
+                      method_options=PAPER)  # fmt: skip
+    pilot = trainer.pilot
+    assert (pilot.stall_factor, pilot.shrink_factor, pilot.max_growth) == (None, None, None)
 
 
 def _exploding_regression():
@@ -307,7 +425,8 @@ def test_an_exploded_epoch_is_rolled_back() -> None:
             epochs=3,
             seed=0,
             progress=False,
-            method_options={"initial_lr": 1e4, "backoff": 1e-4, "explode_factor": explode_factor},
+            # the paper's form: with stall_factor the 3e34 loss is a stall before it is anything else
+            method_options={"initial_lr": 1e4, "backoff": 1e-4, "explode_factor": explode_factor, **PAPER},
         ).run()
         reasons = [d.reason for d in history.decisions]
         # the epoch's loss was finite (3e34): only the constant (or the explosion test) tells

@@ -267,6 +267,10 @@ class AdaMo(LipschitzOptimizer):
         bias_correction: ``"none"``, ``"moments"`` (divide :math:`V` by :math:`1-\beta^t`) or ``"all"``
             (section 6.4: :math:`K` too). Both averages carry the same bias, so with ``update="step"``
             ``"all"`` changes nothing.
+        k1_start: where :math:`K` starts when ``initial_lr = x`` is set: ``"paper"`` (:math:`K = x`,
+            section 7.3.1 read literally, so the LR jumps from :math:`x` to about :math:`1/x`, x94
+            measured for ``x = 0.1``, when the first epoch ends) or ``"continuous"`` (:math:`K = 1/x`: the
+            LR is continuous at the switch). The trade-off is measured in ``docs/methods/lipschitz.md``.
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(2))
@@ -294,9 +298,18 @@ class AdaMo(LipschitzOptimizer):
         initial_lr: float | None = None,
         steps_per_epoch: int | None = None,
         bias_correction: str = "none",
+        k1_start: str = "paper",
         foreach: bool | None = None,
     ) -> None:
         b = _beta("beta", beta)
+        if k1_start not in ("paper", "continuous"):
+            raise ValueError(f"Invalid k1_start: {k1_start!r} (must be 'paper' or 'continuous')")
+        if initial_lr is None:
+            k1_init = 0.0
+        elif k1_start == "paper" or not is_number(initial_lr) or initial_lr <= 0:
+            k1_init = initial_lr  # "the algorithm sets K to x" (section 7.3.1); a bad x is refused below
+        else:
+            k1_init = 1.0 / initial_lr
         defaults = {
             "lr": lr,
             "beta": b,
@@ -305,8 +318,8 @@ class AdaMo(LipschitzOptimizer):
             "initial_lr": initial_lr,
             "steps_per_epoch": steps_per_epoch,
             "bias_correction": bias_correction,
-            # "the algorithm sets K to x" for the first epoch (section 7.3.1)
-            "k1_init": 0.0 if initial_lr is None else initial_lr,
+            "k1_init": k1_init,
+            "k1_start": k1_start,
             "k2_init": 0.0,
             "grad_sq_estimate": "first",
             "_b1": b,
@@ -372,6 +385,15 @@ class AutoAdam(LipschitzOptimizer):
             ``"first"``; see :func:`~lrpilot.estimators.lipschitz.grad_sq_estimate`.
         k1_init, k2_init: initial :math:`K_1, K_2` (Algorithm 3: 0). Section 9's remedy is
             ``k1_init=1, k2_init=1e-6``, which makes the first LR about 1e-3, Adam's default.
+        max_lr: an absolute cap on the step size, as a multiple of ``lr`` (``None``: none, Algorithm 3).
+            :math:`\sqrt{K_2}/K_1` is a dimensionless number up to about 1 (``docs/robustness-study.md``),
+            while Adam's update ``V/sqrt(S)`` has unit size per coordinate: any step size above ~0.01 is
+            destructive. The ``auto-adam`` method's default is 0.01 (10x Adam's default LR).
+        max_lr_growth: the step size may grow by at most a factor ``1 + max_lr_growth`` per step
+            (``None``: unbounded, Algorithm 3); falls are not limited. It cuts the feedback loop that
+            dying activations start (``K_1``, :math:`\beta_1 = 0.9`, follows a falling :math:`K_z` in ~10
+            steps while ``K_2``, :math:`\beta_2 = 0.999`, remembers the old one for ~1000: the step size
+            runs away as :math:`1/K_z`). The ``auto-adam`` method's default is 0.01.
         bias_correction: ``"none"`` (Algorithm 3), ``"moments"`` (Adam's: :math:`V, S` divided by
             :math:`1-\beta^t`; the authors' Keras runs had it) or ``"all"`` (section 6.4: :math:`K_1,
             K_2` too; with ``update="step"`` and zero initial values it only moves :math:`\epsilon`).
@@ -404,6 +426,8 @@ class AutoAdam(LipschitzOptimizer):
         grad_sq_estimate: str = "remedy",
         k1_init: float = 0.0,
         k2_init: float = 0.0,
+        max_lr: float | None = None,
+        max_lr_growth: float | None = None,
         update: str = "step",
         initial_lr: float | None = None,
         steps_per_epoch: int | None = None,
@@ -415,6 +439,10 @@ class AutoAdam(LipschitzOptimizer):
         b2 = _beta("beta2", beta2)
         if not (is_number(eps) and eps >= 0):
             raise ValueError(f"Invalid eps: {eps!r} (must be >= 0)")
+        if max_lr is not None and not (is_number(max_lr) and max_lr > 0):
+            raise ValueError(f"Invalid max_lr: {max_lr!r} (must be None or > 0)")
+        if max_lr_growth is not None and not (is_number(max_lr_growth) and max_lr_growth >= 0):
+            raise ValueError(f"Invalid max_lr_growth: {max_lr_growth!r} (must be None or >= 0)")
         defaults = {
             "lr": lr,
             "beta1": b1,
@@ -425,6 +453,8 @@ class AutoAdam(LipschitzOptimizer):
             "grad_sq_estimate": grad_sq_estimate,
             "k1_init": k1_init,
             "k2_init": k2_init,
+            "max_lr": None if max_lr is None else float(max_lr),
+            "max_lr_growth": None if max_lr_growth is None else float(max_lr_growth),
             "update": update,
             "initial_lr": initial_lr,
             "steps_per_epoch": steps_per_epoch,
@@ -439,7 +469,13 @@ class AutoAdam(LipschitzOptimizer):
     def _step_size(self, group: dict[str, Any], k1: float, k2: float) -> float:
         if k1 <= 0:
             return 0.0
-        return group["lr"] * (math.sqrt(k2) + group["eps"]) / k1
+        alpha = group["lr"] * (math.sqrt(k2) + group["eps"]) / k1
+        growth, prev = group.get("max_lr_growth"), group["lipschitz_lr"]
+        if growth is not None and prev > 0:  # at most (1 + growth) x the previous step's size
+            alpha = min(alpha, prev * (1.0 + growth))
+        if group.get("max_lr") is not None:  # the multiplier scales the cap, so a guard's back-off still bites
+            alpha = min(alpha, group["lr"] * group["max_lr"])
+        return alpha
 
     def _update(self, group: dict[str, Any], params: list[torch.Tensor], alpha: float) -> None:
         vs, ss = _state_tensors(self.state, params, ("v", "s"))
@@ -538,6 +574,8 @@ class LipschitzRMSprop(AutoAdam):
         weight_decay: float = 0.0,
         grad_sq_estimate: str = "remedy",
         k2_init: float = 0.0,
+        max_lr: float | None = None,
+        max_lr_growth: float | None = None,
         denominator: str = "kz",
         update: str = "step",
         initial_lr: float | None = None,
@@ -551,6 +589,7 @@ class LipschitzRMSprop(AutoAdam):
         super().__init__(
             params, source, lr=lr, beta1=0.0, beta2=rho, eps=eps, eps_inside_sqrt=eps_inside_sqrt,
             weight_decay=weight_decay, grad_sq_estimate=grad_sq_estimate, k1_init=0.0, k2_init=k2_init,
-            update=update, initial_lr=initial_lr, steps_per_epoch=steps_per_epoch, bias_correction=bias_correction,
+            max_lr=max_lr, max_lr_growth=max_lr_growth, update=update, initial_lr=initial_lr,
+            steps_per_epoch=steps_per_epoch, bias_correction=bias_correction,
             _k1_signal=denominator, foreach=foreach,
         )  # fmt: skip

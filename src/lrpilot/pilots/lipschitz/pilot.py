@@ -161,10 +161,21 @@ class LipschitzPilot(Pilot):
     **Divergence.** After each good epoch the pilot asks the loop to checkpoint. An epoch with a
     non-finite loss, an exploded one (mean training loss above ``explode_factor`` times the untrained
     model's loss over the training set: no validation data is read), a collapsed one (every penultimate activation zero, so
-    :math:`L = 0`) or one whose :math:`L` overflowed is rolled back and retried with its LR times
-    ``backoff``; a divergence after the first epoch also multiplies every later :math:`1/L` by
-    ``backoff`` (it persists). After ``max_rollbacks`` rollbacks the run stops. This is our handling of
-    the paper's section 8 warning, which only says to watch for large values.
+    :math:`L = 0`) or one whose :math:`L` overflowed is rolled back and retried with the LR of the last
+    good epoch times ``backoff`` (never the failed epoch's LR: after a collapse that is the huge
+    :math:`1/L` of a dead network); a divergence after the first epoch also multiplies every later
+    :math:`1/L` by ``backoff`` (it persists). After ``max_rollbacks`` rollbacks the run stops. This is
+    our handling of the paper's section 8 warning, which only says to watch for large values.
+
+    **The guard on conv nets** (network mode; ``docs/robustness-study.md``). :math:`1/L` bounds the
+    gradient with respect to the head's weights, not the network's curvature, and it is proportional to
+    :math:`m/K_z`: an LR that kills ReLUs lowers :math:`K_z` and raises the next LR, a positive feedback
+    loop (``mnist1d-cnn``: :math:`1/L` from 1.9 to 11,325 after one dead epoch). Three options cut it,
+    each ``None`` for the paper's form: ``stall_factor`` (an epoch whose mean training loss is above this
+    multiple of the untrained model's, a classifier stuck at :math:`\ln k`, is rolled back),
+    ``shrink_factor`` (an epoch whose :math:`K_z` fell below this multiple of the last good epoch's is
+    rolled back as collapsed; :math:`K_z = 0` always is) and ``max_growth`` (the next LR is at most this
+    multiple of the last good epoch's).
 
     Args:
         optimizer: an SGD optimizer over the model's parameters; its groups' ``weight_decay`` is the
@@ -185,6 +196,12 @@ class LipschitzPilot(Pilot):
             loss over the training set also counts as diverged (a finite loss can still ruin
             the weights: at initialisation a classifier's loss is about ln k, the loss of a uniform
             guess); ``None`` only counts non-finite losses.
+        stall_factor: network mode: an epoch whose mean training loss is above this multiple of the
+            untrained model's counts as collapsed (``None``: off, the paper).
+        shrink_factor: network mode: an epoch whose :math:`K_z` is below this multiple of the last good
+            epoch's counts as collapsed (``None``: only :math:`K_z = 0`, the paper).
+        max_growth: network mode: the LR of the next epoch is at most this multiple of the LR of the
+            epoch that just succeeded (``None``: uncapped, the paper).
 
     Example:
         >>> import lrpilot
@@ -215,6 +232,9 @@ class LipschitzPilot(Pilot):
         backoff: float = 0.1,
         max_rollbacks: int = 3,
         explode_factor: float | None = 10.0,
+        stall_factor: float | None = None,
+        shrink_factor: float | None = None,
+        max_growth: float | None = None,
     ) -> None:
         super().__init__(optimizer)
         require_in("mode", mode, ("auto", "network", "classical"))
@@ -226,6 +246,15 @@ class LipschitzPilot(Pilot):
                 f"initial_lr must be None (probe the data) or a positive number, got {initial_lr!r}"
             )
         check_backoff(backoff, max_rollbacks, explode_factor)
+        if stall_factor is not None and not (is_number(stall_factor) and stall_factor > 0):
+            raise ValueError(f"stall_factor must be None (the paper) or a number > 0, got {stall_factor!r}")
+        if shrink_factor is not None and not (is_number(shrink_factor) and 0 < shrink_factor < 1):
+            raise ValueError(f"shrink_factor must be None (the paper) or in (0, 1), got {shrink_factor!r}")
+        if max_growth is not None and not (is_number(max_growth) and max_growth >= 1):
+            raise ValueError(f"max_growth must be None (the paper) or a number >= 1, got {max_growth!r}")
+        self.stall_factor = None if stall_factor is None else float(stall_factor)
+        self.shrink_factor = None if shrink_factor is None else float(shrink_factor)
+        self.max_growth = None if max_growth is None else float(max_growth)
         self.loss = loss
         self.mode = mode
         self.initial_lr = None if initial_lr is None else float(initial_lr)
@@ -241,6 +270,8 @@ class LipschitzPilot(Pilot):
         self.epochs_done = 0  # finite epochs
         self.y_norm = 0.0
         self.last: dict[str, float] = {}
+        self.good_lr: tuple[float, ...] | None = None  # the LR of the last good epoch (or the first decision's)
+        self.good_k_z = math.nan  # K_z of the last good epoch (shrink_factor's yardstick)
         self.model: nn.Module | None = None
         self.monitor: PenultimateMonitor | None = None
 
@@ -284,9 +315,11 @@ class LipschitzPilot(Pilot):
                     f"the classical Lipschitz constant is {max(totals)!r}: cannot take 1/L ({info})"
                 )
             self.last = {**info, **self._telemetry(loss_part, info["weight_bound"])}
-            return Decision("lipschitz-classical", lr=tuple(lrs), save=self._save, info=self.last)
+            self.good_lr = tuple(lrs)
+            return Decision("lipschitz-classical", lr=self.good_lr, save=self._save, info=self.last)
         if self.initial_lr is not None:
-            return Decision("lipschitz-initial-fixed", lr=self._per_group(self.initial_lr), save=self._save)
+            self.good_lr = self._per_group(self.initial_lr)
+            return Decision("lipschitz-initial-fixed", lr=self.good_lr, save=self._save)
         stats = self._probe(signals[TRAIN_PASS])
         lrs, info = self._network_lrs(stats)
         self.monitor.reset()
@@ -295,6 +328,7 @@ class LipschitzPilot(Pilot):
                 f"the Lipschitz constant at initialisation is not positive ({info}): set initial_lr"
             )
         self.last = info
+        self.good_lr = lrs
         return Decision("lipschitz-probe", lr=lrs, save=self._save, info=info)
 
     def on_epoch_end(self, signals: EpochSignals) -> Decision | None:
@@ -308,20 +342,46 @@ class LipschitzPilot(Pilot):
         if self.mode == "classical":
             self.monitor.reset()
             self.epochs_done += 1
+            self.good_lr = tuple(signals.lr)
             return self._checkpoint()
+        if (
+            self.stall_factor is not None
+            and math.isfinite(self.initial_loss)
+            and signals.train_loss > self.stall_factor * self.initial_loss
+        ):
+            # A whole epoch no better than the untrained model (a classifier stuck at ln k): the LR
+            # killed the network; its K_z, and so the next 1/L, would reward that.
+            return self._diverged(
+                signals, reason="lipschitz-stalled-rollback",
+                info={"train_loss": signals.train_loss, "initial_loss": self.initial_loss},
+            )  # fmt: skip
         stats = self.monitor.epoch()
         self.monitor.reset()
         if stats is None:  # the loop trained no batch (cannot happen with a non-empty loader)
             return self._checkpoint()
-        if stats.k_z == 0:
+        if stats.k_z == 0 or (
+            self.shrink_factor is not None
+            and math.isfinite(self.good_k_z)
+            and stats.k_z < self.shrink_factor * self.good_k_z
+        ):
             # Every penultimate activation of the epoch was zero (dead ReLUs): L = 0, 1/L is undefined and
-            # the network cannot recover. A divergence in all but name.
-            return self._diverged(signals, reason="lipschitz-collapsed-rollback")
+            # the network cannot recover. A divergence in all but name; so is most of them dying
+            # (K_z fell by more than shrink_factor), whose 1/L would be huge.
+            return self._diverged(
+                signals, reason="lipschitz-collapsed-rollback", info={"k_z": stats.k_z, "good_k_z": self.good_k_z}
+            )
         lrs, info = self._network_lrs(stats)
         if lrs is None:
             # L overflowed (weights or activations beyond float range) though the loss did not: the same.
             return self._diverged(signals, reason="lipschitz-undefined-rollback", info=info)
         self.epochs_done += 1
+        self.good_lr = tuple(signals.lr)  # the epoch just ended was good: its LR is the reference
+        self.good_k_z = stats.k_z
+        if self.max_growth is not None:
+            capped = tuple(min(lr, self.max_growth * good) for lr, good in zip(lrs, self.good_lr))
+            if capped != lrs:
+                info = {**info, "uncapped_lr": lrs[0]}
+            lrs = capped
         self.last = info
         return Decision("lipschitz-epoch", lr=lrs, save=self._save, info=info)
 
@@ -465,7 +525,11 @@ class LipschitzPilot(Pilot):
         reason: str = "lipschitz-diverged-rollback",
         info: Mapping[str, Any] | None = None,
     ) -> Decision | None:
-        """Roll back to the last good epoch with the LR times ``backoff``; give up after ``max_rollbacks``."""
+        """Roll back to the last good epoch with the LR times ``backoff``; give up after ``max_rollbacks``.
+
+        The LR backed off from is the smaller of the failed epoch's and the last good epoch's: after a
+        collapse the failed epoch ran at the 1/L of a dead network (11,325 on ``mnist1d-cnn``), and a
+        tenth of that still diverges."""
         assert self.monitor is not None
         self.monitor.reset()
         rb = self.rollback
@@ -476,7 +540,7 @@ class LipschitzPilot(Pilot):
         first = self.epochs_done == 0
         return rb.roll_back(
             reason,
-            lr=tuple(lr * rb.factor for lr in signals.lr),
+            lr=tuple(min(lr, good) * rb.factor for lr, good in zip(signals.lr, self.good_lr or signals.lr)),
             # A network that diverges after the first epoch: its 1/L is too large from now on.
             persist=not first and self.mode == "network",
             info=lambda rb: {"rollbacks": rb.rollbacks, "first_epoch": first, "scale": rb.scale, **(info or {})},
@@ -493,6 +557,8 @@ class LipschitzPilot(Pilot):
             "epochs_done": self.epochs_done,
             "y_norm": self.y_norm,
             "last": dict(self.last),
+            "good_lr": None if self.good_lr is None else list(self.good_lr),
+            "good_k_z": self.good_k_z,
             "monitor": self.monitor.state_dict() if self.monitor is not None else None,
         }
 
@@ -504,6 +570,9 @@ class LipschitzPilot(Pilot):
         self.epochs_done = state.get("epochs_done", 0)
         self.y_norm = state.get("y_norm", 0.0)
         self.last = dict(state.get("last", {}))
+        good_lr = state.get("good_lr")
+        self.good_lr = None if good_lr is None else tuple(float(v) for v in good_lr)
+        self.good_k_z = float(state.get("good_k_z", math.nan))
         if self.monitor is not None and state.get("monitor") is not None:
             self.monitor.load_state_dict(state["monitor"])
 

@@ -39,6 +39,9 @@ def build_lipschitz(
     backoff: float,
     max_rollbacks: int,
     explode_factor: float | None,
+    stall_factor: float | None,
+    shrink_factor: float | None,
+    max_growth: float | None,
 ) -> MethodParts:
     name = "lipschitz"
     require_positive("weight_decay", weight_decay, method=name, allow_zero=True)
@@ -53,7 +56,8 @@ def build_lipschitz(
         pilot = LipschitzPilot(
             opt, loss=spec, mode=mode, initial_lr=initial_lr, constant=constant,
             ls_form=ls_form, weight_bound=weight_bound, backoff=backoff, max_rollbacks=max_rollbacks,
-            explode_factor=explode_factor,
+            explode_factor=explode_factor, stall_factor=stall_factor, shrink_factor=shrink_factor,
+            max_growth=max_growth,
         )  # fmt: skip
     except ValueError as err:
         raise option_error(name, err) from None
@@ -151,6 +155,10 @@ def _register_all() -> None:
                 "ls_form": "paper",
                 "weight_bound": "all",
                 **_GUARD,
+                # The conv-net guard (docs/robustness-study.md); the paper: all three None.
+                "stall_factor": 0.98,
+                "shrink_factor": 0.1,
+                "max_growth": 1.25,
             },
             lr_granularity="epoch",
             kind="epoch-pilot",
@@ -162,6 +170,9 @@ def _register_all() -> None:
                 ({"initial_lr": -1.0}, r"initial_lr"),
                 ({"backoff": 1.5}, r"backoff"),
                 ({"momentum": 1.0}, r"momentum"),
+                ({"max_growth": 0.5}, r"max_growth"),
+                ({"shrink_factor": 1.0}, r"shrink_factor"),
+                ({"stall_factor": -1.0}, r"stall_factor"),
             ),
         ),
         MethodInfo(
@@ -169,7 +180,9 @@ def _register_all() -> None:
             "lipschitz",
             "AdaMo: momentum SGD with LR = 1/EMA of per-batch Lipschitz constants (Algorithm 1)",
             _adaptive_builder("adamo", AdaMo),
-            {"lr": 1.0, "beta": 0.9, **_ADAPTIVE, "initial_lr": 0.1},
+            # K starts at 1/initial_lr: no x94 LR jump after the first epoch (docs/methods/lipschitz.md);
+            # section 7.3.1 read literally: k1_start="paper".
+            {"lr": 1.0, "beta": 0.9, **_ADAPTIVE, "initial_lr": 0.1, "k1_start": "continuous"},
             tags=seed,
             **step_level,
             invalid_options=(
@@ -178,6 +191,7 @@ def _register_all() -> None:
                 ({"initial_lr": -0.1}, r"initial_lr"),
                 ({"bias_correction": True}, r"bias_correction"),
                 ({"update": "epoch", "initial_lr": None}, r"initial_lr"),
+                ({"k1_start": "x"}, r"k1_start"),
             ),
         ),
         MethodInfo(
@@ -192,6 +206,8 @@ def _register_all() -> None:
                 "eps_inside_sqrt": True,
                 "grad_sq_estimate": "remedy",
                 "k2_init": 0.0,
+                "max_lr": None,
+                "max_lr_growth": None,
                 "denominator": "kz",
                 **_ADAPTIVE,
             },
@@ -214,8 +230,12 @@ def _register_all() -> None:
                 "eps": 1e-8,
                 "eps_inside_sqrt": True,
                 "grad_sq_estimate": "remedy",
-                "k1_init": 0.0,
-                "k2_init": 0.0,
+                # Section 9's initial values and the study's caps (docs/robustness-study.md); Algorithm 3
+                # as printed: k1_init=0, k2_init=0, max_lr=None, max_lr_growth=None.
+                "k1_init": 1.0,
+                "k2_init": 1e-6,
+                "max_lr": 0.01,
+                "max_lr_growth": 0.01,
                 **_ADAPTIVE,
             },
             tags=seed,
@@ -224,6 +244,8 @@ def _register_all() -> None:
                 ({"beta2": 1.0}, r"beta2"),
                 ({"k1_init": -1.0}, r"k1_init"),
                 ({"eps": -1.0}, r"eps"),
+                ({"max_lr": 0.0}, r"max_lr"),
+                ({"max_lr_growth": -0.5}, r"max_lr_growth"),
             ),
         ),
     ]
