@@ -60,7 +60,7 @@ from lrpilot.loop.decisions import TrainingState, as_decisions
 from lrpilot.loop.fit import Trainer, infer_task_kind, resolve_metric, train_pass
 from lrpilot.loop.history import DecisionRecord, EpochRecord, History
 from lrpilot.loop.metrics import Metric
-from lrpilot.loop.probe import run_probe
+from lrpilot.loop.probe import probe_signal
 
 __all__ = ["AttachedPilot", "attach", "build_parts", "evaluate"]
 
@@ -494,19 +494,17 @@ class AttachedPilot:
             elif name == TRAIN_EVAL_LOSS:
                 if self.train_loader is None:
                     raise ValueError(missing_train_eval_loss(self.method_name, self.where))
-                extra[name] = evaluate(
-                    self.model, self.train_loader, self.loss_fn, self.metric, device=self.device,
-                    eval_context=self.eval_context,
-                )[0]  # fmt: skip
+                with rng_preserved(self.train_loader):  # the pass must not move the user's training order
+                    extra[name] = evaluate(
+                        self.model, self.train_loader, self.loss_fn, self.metric, device=self.device,
+                        eval_context=self.eval_context,
+                    )[0]  # fmt: skip
             elif name == TRAIN_PASS:
                 if self.train_loader is None:
                     raise ValueError(f"method {self.method_name!r} reads the training data: pass train_loader= to {self.where}")
                 extra[name] = functools.partial(train_pass, self.model, self.train_loader, device=self.device)
             elif name == PROBE:
-                probe = self.pilot.probe
-                if probe is None:
-                    raise ValueError(f"pilot {type(self.pilot).__name__} needs signal 'probe' but sets no `probe`")
-                extra[name] = run_probe(self.model, probe, device=self.device, eval_context=self.eval_context)
+                extra[name] = probe_signal(self.pilot, self.model, device=self.device, eval_context=self.eval_context)
             else:
                 raise ValueError(f"pilot {type(self.pilot).__name__} needs signal {name!r}: pass it to end_epoch")
         if TRAIN_EVAL_LOSS in extra and dist.is_distributed() and TRAIN_EVAL_LOSS in given:

@@ -40,7 +40,7 @@ from lrpilot.core.seeding import capture_rng, restore_rng, rng_preserved, seed_e
 from lrpilot.loop.decisions import TrainingState, as_decisions
 from lrpilot.loop.history import DecisionRecord, EpochRecord, History
 from lrpilot.loop.metrics import Metric, get_metric, loss_metric
-from lrpilot.loop.probe import run_probe
+from lrpilot.loop.probe import probe_signal
 
 __all__ = ["DEFAULT_HYPER_FRACTION", "Trainer", "fit", "infer_task_kind", "resolve_metric", "train_pass"]
 
@@ -604,10 +604,7 @@ class Trainer:
             elif name == TRAIN_PASS:
                 extra[name] = self.train_pass
             elif name == PROBE:
-                probe = self.pilot.probe
-                if probe is None:
-                    raise ValueError(f"pilot {type(self.pilot).__name__} needs signal 'probe' but sets no `probe`")
-                extra[name] = run_probe(self.model, probe, device=self.device, eval_context=self._eval_context)
+                extra[name] = probe_signal(self.pilot, self.model, device=self.device, eval_context=self._eval_context)
             else:
                 raise ValueError(f"pilot {type(self.pilot).__name__} needs signal {name!r}, which the loop does not provide")
         return extra

@@ -19,7 +19,7 @@ from torch import nn
 
 from lrpilot.core.contract import Probe
 
-__all__ = ["run_probe"]
+__all__ = ["probe_signal", "run_probe"]
 
 
 def run_probe(
@@ -79,3 +79,11 @@ def run_probe(
                 "(a module called more than once per forward pass cannot be probed)"
             )
     return outputs
+
+
+def probe_signal(pilot: Any, model: nn.Module, *, device: torch.device | None, eval_context: Any) -> dict[str, torch.Tensor]:
+    """The :data:`~lrpilot.core.contract.PROBE` signal for ``pilot``: its :attr:`Pilot.probe` run on ``model``
+    (the training loop and the integrations hand it the same way)."""
+    if pilot.probe is None:
+        raise ValueError(f"pilot {type(pilot).__name__} needs signal 'probe' but sets no `probe`")
+    return run_probe(model, pilot.probe, device=device, eval_context=eval_context)
