@@ -128,9 +128,9 @@ def test_bench_resumes_without_rerunning_and_writes_leaderboard_and_report(tmp_p
 # ----------------------------------------------------------------------------------------------------
 # kill -9 and resume, for real: a bench in a subprocess
 # ----------------------------------------------------------------------------------------------------
-def _cli(out: Path, suite: Path, workers: int) -> list[str]:
+def _cli(out: Path, suite: Path, workers: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "lrpilot", "bench", "--suite", str(suite), "--out", str(out), "--workers", str(workers),
-            "--no-report"]  # fmt: skip
+            "--no-report", *extra]  # fmt: skip
 
 
 def _env() -> dict[str, str]:
@@ -215,7 +215,7 @@ def test_kill_9_then_the_same_command_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
+def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path, fakes):
     """Kill the driver again and again, at random points (mid-run, mid-write), with two workers.
 
     Reused workers run these runs in well under a second each, so the plan has 24 of them and the kill
@@ -224,8 +224,12 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
 
     epochs = 5
     suite = tmp_path / "s.json"
+    # Every run sleeps 10 ms a step (about 0.4 s a run), so there is always a run to kill however fast the
+    # machine: with reused workers, plain iris runs end before a kill can land on a quiet machine.
+    slow = [{"name": "fake-sleep", "options": {"sleep": 0.01, "lr": lr}, "label": f"sleep@{lr}"} for lr in (0.1, 0.05, 0.02)]
     suite.write_text(json.dumps({"name": "s", "seeds": list(range(8)), "tasks": [{"name": "iris-softmax", "epochs": epochs}],
-                                 "methods": ["sgd", "sgd-step", "adam"]}))  # fmt: skip
+                                 "methods": slow}))  # fmt: skip
+    plugin = ("--import", PLUGIN)
     out, db = tmp_path / "out", tmp_path / "out" / "bench.sqlite"
     rng = random.Random(0)
     kills = 0
@@ -233,7 +237,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
         # Each round: wait for one more stored run, then kill at a random moment after it (mid-run,
         # or while the next run is being written).
         stored = _stored(db)
-        proc = subprocess.Popen(_cli(out, suite, 2), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(_cli(out, suite, 2, *plugin), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while _stored(db) <= stored and proc.poll() is None:
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.5))
@@ -242,7 +246,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         kills += 1
-    done = subprocess.run(_cli(out, suite, 2), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_cli(out, suite, 2, *plugin), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     runs = _check_complete(out, 24, epochs)
     with Store.open(out) as store:
