@@ -1,0 +1,96 @@
+"""Issue 15's table from a robustness-suite store: per method and task, the median best and final metric
+over seeds and the failures, in docs/robustness.md (one command after the bench).
+
+    lrpilot bench --suite robustness --out runs/results/robustness     # or scripts/publish_results.py
+    python scripts/robustness_table.py runs/results/robustness [--out docs/robustness.md]
+
+A run *fails* when it did not complete (diverged, stopped by its pilot, crashed), or when it ended more than
+5 points (0.05 of a metric in [0, 1]) below its own best: the criterion of issue 15. A method's row is marked
+when its median best is more than 2 points below `sgd-cosine-tuned`'s on the same task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lrpilot.bench.store import Store  # noqa: E402
+
+DROP = 0.05  # a final this far below the run's own best is a failure
+GAP = 0.02  # the issue's "within 2 points of sgd-cosine-tuned"
+REFERENCE = "sgd-cosine-tuned"
+
+
+def failed(run: dict) -> bool:
+    if run["status"] != "completed":
+        return True
+    best, final = run["best_val_metric"], run["final_val_metric"]
+    return best is None or final is None or (run["higher_is_better"] and best - final > DROP)
+
+
+def table(store_dir: Path) -> str:
+    with Store.open(store_dir) as store:
+        runs = [r for r in store.runs() if r["status"] != "running"]
+    cells: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    tasks: list[str] = []
+    methods: list[str] = []
+    for r in runs:
+        cells[(r["label"], r["task"])].append(r)
+        if r["task"] not in tasks:
+            tasks.append(r["task"])
+        if r["label"] not in methods:
+            methods.append(r["label"])
+
+    def median(key: str, rs: list[dict]) -> float | None:
+        values = [r[key] for r in rs if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    reference = {t: median("best_val_metric", cells.get((REFERENCE, t), [])) for t in tasks}
+    lines = ["| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for m in methods:
+        row = []
+        for t in tasks:
+            rs = cells.get((m, t), [])
+            if not rs:
+                row.append("")
+                continue
+            best, final = median("best_val_metric", rs), median("final_val_metric", rs)
+            n_fail = sum(failed(r) for r in rs)
+            gap = reference[t] is not None and best is not None and reference[t] - best > GAP and m != REFERENCE
+            text = f"{best:.4f} / {final:.4f}" if best is not None and final is not None else "-"
+            row.append(f"{'**' if n_fail else ''}{text}, {n_fail}/{len(rs)} failed{'**' if n_fail else ''}" + (" (gap)" if gap else ""))
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("store", type=Path)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "robustness.md")
+    args = parser.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    body = table(args.store)
+    args.out.write_text(
+        "# Robustness: every seed method in its default form, conv nets and batch norm included (issue 15)\n\n"
+        f"Made by `python scripts/robustness_table.py {args.store}` from a run of `lrpilot bench --suite robustness`"
+        f" (lrpilot `{commit}`, {time.strftime('%Y-%m-%d', time.gmtime())}; the suite's budgets are in"
+        " `src/lrpilot/bench/suites/robustness.json`: on CPU, LeNet-5 on 12,000 samples for 8 epochs and ResNet-20 on"
+        " 5,000 samples for 3 epochs). Cells: median best / median final over seeds 0-2, then the failures: a run that"
+        f" did not complete or ended more than {DROP * 100:.0f} points below its own best (bold when any). `(gap)`: a"
+        f" median best more than {GAP * 100:.0f} points below `{REFERENCE}`'s on that task. The full leaderboard and"
+        " verdict of the same run are in `docs/results.md`.\n\n" + body + "\n"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
