@@ -54,12 +54,12 @@ from typing import Any
 import torch
 
 from lrpilot.bench.tasks import get_task, make_loaders, run_task
-from lrpilot.loop.fit import Trainer
-from lrpilot.core.seeding import seed_everything
-from lrpilot.pilots import hypergradient as hg
-from lrpilot.pilots import lipschitz as lip
 from lrpilot.core.contract import MethodParts
 from lrpilot.core.registry import BuildContext, MethodInfo, get_method, register
+from lrpilot.core.seeding import seed_everything
+from lrpilot.loop.fit import Trainer
+from lrpilot.pilots import hypergradient as hg
+from lrpilot.pilots import lipschitz as lip
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "robustness"
