@@ -36,9 +36,9 @@ def failed(run: dict) -> bool:
     return best is None or final is None or (run["higher_is_better"] and best - final > DROP)
 
 
-def table(store_dir: Path) -> str:
+def table(store_dir: Path, tasks_wanted: list[str] | None = None) -> str:
     with Store.open(store_dir) as store:
-        runs = [r for r in store.runs() if r["status"] != "running"]
+        runs = [r for r in store.runs() if r["status"] != "running" and (not tasks_wanted or r["task"] in tasks_wanted)]
     cells: dict[tuple[str, str], list[dict]] = defaultdict(list)
     tasks: list[str] = []
     methods: list[str] = []
@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store", type=Path)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "robustness.md")
+    parser.add_argument("--tasks", help="comma-separated tasks to show (default: every task in the store)")
     args = parser.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-    body = table(args.store)
+    body = table(args.store, args.tasks.split(",") if args.tasks else None)
     args.out.write_text(
         "# Robustness: every seed method in its default form, conv nets and batch norm included (issue 15)\n\n"
         f"Made by `python scripts/robustness_table.py {args.store}` from a run of `lrpilot bench --suite robustness`"
