@@ -73,6 +73,7 @@ FAMILY_RUNS = {
     "adamo": ("mnist1d-mlp", 2000, {"lr": 0.5}),
     "hyperreg-rkl-2": ("mnist1d-mlp", 2000, {"lr": 1.0}),
     "sgd-cosine": ("mnist1d-mlp", 2000, {}),
+    "auto": ("mnist1d-mlp", 2000, {"sweep_steps": 60}),  # the sweep too: the ranks' mean loss and gradient
 }
 
 

@@ -39,6 +39,7 @@ METHODS = {
     "lipschitz": {},
     "hyperreg-kl-1": {},
     "dog": {},
+    "auto": {"sweep_steps": 30},
 }
 #: The decisions lrpilot.fit takes on this task (checked so that a change of task cannot hollow the test).
 EXPECTED_REASONS = {
@@ -470,7 +471,7 @@ with open(os.path.join(sys.argv[2], f"rank{trainer.global_rank}.json"), "w") as 
 
 @pytest.mark.slow
 @needs_lightning
-@pytest.mark.parametrize("method", ["aalr", "mi-decay"])
+@pytest.mark.parametrize("method", ["aalr", "mi-decay", "auto"])
 def test_lightning_ddp_every_rank_takes_the_same_decisions(method: str, tmp_path) -> None:
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)

@@ -74,3 +74,16 @@ def test_verdict_text_then_the_score_table():
     score = lines.index("Benchmark score (every scored task; * = tuned baselines' search free):")
     assert score > t2 and lines[score + 1].split()[:3] == ["#", "method", "score"]
     assert lines[score + 3].split()[:2] == ["1", "sgd"]
+
+
+def test_auto_gets_its_own_row_only_when_it_ran():
+    runs = _runs()
+    assert all(r.role != "auto" for rows in verdict_of(build_leaderboard(runs, TARGETS)).rows.values() for r in rows)
+    auto = [run("t1", "auto", seed, [0.5, 0.5, 0.5, 0.95], tags=("auto",)) for seed in (0, 1, 2)]
+    verdict = verdict_of(build_leaderboard(runs + auto, TARGETS))
+    row = verdict.row("t1", "auto")
+    assert (row.label, row.secs, row.reached) == ("auto", 4.0, 3)
+    assert verdict.rows["t1"][0].role == "auto"  # first: what the user reads first
+    assert "auto" not in verdict.missing.get("t2", [])  # no auto run on t2: no row, and not "missing"
+    text = verdict.to_text().splitlines()
+    assert text[text.index("t1: target accuracy >= 0.9") + 2].split()[:3] == ["lrpilot", "auto", "auto"]

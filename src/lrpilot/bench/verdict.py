@@ -1,7 +1,9 @@
 """The verdict: what a user reads first, at the end of ``lrpilot bench`` and at the top of the report.
 
-Per scored task, three rows, each the best of its kind on that task:
+Per scored task, three or four rows, each the best of its kind on that task:
 
+* **lrpilot auto**: the method tagged ``auto``, lrpilot's own autopilot (docs/methods/auto.md), when the
+  bench ran it;
 * **untuned autopilot**: the methods tagged ``seed-method`` (the learning-rate autopilots lrpilot is
   about, at their defaults);
 * **tuned baseline**: the methods tagged ``tuned`` (an LR grid search before training), with their time
@@ -30,10 +32,15 @@ __all__ = ["ROLES", "Verdict", "VerdictRow", "best_text", "verdict_of"]
 
 #: The verdict's rows per task: (role, registry tag, what it is).
 ROLES = (
+    ("auto", "auto", "lrpilot auto"),
     ("autopilot", "seed-method", "untuned autopilot"),
     ("tuned", "tuned", "tuned baseline"),
     ("peer", "peer", "LR-free peer"),
 )
+
+
+#: Roles shown only when the bench ran a method of them.
+OPTIONAL_ROLES = frozenset({"auto"})
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,8 @@ def verdict_of(board: Leaderboard) -> Verdict:
             if role == "autopilot":  # untuned: a seed method someone tuned is not one any more
                 kind = [c for c in kind if c.label not in board.tuned]
             if not kind:
-                verdict.missing.setdefault(task, []).append(role)
+                if role not in OPTIONAL_ROLES:  # a bench without auto (e.g. a paper's suite) is not missing it
+                    verdict.missing.setdefault(task, []).append(role)
                 continue
             keys = {c.label: _rank_key(c, role == "tuned", target.higher_is_better, fastest, fastest_free, board.r_max)
                     for c in kind}  # fmt: skip

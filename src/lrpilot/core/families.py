@@ -23,6 +23,7 @@ FAMILIES: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
         "lrpilot.pilots.hypergradient": ("HypergradientSGD", "RTHPO", "SGDHD", "SGDHDVal"),
         "lrpilot.pilots.lipschitz": ("AdaMo", "AutoAdam", "LipschitzPilot", "LipschitzRMSprop"),
         "lrpilot.pilots.hyperreg": ("HyperRegularization",),
+        "lrpilot.pilots.auto": (),
     }
 )
 

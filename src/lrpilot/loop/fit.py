@@ -693,7 +693,7 @@ def fit(
     train_loader: Any,
     val_loader: Any,
     *,
-    method: str | Pilot | torch.optim.Optimizer | MethodParts = "sgd",
+    method: str | Pilot | torch.optim.Optimizer | MethodParts = "auto",
     epochs: int = 10,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     metric: Metric | str | None = None,
@@ -709,7 +709,8 @@ def fit(
     hyper_fraction: float = DEFAULT_HYPER_FRACTION,
     **method_options: Any,
 ) -> History:
-    """Train ``model`` with ``method`` for ``epochs`` and return its :class:`History`.
+    """Train ``model`` with ``method`` (default ``"auto"``, lrpilot's own autopilot) for ``epochs`` and
+    return its :class:`History`.
 
     Example:
         >>> import torch, lrpilot

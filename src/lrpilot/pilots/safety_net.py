@@ -69,7 +69,7 @@ from typing import Any
 
 import torch
 
-from lrpilot.core.checks import require_int, require_range
+from lrpilot.core.checks import require_in, require_int, require_range
 from lrpilot.core.contract import (
     TRAIN_EVAL_LOSS,
     Decision,
@@ -100,10 +100,14 @@ class SafetyNet(Pilot):
             (default 2.0: the mean training loss doubled in one epoch), > 1.
         initial_factor: an epoch loss above ``initial_factor`` times the loss before training is
             "exploding" too (default 1.05; ``inf`` turns the clause off, e.g. to fine-tune from a model
-            whose loss is already low), > 1.
+            whose loss is already low), >= 1 (``auto`` uses 1: an epoch that ends above the untrained loss
+            made no progress at all, e.g. LeNet-5 stuck at chance after a too-large first step).
         floor: the reference is at least ``floor`` times the loss before training, so that a loss that
             is already near zero cannot "explode" by doubling (default 0.1), in [0, 1].
         max_rollbacks: rollbacks allowed before the net stands aside (default 10), >= 0.
+        initial_from: where the loss before training ``L_0`` comes from: ``"max"`` (default), the larger
+            of the validation loss and the training-set loss; ``"train"``, the training-set loss only,
+            for a method that must not read the validation split at all (``auto``).
     """
 
     def __init__(
@@ -116,14 +120,16 @@ class SafetyNet(Pilot):
         initial_factor: float = 1.05,
         floor: float = 0.1,
         max_rollbacks: int = 10,
+        initial_from: str = "max",
     ) -> None:
         super().__init__(optimizer)
         net = "safety net"
         require_range("factor", factor, 0.0, 1.0, open_low=True, open_high=True, owner=net)
         require_range("explode_factor", explode_factor, 1.0, math.inf, open_low=True, open_high=True, owner=net)
-        require_range("initial_factor", initial_factor, 1.0, math.inf, open_low=True, owner=net)
+        require_range("initial_factor", initial_factor, 1.0, math.inf, owner=net)
         require_range("floor", floor, 0.0, 1.0, owner=net)
         require_int("max_rollbacks", max_rollbacks, owner=net)
+        require_in("initial_from", initial_from, ("max", "train"), owner=net)
         if inner is not None and inner.optimizer is not optimizer:
             raise ValueError("the safety net and the pilot it wraps must drive the same optimizer")
         self.inner = inner
@@ -132,6 +138,7 @@ class SafetyNet(Pilot):
         self.explode_factor = float(explode_factor)
         self.initial_factor = float(initial_factor)
         self.floor = float(floor)
+        self.initial_from = initial_from
         self.initial_loss = math.nan
         self.ref_loss = math.nan
         self._inner_lr: tuple[float, ...] = current_lrs(optimizer)  # the LR as the method set it
@@ -156,7 +163,10 @@ class SafetyNet(Pilot):
 
     def on_train_begin(self, signals: EpochSignals) -> list[Decision]:  # type: ignore[override]
         self._begun = True
-        losses = [v for v in (signals.val_loss, signals.extra.get(TRAIN_EVAL_LOSS, math.nan)) if math.isfinite(v)]
+        seen = (signals.extra.get(TRAIN_EVAL_LOSS, math.nan),)
+        if self.initial_from == "max":
+            seen += (signals.val_loss,)
+        losses = [v for v in seen if math.isfinite(v)]
         self.initial_loss = self.ref_loss = max(losses) if losses else math.nan
         decisions = self._call_inner("on_train_begin", signals)
         return decisions + self._save(decisions)

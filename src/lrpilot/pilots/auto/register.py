@@ -1,0 +1,146 @@
+"""``auto``'s registry record and builder: the sweep on a copy of the network, then the optimizer, its
+schedule and the safety net (docs/methods/auto.md says what each part contributes)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lrpilot.core import distributed as dist
+from lrpilot.core.checks import require_bool, require_in, require_positive, require_range
+from lrpilot.core.contract import MethodParts
+from lrpilot.core.data import split_batch
+from lrpilot.core.registry import BuildContext, MethodInfo, get_method, register, resolve_options
+from lrpilot.core.seeding import rng_preserved
+from lrpilot.pilots.auto.schedule import WarmupCosine
+from lrpilot.pilots.auto.sweep import SweepResult, run_sweep
+from lrpilot.pilots.safety_net import SafetyNet
+
+SCHEDULES = ("cosine", "constant", "schedule-free")
+
+#: Every option and its default; the ablation in docs/methods/auto.md switches them one at a time.
+DEFAULTS: dict[str, Any] = {
+    "lr": None,  # None: the sweep chooses it; a number skips the sweep
+    "sweep_steps": 200,
+    "sweep_min_lr": 1e-4,
+    "sweep_max_lr": 10.0,
+    "divisor": 2.0,
+    "window": 10,
+    "smoothing": "centred",
+    "schedule": "cosine",
+    "warmup_fraction": 0.0,
+    "momentum": 0.9,
+    "nesterov": False,
+    "weight_decay": 0.0,
+    "rollback": True,  # the safety net (its L_0 from the training loss only)
+    "stall_factor": 1.0,  # the safety net's initial_factor: an epoch above the untrained loss rolls back
+    "sf_lr_factor": 10.0,  # schedule-free: its LR is this times the sweep's (y = 0.9 x + 0.1 z steps 1/(1 - 0.9) less)
+}
+
+
+def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
+    require_in("schedule", o["schedule"], SCHEDULES, method="auto")
+    require_range("warmup_fraction", o["warmup_fraction"], 0.0, 1.0, open_high=True, method="auto")
+    require_range("momentum", o["momentum"], 0.0, 1.0, open_high=True, method="auto")
+    require_positive("weight_decay", o["weight_decay"], method="auto", allow_zero=True)
+    require_positive("sf_lr_factor", o["sf_lr_factor"], method="auto")
+    require_bool("rollback", o["rollback"], method="auto")
+    require_range("stall_factor", o["stall_factor"], 1.0, float("inf"), method="auto")
+    require_bool("nesterov", o["nesterov"], method="auto")
+    info: dict[str, Any] = {}
+    if o["lr"] is None:
+        started = time.perf_counter()
+        result = _sweep(ctx, o)
+        info["sweep"] = result.to_dict()
+        info["search"] = {"runs": [], "total_steps": result.steps, "total_epochs": result.steps / ctx.steps_per_epoch,
+                          "total_train_s": time.perf_counter() - started}
+        lr = result.lr
+    else:
+        require_positive("lr", o["lr"], method="auto")
+        lr = float(o["lr"])
+    info["lr"] = lr
+
+    if o["schedule"] == "schedule-free":
+        sf = get_method("schedulefree-sgd")
+        sf.check_available()
+        options = resolve_options(sf, {"lr": o["sf_lr_factor"] * lr, "momentum": o["momentum"],
+                                       "weight_decay": o["weight_decay"], "warmup_fraction": o["warmup_fraction"]})
+        parts = sf.build(ctx, **options)
+    else:
+        opt = torch.optim.SGD(ctx.params(), lr=lr, momentum=o["momentum"], nesterov=o["nesterov"],
+                              weight_decay=o["weight_decay"])
+        pilot = None
+        if o["schedule"] == "cosine":
+            warmup = round(o["warmup_fraction"] * ctx.total_steps)
+            pilot = WarmupCosine(opt, ctx.total_steps, min(warmup, ctx.total_steps - 1))
+        parts = MethodParts(opt, pilot)
+    if o["rollback"]:  # its L_0 from the training loss only: auto never reads a validation split
+        parts = dataclasses.replace(parts, pilot=SafetyNet(parts.optimizer, parts.pilot, initial_from="train",
+                                                         initial_factor=o["stall_factor"]))
+    return dataclasses.replace(parts, info={**(parts.info or {}), **info})
+
+
+def _sweep(ctx: BuildContext, o: Mapping[str, Any]) -> SweepResult:
+    """Run the LR sweep on a copy of the network over the training batches, leaving every random source
+    the run depends on as it was. Under torch.distributed every rank steps its copy with the gradients
+    and the loss averaged over the ranks, as the run itself does, so every rank chooses the same LR."""
+    model = copy.deepcopy(getattr(ctx.model, "module", ctx.model))  # a DDP wrapper's module: we sync here
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = ctx.loss_fn if ctx.loss_fn is not None else torch.nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(params, lr=o["sweep_min_lr"], momentum=o["momentum"], nesterov=o["nesterov"],
+                          weight_decay=o["weight_decay"])
+    distributed = dist.is_distributed()
+    with rng_preserved(ctx.train_loader):
+        batches = itertools.chain.from_iterable(itertools.repeat(ctx.train_loader))
+
+        def step(lr: float) -> float:
+            x, y = split_batch(next(batches), where="train_loader")
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=False)
+            loss = loss_fn(model(x), y)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+            value = loss.detach().reshape(1)
+            if distributed:  # what DDP does for the run: the ranks' mean loss and, when finite, mean gradient
+                dist.all_reduce_mean_([value])
+                finite = bool(torch.isfinite(value))
+                if finite:
+                    dist.all_reduce_mean_([p.grad for p in params])
+            if finite:
+                opt.step()
+            return float(value)
+
+        return run_sweep(step, min_lr=o["sweep_min_lr"], max_lr=o["sweep_max_lr"], steps=o["sweep_steps"],
+                         divisor=o["divisor"], window=o["window"], smoothing=o["smoothing"])
+
+
+def _register() -> None:
+    register(MethodInfo(
+        "auto", "auto",
+        "lrpilot's own autopilot: an LR sweep on training batches picks the LR, cosine annealing over the budget, the safety net",
+        build_auto, DEFAULTS, lr_granularity="step", kind="schedule", tags=frozenset({"auto"}),
+        paper="Smith, WACV 2017 (the sweep); Loshchilov & Hutter, ICLR 2017 (cosine); see docs/methods/auto.md",
+        handles_nonfinite=True,
+        test_options={"sweep_steps": 20},
+        invalid_options=(
+            ({"schedule": "step"}, r"schedule"),
+            ({"divisor": 0.5}, r"divisor"),
+            ({"smoothing": "gaussian"}, r"smoothing"),
+            ({"sweep_max_lr": 1e-5}, r"max_lr"),
+            ({"lr": -1.0}, r"lr"),
+            ({"warmup_fraction": 1.0}, r"warmup_fraction"),
+        ),
+    ))
+
+
+_register()

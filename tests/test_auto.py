@@ -1,0 +1,192 @@
+"""``auto``: the sweep's rule on scripted loss sequences, the schedule's closed form, and the method as a
+whole (the sweep leaves the run untouched, decisions never read the scored split, bad options)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lrpilot
+from lrpilot.core.data import TensorLoader
+from lrpilot.pilots.auto import WarmupCosine, centred, choose_lr, run_sweep, smoothed, sweep_lrs, warmup_cosine
+
+
+# ----------------------------------------------------------------------------------------------------
+# the sweep (pure)
+# ----------------------------------------------------------------------------------------------------
+def test_ramp_is_geometric_from_min_to_max():
+    lrs = sweep_lrs(1e-3, 10.0, 5)
+    assert lrs == pytest.approx([1e-3, 1e-2, 1e-1, 1.0, 10.0], rel=1e-12)
+
+
+def test_smoothing_is_the_bias_corrected_ema():
+    # beta 0.5: avg 0.5 -> 0.5 / 0.5 = 1; avg 0.5*0.5 + 0.5*2 = 1.25 -> 1.25 / 0.75
+    assert smoothed([1.0, 2.0], 0.5) == pytest.approx([1.0, 1.25 / 0.75])
+    assert smoothed([3.0, 3.0, 3.0], 0.9) == pytest.approx([3.0, 3.0, 3.0])  # a constant stays constant
+
+
+def test_choose_lr_takes_the_first_minimum_divided():
+    lrs = [0.01, 0.1, 1.0, 10.0]
+    assert choose_lr(lrs, [2.0, 1.0, 1.0, 5.0], divisor=4.0, window=0) == (0.025, 0.1)
+    # window 1: centred means 1.5, 4/3, 7/3, 3: still LR 0.1; a causal mean would have said 1.0 (lag)
+    assert choose_lr(lrs, [2.0, 1.0, 1.0, 5.0], divisor=4.0, window=1) == (0.025, 0.1)
+    with pytest.raises(ValueError, match="one LR per loss"):
+        choose_lr([0.1], [1.0, 2.0], divisor=3.0, window=0)
+
+
+def test_ema_selection_is_the_causal_average_with_beta_0_98():
+    losses = [abs(i - 20) + 1.0 for i in range(41)]
+    lrs = [float(i) for i in range(41)]
+    ema = smoothed(losses, 0.98)
+    lagged = min(range(41), key=ema.__getitem__)
+    assert lagged > 20
+    assert choose_lr(lrs, losses, divisor=2.0, window=5, smoothing="ema") == (lagged / 2.0, float(lagged))
+    assert choose_lr(lrs, losses, divisor=2.0, window=5) == (10.0, 20.0)
+
+
+def test_centred_average_has_no_lag():
+    assert centred([1.0, 2.0, 3.0, 10.0], 1) == pytest.approx([1.5, 2.0, 5.0, 6.5])
+    ramp = [abs(i - 20) for i in range(41)]  # a V whose bottom is at 20
+    assert min(range(41), key=centred(ramp, 5).__getitem__) == 20
+    assert min(range(41), key=smoothed(ramp, 0.9).__getitem__) > 20  # the causal EMA's minimum lags
+
+
+def _bowl(calls: list[float]):
+    """A scripted network: the loss of a step at LR ``lr`` is ``(log10(lr) + 1)^2 + 1``, lowest at 0.1."""
+
+    def step(lr: float) -> float:
+        calls.append(lr)
+        return (math.log10(lr) + 1.0) ** 2 + 1.0
+
+    return step
+
+
+def test_sweep_stops_once_diverging_and_chooses_the_minimum_over_divisor():
+    calls: list[float] = []
+    result = run_sweep(_bowl(calls), min_lr=1e-4, max_lr=10.0, steps=11, divisor=3.0, beta=0.0, window=0,
+                       divergence_factor=4.0)
+    ramp = sweep_lrs(1e-4, 10.0, 11)  # half decades: 1e-4, 3.16e-4, ..., 10
+    # losses: 10, 7.25, 5, 3.25, 2, 1.25, 1 (lr 0.1), 1.25, 2, 3.25, 5: 5 > 4 * 1 stops at the last
+    assert calls == pytest.approx(ramp)
+    assert result.stopped == "diverging" and result.steps == 11
+    assert result.lr_at_min == pytest.approx(0.1) and result.lr == pytest.approx(0.1 / 3)
+    calls.clear()
+    short = run_sweep(_bowl(calls), min_lr=1e-4, max_lr=10.0, steps=11, divisor=3.0, beta=0.0, window=0,
+                      divergence_factor=2.0)
+    assert short.stopped == "diverging" and short.steps == 9  # 2 > 2 * 1 is false, 3.25 > 2 is the stop
+    assert short.lr_at_min == pytest.approx(0.1)
+
+
+def test_a_nonfinite_step_ends_the_sweep_and_is_not_part_of_the_curve():
+    def step(lr: float) -> float:
+        return math.nan if lr > 0.05 else 2.0 - lr
+
+    result = run_sweep(step, min_lr=1e-3, max_lr=1.0, steps=4, divisor=2.0, beta=0.0, window=0)
+    assert result.stopped == "nonfinite" and result.lrs == pytest.approx([1e-3, 1e-2])
+    assert result.lr == pytest.approx(1e-2 / 2)
+    first = run_sweep(lambda lr: math.inf, min_lr=1e-3, max_lr=1.0, steps=4, divisor=2.0)
+    assert first.stopped == "nonfinite" and first.steps == 0 and first.lr == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize(("option", "value", "match"), [
+    ("min_lr", 0.0, "min_lr"), ("max_lr", 1e-5, "max_lr"), ("steps", 1, "steps"), ("divisor", 0.5, "divisor"),
+    ("beta", 1.0, "beta"), ("divergence_factor", 1.0, "divergence_factor"), ("window", -1, "window"),
+])
+def test_bad_sweep_options_name_themselves(option, value, match):
+    with pytest.raises(ValueError, match=match):
+        run_sweep(lambda lr: 1.0, **{option: value})
+
+
+# ----------------------------------------------------------------------------------------------------
+# the schedule
+# ----------------------------------------------------------------------------------------------------
+def test_warmup_cosine_closed_form():
+    f = warmup_cosine(10, 2)
+    assert [f(t) for t in (0, 1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
+    g = warmup_cosine(4)
+    assert [g(t) for t in range(5)] == pytest.approx([1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5,
+                                                      (1 + math.cos(3 * math.pi / 4)) / 2, 0.0])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        warmup_cosine(4, 4)
+
+
+def test_warmup_cosine_pilot_sets_every_groups_lr_and_resumes():
+    w = nn.Linear(2, 1)
+    opt = torch.optim.SGD([{"params": [w.weight], "lr": 0.2}, {"params": [w.bias], "lr": 0.4}], lr=0.1)
+    pilot = WarmupCosine(opt, total_steps=4, warmup_steps=1)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.2, 0.4])  # (0 + 1) / 1
+    pilot.on_step_end(None)
+    pilot.on_step_end(None)  # t = 2: half-way down the cosine of 3 steps: (1 + cos(pi/3)) / 2 = 0.75
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.15, 0.3])
+    again = WarmupCosine(torch.optim.SGD([{"params": [w.weight]}, {"params": [w.bias]}], lr=9.0), total_steps=4,
+                         warmup_steps=1)
+    again.load_state_dict(pilot.state_dict())
+    again.on_step_end(None)
+    pilot.on_step_end(None)
+    assert [g["lr"] for g in again.optimizer.param_groups] == pytest.approx([g["lr"] for g in opt.param_groups])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the method
+# ----------------------------------------------------------------------------------------------------
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x, xv = torch.randn(256, 10, generator=g), torch.randn(96, 10, generator=g)
+    return x, x[:, :3].argmax(1), xv, xv[:, :3].argmax(1)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def _fit(val_labels=None, **options):
+    x, y, xv, yv = _data()
+    model = _net()
+    hist = lrpilot.fit(model, TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv if val_labels is None else val_labels, 96),
+                       method="auto", epochs=4, seed=0, progress=False, **options)
+    return model, hist
+
+
+def test_the_sweep_leaves_the_run_as_if_its_lr_had_been_given():
+    """The sweep trains a copy with the RNG preserved: the run equals one given the sweep's LR."""
+    model, hist = _fit(sweep_steps=40)
+    chosen = hist.info["method"]["lr"]
+    assert hist.info["method"]["sweep"]["steps"] >= 2 and hist.info["method"]["search"]["total_steps"] >= 2
+    again_model, again = _fit(lr=chosen)
+    assert "sweep" not in again.info["method"]
+    assert [e.train_loss for e in hist.epochs] == [e.train_loss for e in again.epochs]
+    for a, b in zip(model.parameters(), again_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_decisions_never_read_the_scored_split():
+    """Scrambled validation labels change the scores, never the LRs or the weights."""
+    model, hist = _fit(sweep_steps=40)
+    scrambled_model, scrambled = _fit(val_labels=torch.randint(0, 3, (96,), generator=torch.Generator().manual_seed(5)),
+                                      sweep_steps=40)
+    assert hist.info["decision_split"] == {"source": "none"}
+    assert [e.lr for e in hist.epochs] == [e.lr for e in scrambled.epochs]
+    assert [e.val_metric for e in hist.epochs] != [e.val_metric for e in scrambled.epochs]
+    for a, b in zip(model.parameters(), scrambled_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_safety_net_rolls_back_a_too_large_lr():
+    _, hist = _fit(lr=50.0)
+    reasons = [d.reason for d in hist.decisions]
+    assert "safety-net-rollback" in reasons and hist.status == "completed"
+    _, bare = _fit(lr=50.0, rollback=False)
+    assert "safety-net-rollback" not in [d.reason for d in bare.decisions]
+
+
+def test_cosine_anneals_to_zero_over_the_budget():
+    _, hist = _fit(lr=0.2)
+    steps = hist.step_lr if hasattr(hist, "step_lr") else None
+    lrs = [e.lr[0] for e in hist.epochs]
+    assert lrs[0] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 8 / 32)))  # after epoch 1: 8 of 32 steps
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert steps is None or len(steps) > 0
