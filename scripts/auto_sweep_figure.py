@@ -6,8 +6,9 @@
 Left: ``auto``'s sweep on each seed (raw training loss per step against the ramp's LR), its causal EMA with
 ``beta = 0.98`` (what LR finders usually pick from) and the centred average ``auto`` picks from, each
 minimum marked. Right, when ``--store`` holds the auto-dev suite: the mean training loss per epoch of
-``auto`` and of ``auto[EMA-smoothed sweep]`` on the same task and seeds (a flat line at ln 10 = 2.30 is a
-network stuck at chance). Prints the LRs each smoothing picks.
+``auto``, of ``auto[EMA-smoothed sweep]`` and of the same without the stall clause (``stall factor 1.05``)
+on the same task and seeds (a flat line at ln 10 = 2.30 is a network stuck at chance). Prints the LRs
+each smoothing picks.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def main() -> None:
     store = Path(args.store)
     if store.exists():
         db = sqlite3.connect(store)
-        for label, ls in (("auto", "-"), ("auto[EMA-smoothed sweep]", "--")):
+        for label, ls in (("auto", "-"), ("auto[EMA-smoothed sweep]", "--"),
+                          ("auto[EMA-smoothed sweep, stall factor 1.05]", ":")):
             for i, seed in enumerate(seeds):
                 row = db.execute("SELECT record FROM runs WHERE task = ? AND label = ? AND seed = ?",
                                  (args.task, label, seed)).fetchone()

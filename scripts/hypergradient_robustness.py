@@ -37,7 +37,7 @@ from lrpilot.bench.tasks import get_task
 from lrpilot.core.data import TensorLoader
 from lrpilot.core.seeding import seed_everything
 from lrpilot.loop.fit import Trainer
-from lrpilot.pilots.hypergradient.register import PAPER_OPTIONS
+from lrpilot.pilots.hypergradient.register import PAPER_METHOD_OPTIONS
 
 HD_METHODS = ("hd-train", "hd-val", "rt-hpo")
 # The budgets: MNIST-1D's default (30 epochs, all 8k training samples but the holdout); Fashion-MNIST on
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
                 continue
             # the paper's form (additive step, vanilla SGD, undecayed tangent), not the robustness defaults
             options = ({"lr": lr, "momentum": 0.0} if method == "sgd"
-                       else {**PAPER_OPTIONS, "lr": lr, "beta": beta})
+                       else {**PAPER_METHOD_OPTIONS, "lr": lr, "beta": beta})
             seed_everything(args.seed)
             model = info.model()
             trainer = Trainer(

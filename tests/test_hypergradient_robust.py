@@ -17,7 +17,7 @@ from torch import nn
 import lrpilot
 from lrpilot.core.registry import get_method
 from lrpilot.pilots.hypergradient import RTHPO, SGDHD, HypergradientSGD, SGDHDVal
-from lrpilot.pilots.hypergradient.register import PAPER_OPTIONS
+from lrpilot.pilots.hypergradient.register import PAPER_METHOD_OPTIONS, PAPER_OPTIONS
 
 A = torch.tensor([1.0, 3.0], dtype=torch.float64)  # f(w) = 1/2 sum a_i w_i^2, gradient a * w
 
@@ -167,7 +167,7 @@ def test_class_and_registry_defaults_are_the_studys_form() -> None:
 @pytest.mark.parametrize("name", ["hd-train", "hd-val", "rt-hpo"])
 def test_the_paper_literal_form_is_selectable_by_options(tiny, name: str) -> None:
     trainer = lrpilot.Trainer(tiny.model(), tiny.train, tiny.val, method=name, epochs=1, progress=False,
-                              method_options=dict(PAPER_OPTIONS))
+                              method_options=dict(PAPER_METHOD_OPTIONS))
     opt = trainer.optimizer
     assert opt.lr_rule == "additive"
     g = opt.param_groups[0]
