@@ -63,6 +63,17 @@ def test_decisions_are_applied_in_order_and_recorded(tiny):
     assert [e.epoch for e in hist.epochs] == [1, 2, 3, 4]  # the rolled-back epochs count in the budget
 
 
+def test_a_rollback_in_the_last_epoch_makes_the_checkpoint_the_final_result(tiny):
+    """The restored weights are the run's result: the record's final is their metric, not the bad epoch's."""
+    script = {2: Decision(reason="save", save="c"), 4: Decision(reason="last-rollback", restore="c")}
+    hist = _trainer(tiny, lambda opt: ScriptedPilot(opt, script)).run()
+    assert hist.final["reason"] == "last-rollback"
+    assert hist.final["val_metric"] == pytest.approx(hist.epochs[1].val_metric)  # epoch 2's weights
+    assert hist.final_val_metric == hist.final["val_metric"]
+    plain = _trainer(tiny, lambda opt: ScriptedPilot(opt, {2: Decision(reason="save", save="c")})).run()
+    assert plain.final == {} and plain.final_val_metric == plain.epochs[-1].val_metric
+
+
 def test_rollback_restores_weights_optimizer_and_rng_bit_for_bit(tiny):
     saved = {}
 

@@ -219,6 +219,7 @@ class Trainer:
         self._val_iter: Iterator[Any] | None = None
         self._data_checked = False
         self._extra_eval_names: tuple[str, ...] = ()  # recorded as nan when the weights are not finite
+        self._restored_by: str | None = None  # the reason of a restore in the last epoch trained, if any
 
     # ------------------------------------------------------------------------------------------------
     # public API
@@ -327,6 +328,7 @@ class Trainer:
                 "train_cpu_s": self._train_cpu_s,
                 "began": self._began,
                 "stopped": self._stopped,
+                "restored_by": self._restored_by,
                 "val_cursor": self._val_cursor,
                 "extra_eval_names": self._extra_eval_names,
                 "checkpoints": self._state.checkpoints,
@@ -357,6 +359,7 @@ class Trainer:
         self._wall_s, self._train_s = state["wall_s"], state["train_s"]
         self._train_cpu_s = state.get("train_cpu_s", 0.0)
         self._began, self._stopped = state["began"], state["stopped"]
+        self._restored_by = state.get("restored_by")
         self._val_cursor = state["val_cursor"]
         self._val_iter = None
         self._extra_eval_names = tuple(state.get("extra_eval_names", ()))
@@ -395,11 +398,13 @@ class Trainer:
         decisions = as_decisions(self.pilot.on_train_end()) if self.pilot is not None else []
         for decision in decisions:
             self._apply(decision)
-        restored = [d for d in decisions if d.restore is not None]
+        restored = [d.reason for d in decisions if d.restore is not None]
+        if not restored and self._restored_by is not None:
+            restored = [self._restored_by]  # the last epoch was rolled back: its checkpoint is the result
         if restored:
             val_loss, val_metric = self.evaluate()
             evals = self._run_extra_eval()
-            self.history.final = {"val_loss": val_loss, "val_metric": val_metric, **evals, "reason": restored[-1].reason}
+            self.history.final = {"val_loss": val_loss, "val_metric": val_metric, **evals, "reason": restored[-1]}
 
     def _run_epoch(self) -> EpochRecord:
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -446,6 +451,9 @@ class Trainer:
         )
         for decision in decisions:
             self._apply(decision)
+        # A rollback in the budget's last epoch leaves the restored weights as the run's result: _end
+        # evaluates them as the final state (else the record's final would be the bad epoch's nan).
+        self._restored_by = next((d.reason for d in reversed(decisions) if d.restore is not None), None)
         t_end, c_end = time.perf_counter(), time.thread_time()
         self._wall_s += t_end - t0
         self._train_s += (t_train - t0) + (t_end - t_eval)
