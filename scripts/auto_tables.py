@@ -77,7 +77,8 @@ def ablation(store_dir: Path, tasks: list[str] | None) -> str:
     cells, order_t, order_l, _ = _cells(store_dir, tasks)
     base = {t: _median(cells.get(("auto", t), [])) for t in order_t}
     lines = ["| variant | " + " | ".join(order_t) + " |", "|---|" + "---|" * len(order_t)]
-    for label in order_l:
+    variants = sorted((lb for lb in order_l if lb == "auto" or lb.startswith("auto[")), key=lambda lb: lb != "auto")
+    for label in variants + [lb for lb in order_l if lb not in variants]:
         row = []
         for t in order_t:
             rs = cells.get((label, t), [])
