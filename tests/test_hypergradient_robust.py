@@ -249,3 +249,21 @@ def test_rt_hpo_default_trains_the_mnist1d_cnn_it_used_to_diverge_on() -> None:
     assert s["best_val_metric"] > 0.8, s
     assert s["final_val_metric"] > s["best_val_metric"] - 0.05, s
     assert 1e-3 < rec["epochs"][-1]["lr"][0] < 1.0  # the LR went neither to 0 nor off to infinity
+
+
+@pytest.mark.parametrize("method", ["hd-train", "hd-val", "rt-hpo"])
+def test_default_form_rolls_back_a_diverging_epoch_and_the_papers_form_does_not(method: str, tiny) -> None:
+    """rollback=True (default): the safety net, from the training loss only, halves an LR that explodes."""
+    from lrpilot.pilots.safety_net import SafetyNet
+
+    def run(**options):
+        trainer = lrpilot.Trainer(tiny.model(), tiny.train, tiny.val, method=method, epochs=3, progress=False,
+                                  method_options={"lr": 30.0, "beta": 0.0, **options})
+        return trainer, trainer.run()
+
+    trainer, hist = run()
+    assert isinstance(trainer.pilot, SafetyNet) and trainer.pilot.initial_from == "train"
+    assert "safety-net-rollback" in [d.reason for d in hist.decisions]
+    assert hist.status == "completed"
+    bare, bare_hist = run(rollback=False)
+    assert bare.pilot is None and "safety-net-rollback" not in [d.reason for d in bare_hist.decisions]
