@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one method on one task and write its run record")
     p.add_argument("--task", required=True, choices=task_names(), metavar="TASK", help="see `lrpilot list tasks`")
-    p.add_argument("--method", required=True, choices=method_names(), metavar="METHOD", help="see `lrpilot list methods`")
+    p.add_argument("--method", default="auto", choices=method_names(), metavar="METHOD",
+                   help="see `lrpilot list methods` (default: auto, lrpilot's own autopilot)")
     p.add_argument("--epochs", type=int, help="budget in epochs (default: the task's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, metavar="N",
