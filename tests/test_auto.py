@@ -190,3 +190,68 @@ def test_cosine_anneals_to_zero_over_the_budget():
     assert lrs[0] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 8 / 32)))  # after epoch 1: 8 of 32 steps
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
     assert steps is None or len(steps) > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the iterate average (option average=True)
+# ----------------------------------------------------------------------------------------------------
+def test_polynomial_average_closed_form_and_swap():
+    from lrpilot.pilots.auto.average import PolynomialAverage
+
+    model = nn.BatchNorm1d(2)  # a weight, a bias and running statistics: every float entry is averaged
+    avg = PolynomialAverage(model, gamma=2.0)
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+    avg.update()  # t = 1: w = 3/3 = 1, the average is the weights
+    assert torch.equal(avg.average["weight"], torch.full((2,), 4.0))
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.running_mean.fill_(2.0)
+    avg.update()  # t = 2: w = 3/4
+    assert avg.average["weight"] == pytest.approx(torch.full((2,), 0.25 * 4 + 0.75 * 1))
+    assert avg.average["running_mean"] == pytest.approx(torch.full((2,), 0.75 * 2))
+    assert "num_batches_tracked" not in avg.average  # an integer: not averaged
+    with avg.eval_context():
+        assert model.weight.detach() == pytest.approx(torch.full((2,), 1.75))
+        with pytest.raises(RuntimeError, match="train"):
+            avg.update()
+    saved = avg.state_dict()
+    avg.train()
+    assert torch.equal(model.weight.detach(), torch.full((2,), 1.0))  # the training weights are back
+    other = PolynomialAverage(nn.BatchNorm1d(2), gamma=2.0)
+    other.load_state_dict(saved)
+    assert other.t == 2 and torch.equal(other.average["weight"], avg.average["weight"])
+    assert torch.equal(other._raw["weight"], torch.full((2,), 1.0))
+
+
+def test_average_evaluates_the_averaged_weights_and_trains_the_raw_ones():
+    model, hist = _fit(lr=0.2, average=True)
+    _, plain = _fit(lr=0.2)
+    assert [e.train_loss for e in hist.epochs] == [e.train_loss for e in plain.epochs]  # training untouched
+    assert [e.val_loss for e in hist.epochs] != [e.val_loss for e in plain.epochs]  # evaluation is not
+    with pytest.raises(ValueError, match="schedule"):
+        _fit(lr=0.2, average=True, schedule="constant")
+
+
+@pytest.mark.parametrize("options", [{}, {"average": True}])
+def test_trainer_state_dict_resumes_identically(options):
+    x, y, xv, yv = _data()
+
+    def trainer(model_seed: int = 1) -> lrpilot.Trainer:
+        torch.manual_seed(model_seed)
+        model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+        return lrpilot.Trainer(model, TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv, 96), method="auto",
+                               epochs=4, seed=0, progress=False, method_options={"sweep_steps": 30, **options})
+
+    straight = trainer()
+    straight.run()
+    first = trainer()
+    first.run(until_epoch=2)
+    resumed = trainer(model_seed=7)
+    resumed.load_state_dict(first.state_dict())
+    resumed.run()
+    a, b = straight.history, resumed.history
+    assert [e.val_metric for e in a.epochs] == [e.val_metric for e in b.epochs]
+    assert [e.train_loss for e in a.epochs] == [e.train_loss for e in b.epochs] and a.step_lr == b.step_lr
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)

@@ -18,6 +18,7 @@ from lrpilot.core.contract import MethodParts
 from lrpilot.core.data import split_batch
 from lrpilot.core.registry import BuildContext, MethodInfo, get_method, register, resolve_options
 from lrpilot.core.seeding import rng_preserved
+from lrpilot.pilots.auto.average import PolynomialAverage
 from lrpilot.pilots.auto.schedule import WarmupCosine
 from lrpilot.pilots.auto.sweep import SweepResult, run_sweep
 from lrpilot.pilots.safety_net import SafetyNet
@@ -40,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "rollback": True,  # the safety net (its L_0 from the training loss only)
     "stall_factor": 1.0,  # the safety net's initial_factor: an epoch above the untrained loss rolls back
+    "average": False,  # evaluate a polynomial-decay average of the weights (cosine schedule only)
+    "average_gamma": 8.0,
     "sf_lr_factor": 10.0,  # schedule-free: its LR is this times the sweep's (y = 0.9 x + 0.1 z steps 1/(1 - 0.9) less)
 }
 
@@ -53,6 +56,11 @@ def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
     require_bool("rollback", o["rollback"], method="auto")
     require_range("stall_factor", o["stall_factor"], 1.0, float("inf"), method="auto")
     require_bool("nesterov", o["nesterov"], method="auto")
+    require_bool("average", o["average"], method="auto")
+    require_positive("average_gamma", o["average_gamma"], method="auto", allow_zero=True)
+    if o["average"] and o["schedule"] != "cosine":
+        raise ValueError(f"method 'auto': average=True needs schedule='cosine' (got {o['schedule']!r}; "
+                         "schedule-free averages by itself)")
     info: dict[str, Any] = {}
     if o["lr"] is None:
         started = time.perf_counter()
@@ -75,11 +83,17 @@ def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
     else:
         opt = torch.optim.SGD(ctx.params(), lr=lr, momentum=o["momentum"], nesterov=o["nesterov"],
                               weight_decay=o["weight_decay"])
-        pilot = None
+        pilot, average = None, None
         if o["schedule"] == "cosine":
             warmup = round(o["warmup_fraction"] * ctx.total_steps)
-            pilot = WarmupCosine(opt, ctx.total_steps, min(warmup, ctx.total_steps - 1))
+            if o["average"]:
+                average = PolynomialAverage(getattr(ctx.model, "module", ctx.model), o["average_gamma"])
+            pilot = WarmupCosine(opt, ctx.total_steps, min(warmup, ctx.total_steps - 1),
+                                 after_step=None if average is None else average.update)
         parts = MethodParts(opt, pilot)
+        if average is not None:
+            parts = dataclasses.replace(parts, eval_context=average.eval_context, train_mode=average.train,
+                                        extra_state={"average": average})
     if o["rollback"]:  # its L_0 from the training loss only: auto never reads a validation split
         parts = dataclasses.replace(parts, pilot=SafetyNet(parts.optimizer, parts.pilot, initial_from="train",
                                                          initial_factor=o["stall_factor"]))

@@ -41,17 +41,22 @@ class WarmupCosine(Pilot):
     """Drives ``optimizer``'s LRs by :func:`warmup_cosine` after every step: ``lr_i(t) = base_i * factor(t)``.
 
     ``base_i`` are the group LRs when the pilot is built; the step count is its state, so a checkpoint
-    or a rollback resumes the trajectory where it was.
+    or a rollback resumes the trajectory where it was. ``after_step`` (e.g. an iterate average's update)
+    is called after every step, before the LR moves.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+                 after_step: Callable[[], None] | None = None) -> None:
         super().__init__(optimizer)
+        self.after_step = after_step
         self.factor = warmup_cosine(total_steps, warmup_steps)
         self.base_lrs = current_lrs(optimizer)
         self.t = 0
         set_lrs(optimizer, [base * self.factor(0) for base in self.base_lrs])
 
     def on_step_end(self, signals: StepSignals) -> None:
+        if self.after_step is not None:
+            self.after_step()
         self.t += 1
         set_lrs(self.optimizer, [base * self.factor(self.t) for base in self.base_lrs])
 
