@@ -29,8 +29,9 @@ def test_quick_and_standard_are_tag_driven():
     quick = load_suite("quick")
     assert [t for b in quick.blocks for t in b["tasks"]] == ["digits-mlp", "mnist1d-mlp"]
     assert [m for b in quick.blocks for m in b["methods"]] == [
-        {"tag": "seed-method"}, {"tag": "main-baseline"}, {"tag": "peer"}, {"tag": "tuned"}]  # fmt: skip
+        {"tag": "auto"}, {"tag": "seed-method"}, {"tag": "main-baseline"}, {"tag": "peer"}, {"tag": "tuned"}]  # fmt: skip
     plan = quick.resolve()
+    assert plan.labels[0] == "auto"  # lrpilot's own autopilot first
     main = [m.name for m in list_methods(tags=["main-baseline"])]
     assert set(main) <= set(plan.labels)
     assert quick.seeds == (0, 1, 2)  # the demo's medians and spreads are over three seeds
