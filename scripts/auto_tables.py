@@ -10,7 +10,7 @@ validation metric over seeds with its min-max, the difference to ``auto``'s medi
 failed (did not complete, or ended more than 5 points below their own best, or never left chance: a best
 below 0.12 on these 10-class tasks).
 
-``confirm``: per task, ``auto``'s median best beside ``sgd-cosine-tuned``'s and the best peer's (methods
+``confirm`` (the runs of the store's last bench invocation, as ``lrpilot report``): per task, ``auto``'s median best beside ``sgd-cosine-tuned``'s and the best peer's (methods
 tagged ``peer``), the margins, and the failures; then the AlgoPerf benchmark scores of the same store
 (time to target, the search charged) for ``auto`` and every peer.
 """
@@ -44,9 +44,10 @@ def _failed(run: dict) -> bool:
     return bool(run["higher_is_better"]) and (best - final > DROP or stuck)
 
 
-def _cells(store_dir: Path, tasks: list[str] | None) -> tuple[dict, list[str], list[str], dict]:
+def _cells(store_dir: Path, tasks: list[str] | None, *, planned: bool = False) -> tuple[dict, list[str], list[str], dict]:
     with Store.open(store_dir) as store:
-        runs = [r for r in latest_runs(store) if r["status"] != "running" and (not tasks or r["task"] in tasks)]
+        keys = store.plan_keys() if planned else None
+        runs = [r for r in latest_runs(store, keys) if r["status"] != "running" and (not tasks or r["task"] in tasks)]
     cells: dict[tuple[str, str], list[dict]] = defaultdict(list)
     order_t: list[str] = []
     order_l: list[str] = []
@@ -90,7 +91,7 @@ def ablation(store_dir: Path, tasks: list[str] | None) -> str:
 
 
 def confirm(store_dir: Path, tasks: list[str] | None, labels: list[str] | None) -> str:
-    cells, order_t, order_l, tags = _cells(store_dir, tasks)
+    cells, order_t, order_l, tags = _cells(store_dir, tasks, planned=True)
     peers = [lb for lb in order_l if "peer" in tags.get(lb, set()) and (not labels or lb in labels)]
     lines = ["| task | auto | sgd-cosine-tuned | best peer | auto - tuned | auto - best peer |", "|---|---|---|---|---|---|"]
     for t in order_t:
@@ -107,7 +108,7 @@ def confirm(store_dir: Path, tasks: list[str] | None, labels: list[str] | None) 
             f"{'' if mr is None else f'{(ma - mr) * 100:+.2f}'} | {'' if mp is None else f'{(ma - mp) * 100:+.2f}'} |"
         )
     with Store.open(store_dir) as store:
-        keys = {r["key"] for r in latest_runs(store) if not tasks or r["task"] in tasks}
+        keys = {r["key"] for r in latest_runs(store, store.plan_keys()) if not tasks or r["task"] in tasks}
         board = leaderboard_from_store(store, keys=keys)
     shown = [lb for lb in board.labels if lb == "auto" or lb in peers or lb == REFERENCE]
     lines += ["", "| method | AlgoPerf score (search charged) | score, search free | tasks reached (median) |",

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from lrpilot.bench.leaderboard import latest_runs
 from lrpilot.bench.store import Store
 
 DROP = 0.05  # a final this far below the run's own best is a failure
@@ -38,7 +39,9 @@ def failed(run: dict) -> bool:
 
 def table(store_dir: Path, tasks_wanted: list[str] | None = None) -> str:
     with Store.open(store_dir) as store:
-        runs = [r for r in store.runs() if r["status"] != "running" and (not tasks_wanted or r["task"] in tasks_wanted)]
+        # the most recent run of each (task, label, seed): a default changed since (new options, so a new
+        # run key) replaces the older run instead of being counted beside it
+        runs = [r for r in latest_runs(store) if r["status"] != "running" and (not tasks_wanted or r["task"] in tasks_wanted)]
     cells: dict[tuple[str, str], list[dict]] = defaultdict(list)
     tasks: list[str] = []
     methods: list[str] = []
