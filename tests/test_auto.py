@@ -255,3 +255,10 @@ def test_trainer_state_dict_resumes_identically(options):
     assert [e.train_loss for e in a.epochs] == [e.train_loss for e in b.epochs] and a.step_lr == b.step_lr
     for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_second_safety_net_is_refused_with_what_to_do():
+    with pytest.raises(ValueError, match=r"already has a safety net.*drop safety_net=True.*rollback=False"):
+        _fit(lr=0.2, safety_net=True)
+    _, hist = _fit(lr=0.2, rollback=False, safety_net={"factor": 0.25})  # the user's net instead of auto's
+    assert hist.status == "completed"

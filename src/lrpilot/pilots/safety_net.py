@@ -309,7 +309,8 @@ class SafetyNet(Pilot):
 def with_safety_net(parts: MethodParts, **options: Any) -> MethodParts:
     """``parts`` with its pilot wrapped in a :class:`SafetyNet` (options: see the class)."""
     if isinstance(parts.pilot, SafetyNet):
-        raise ValueError("this method already has a safety net")
+        raise ValueError("this method already has a safety net in its default form: drop safety_net=True (or "
+                         "pass the method's option rollback=False to wrap it in one with your options)")
     valid = tuple(inspect.signature(SafetyNet).parameters)[2:]  # after optimizer and inner
     unknown = sorted(set(options) - set(valid))
     if unknown:
