@@ -184,12 +184,12 @@ def test_the_safety_net_rolls_back_a_too_large_lr():
 
 
 def test_cosine_anneals_to_zero_over_the_budget():
+    """The per-step LR trajectory is lr * (1 + cos(pi t / T)) / 2 exactly, T = 4 epochs x 8 steps."""
     _, hist = _fit(lr=0.2)
-    steps = hist.step_lr if hasattr(hist, "step_lr") else None
-    lrs = [e.lr[0] for e in hist.epochs]
-    assert lrs[0] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 8 / 32)))  # after epoch 1: 8 of 32 steps
-    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
-    assert steps is None or len(steps) > 0
+    assert [step for step, _ in hist.step_lr] == list(range(33))
+    expected = [0.2 * 0.5 * (1 + math.cos(math.pi * t / 32)) for t in range(33)]
+    assert [lrs[0] for _, lrs in hist.step_lr] == pytest.approx(expected, abs=1e-15)
+    assert [e.lr[0] for e in hist.epochs] == pytest.approx(expected[8::8], abs=1e-15)  # each epoch's last LR
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def test_polynomial_average_closed_form_and_swap():
     other = PolynomialAverage(nn.BatchNorm1d(2), gamma=2.0)
     other.load_state_dict(saved)
     assert other.t == 2 and torch.equal(other.average["weight"], avg.average["weight"])
-    assert torch.equal(other._raw["weight"], torch.full((2,), 1.0))
+    assert torch.equal(other.raw_state_dict()["weight"], torch.full((2,), 1.0))
 
 
 def test_average_evaluates_the_averaged_weights_and_trains_the_raw_ones():

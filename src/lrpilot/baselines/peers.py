@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrpilot.core.averaging import EvaluatedWeights
 from lrpilot.core.contract import Pilot, StepSignals
 from lrpilot.core.data import split_batch
 
@@ -204,51 +205,34 @@ class ScheduleFreeModes:
             self.model.train(was_training)
 
 
-class WeightAverage:
+class WeightAverage(EvaluatedWeights):
     """DoG's iterate averaging: the package's ``PolynomialDecayAverager``, evaluated in place of the model.
 
     After every optimizer step :meth:`update` folds the weights into the average (Shamir & Zhang 2013,
     ``xbar_t = (1 - (1+gamma)/(t+gamma)) xbar_{t-1} + (1+gamma)/(t+gamma) x_t``; every floating-point
-    entry of the ``state_dict``, so BatchNorm statistics are averaged too). ``eval_context`` loads the
-    average into the model and keeps the raw iterate aside; :meth:`train` puts the iterate back. Both
-    are no-ops in the mode they switch to; the raw iterate kept aside is part of :meth:`state_dict`.
+    entry of the ``state_dict``, so BatchNorm statistics are averaged too). The swap for evaluation is
+    :class:`~lrpilot.core.averaging.EvaluatedWeights`'.
     """
 
     def __init__(self, model: nn.Module, gamma: float) -> None:
         from dog import PolynomialDecayAverager
 
-        self.model = model
+        super().__init__(model)
         self.averager = PolynomialDecayAverager(model, gamma=gamma)
-        self._raw: dict[str, torch.Tensor] | None = None  # the training iterate while the average is in
 
     def update(self) -> None:
-        if self._raw is not None:
-            raise RuntimeError("the averaged weights are loaded: call train() before training steps")
+        self.check_training()
         self.averager.step()
 
-    @property
     def averaged_state(self) -> dict[str, torch.Tensor]:
         return self.averager.averaged_model.state_dict()
 
-    @contextlib.contextmanager
-    def eval_context(self) -> Iterator[None]:
-        if self._raw is None:
-            self._raw = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.model.load_state_dict(self.averaged_state)
-        yield
-
-    def train(self) -> None:
-        if self._raw is not None:
-            self.model.load_state_dict(self._raw)
-            self._raw = None
-
     def state_dict(self) -> dict[str, Any]:
-        return {"averager": self.averager.state_dict(), "raw": self._raw}
+        return {**super().state_dict(), "averager": self.averager.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.averager.load_state_dict(state["averager"])
-        raw = state["raw"]
-        self._raw = None if raw is None else {k: v.detach().clone() for k, v in raw.items()}
+        self.load_raw_state_dict(state["raw"])
 
 
 class AveragingPilot(Pilot):

@@ -21,7 +21,7 @@ from lrpilot.core.seeding import rng_preserved
 from lrpilot.pilots.auto.average import PolynomialAverage
 from lrpilot.pilots.auto.schedule import WarmupCosine
 from lrpilot.pilots.auto.sweep import SweepResult, run_sweep
-from lrpilot.pilots.safety_net import SafetyNet
+from lrpilot.pilots.safety_net import with_safety_net
 
 SCHEDULES = ("cosine", "constant", "schedule-free")
 
@@ -95,8 +95,7 @@ def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
             parts = dataclasses.replace(parts, eval_context=average.eval_context, train_mode=average.train,
                                         extra_state={"average": average})
     if o["rollback"]:  # its L_0 from the training loss only: auto never reads a validation split
-        parts = dataclasses.replace(parts, pilot=SafetyNet(parts.optimizer, parts.pilot, initial_from="train",
-                                                         initial_factor=o["stall_factor"]))
+        parts = with_safety_net(parts, initial_from="train", initial_factor=o["stall_factor"])
     return dataclasses.replace(parts, info={**(parts.info or {}), **info})
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from lrpilot.core.checks import require_bool, require_in
 from lrpilot.core.contract import MethodParts
 from lrpilot.core.registry import BuildContext, MethodInfo, register
 from lrpilot.pilots.hypergradient.optimizers import OBJECTIVES, RTHPO, SGDHD, HypergradientSGD, SGDHDVal
-from lrpilot.pilots.safety_net import SafetyNet
+from lrpilot.pilots.safety_net import with_safety_net
 
 # ----------------------------------------------------------------------------------------------------
 #: The RT-HPO paper states no values for the initial LR or beta (Table 1 aggregates over grids it does
@@ -54,7 +53,7 @@ def _parts(opt: HypergradientSGD, rollback: bool, method: str) -> MethodParts:
     require_bool("rollback", rollback, method=method)
     signals = frozenset({"val_closure"}) if opt.needs_val_closure else frozenset()
     parts = MethodParts(opt, step_kwargs=signals, needs_closure=opt.needs_closure)
-    return dataclasses.replace(parts, pilot=SafetyNet(opt, None, initial_from="train")) if rollback else parts
+    return with_safety_net(parts, initial_from="train") if rollback else parts
 
 
 def build_hd_train(ctx: BuildContext, rollback: bool, **options: Any) -> MethodParts:
