@@ -11,7 +11,15 @@ from torch import nn
 
 import lrpilot
 from lrpilot.core.data import TensorLoader
-from lrpilot.pilots.auto import WarmupCosine, centred, choose_lr, run_sweep, smoothed, sweep_lrs, warmup_cosine
+from lrpilot.pilots.auto import (
+    WarmupCosine,
+    centred,
+    choose_lr,
+    run_sweep,
+    smoothed,
+    sweep_lrs,
+    warmup_cosine,
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,7 +233,7 @@ def test_polynomial_average_closed_form_and_swap():
 
 
 def test_average_evaluates_the_averaged_weights_and_trains_the_raw_ones():
-    model, hist = _fit(lr=0.2, average=True)
+    _, hist = _fit(lr=0.2, average=True)
     _, plain = _fit(lr=0.2)
     assert [e.train_loss for e in hist.epochs] == [e.train_loss for e in plain.epochs]  # training untouched
     assert [e.val_loss for e in hist.epochs] != [e.val_loss for e in plain.epochs]  # evaluation is not

@@ -49,7 +49,7 @@ from lrpilot.bench.suites import RunSpec
 
 __all__ = [
     "DEFAULT_THREADS", "THREAD_VARS", "Executor", "InlineExecutor", "LocalExecutor", "Outcome", "ProcessState",
-    "available_cores", "execute_run", "thread_env_vars",
+    "available_cores", "execute_run", "output_to_fd", "thread_env_vars",
 ]  # fmt: skip
 
 #: Torch threads per run unless told otherwise, for every executor: a fixed count, because the count
@@ -494,19 +494,14 @@ def _exit_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def _output_to(log: str | None) -> Iterator[None]:
-    """Send this process's stdout and stderr (file descriptors 1 and 2, so C extensions' output too) to
-    ``log`` while the body runs, then back to where they went before."""
-    if log is None:
-        yield
-        return
+def output_to_fd(fd: int) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so C extensions' output too) to the
+    open file descriptor ``fd`` while the body runs, then back to where they went before."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = (os.dup(1), os.dup(2))
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    os.close(fd)
     try:
         yield
     finally:
@@ -514,8 +509,22 @@ def _output_to(log: str | None) -> Iterator[None]:
         sys.stderr.flush()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
+        for saved_fd in saved:
+            os.close(saved_fd)
+
+
+@contextlib.contextmanager
+def _output_to(log: str | None) -> Iterator[None]:
+    """:func:`output_to_fd` into the file ``log`` (truncated), or nothing when ``log`` is ``None``."""
+    if log is None:
+        yield
+        return
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with output_to_fd(fd):
+            yield
+    finally:
+        os.close(fd)
 
 
 #: What a worker sends when it starts a run: the run's timeout counts from then, so that a worker's

@@ -41,7 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lrpilot.bench.executors import Executor, Outcome, available_cores, execute_run, thread_env_vars
+from lrpilot.bench.executors import (
+    Executor,
+    Outcome,
+    available_cores,
+    execute_run,
+    output_to_fd,
+    thread_env_vars,
+)
 from lrpilot.bench.suites import RunSpec
 
 __all__ = ["RayExecutor", "import_ray"]
@@ -133,21 +140,11 @@ def _captured_output(limit: int) -> Iterator[_Output]:
     whose rare messages then land in the run's log rather than in the worker's.
     """
     out = _Output()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = (os.dup(1), os.dup(2))
     with tempfile.TemporaryFile() as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
         try:
-            yield out
+            with output_to_fd(f.fileno()):
+                yield out
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - limit))
             skipped = f"[... the first {size - limit} bytes of the output are left out]\n" if size > limit else ""

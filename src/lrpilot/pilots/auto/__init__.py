@@ -6,4 +6,4 @@ docs/methods/auto.md says what it is, where each part comes from and what each c
 from lrpilot.pilots.auto.schedule import WarmupCosine, warmup_cosine
 from lrpilot.pilots.auto.sweep import SweepResult, centred, choose_lr, run_sweep, smoothed, sweep_lrs
 
-__all__ = ["SweepResult", "centred", "choose_lr", "run_sweep", "smoothed", "sweep_lrs", "WarmupCosine", "warmup_cosine"]
+__all__ = ["SweepResult", "WarmupCosine", "centred", "choose_lr", "run_sweep", "smoothed", "sweep_lrs", "warmup_cosine"]
