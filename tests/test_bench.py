@@ -186,13 +186,18 @@ def _check_complete(out: Path, plan_size: int, epochs: int) -> dict[str, dict]:
                 for key, r in runs.items()}  # fmt: skip
 
 
-def test_kill_9_then_the_same_command_resumes(tmp_path):
+def test_kill_9_then_the_same_command_resumes(tmp_path, fakes):
     epochs = 10
     suite = tmp_path / "s.json"
+    # SGD that sleeps 20 ms a step (about 1 s a run): with a reused worker, plain iris runs all end within
+    # the kill's 50 ms polling window on a quiet machine, and there is nothing left to resume.
+    sgd = {"name": "fake-sleep", "options": {"sleep": 0.02, "lr": 0.1}, "label": "sgd"}
     suite.write_text(json.dumps({"name": "s", "seeds": [0, 1, 2], "tasks": [{"name": "iris-softmax", "epochs": epochs}],
-                                 "methods": ["sgd"]}))  # fmt: skip
+                                 "methods": [sgd]}))  # fmt: skip
+    plugin = ("--import", PLUGIN)
     out, db = tmp_path / "out", tmp_path / "out" / "bench.sqlite"
-    proc = subprocess.Popen(_cli(out, suite, 1), env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_cli(out, suite, 1, *plugin), env=_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     workers = _kill_when(proc, db, stored_at_least=1)
     before = _stored(db)
     assert 1 <= before < 3
@@ -201,7 +206,8 @@ def test_kill_9_then_the_same_command_resumes(tmp_path):
         assert time.time() - t0 < 30, f"worker {workers} outlived its driver"
         time.sleep(0.1)
 
-    done = subprocess.run(_cli(out, suite, 1), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_cli(out, suite, 1, *plugin), env=_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"3 runs planned, {before} already in the store, {3 - before} run now" in done.stdout
     assert "Leaderboard (s)" in done.stdout
