@@ -28,6 +28,7 @@ from lrpilot.bench.store import Store
 DROP = 0.05  # a final this far below the run's own best is a failure
 GAP = 0.02  # the issue's "within 2 points of sgd-cosine-tuned"
 REFERENCE = "sgd-cosine-tuned"
+KEEP = "<!-- written by hand below this line: kept when the page is re-made -->"
 
 
 def failed(run: dict) -> bool:
@@ -74,6 +75,53 @@ def table(store_dir: Path, tasks_wanted: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def gap_table(store_dir: Path, tasks_wanted: list[str] | None = None) -> str:
+    """Every (gap) cell of :func:`table` with the LR the method trained at (first group, per epoch, median over
+    seeds of the first, median and last epoch's LR) beside the tuned reference's: its grid search's accuracy at
+    each LR and the LR it chose. The measurement behind each family's "why" in ``docs/methods/``."""
+    with Store.open(store_dir) as store:
+        runs = [r for r in latest_runs(store) if r["status"] == "completed" and (not tasks_wanted or r["task"] in tasks_wanted)]
+        cells: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        for r in runs:
+            cells[(r["label"], r["task"])].append(r)
+        lrs = {r["key"]: [v[0] for _, v in sorted(store.epoch_lrs(r["key"]).items()) if v and v[0] is not None] for r in runs}
+        grids: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        chosen: dict[str, list[float]] = defaultdict(list)
+        for r in runs:
+            if r["label"] != REFERENCE:
+                continue
+            search = ((store.record(r["key"]) or {}).get("info", {}).get("method") or {}).get("search") or {}
+            for trial in search.get("runs", []):
+                if trial.get("best_val_metric") is not None:
+                    grids[r["task"]][trial["lr"]].append(trial["best_val_metric"])
+            if search.get("chosen"):
+                chosen[r["task"]].append(search["chosen"]["lr"])
+    out = []
+    for task in dict.fromkeys(r["task"] for r in runs):
+        ref = cells.get((REFERENCE, task))
+        if not ref:
+            continue
+        ref_best = statistics.median(r["best_val_metric"] for r in ref)
+        rows = []
+        for (label, t), rs in cells.items():
+            best = statistics.median(r["best_val_metric"] for r in rs)
+            if t != task or label == REFERENCE or ref_best - best <= GAP:
+                continue
+            trail = [lrs[r["key"]] for r in rs if lrs[r["key"]]]
+            firsts, middles, lasts = zip(*[(x[0], statistics.median(x), x[-1]) for x in trail]) if trail else ((), (), ())
+            lr = " / ".join(f"{statistics.median(v):.3g}" for v in (firsts, middles, lasts)) if trail else "-"
+            rows.append(f"| {label} | {best:.4f} | {100 * (best - ref_best):+.1f} | {lr} |")
+        if not rows:
+            continue
+        grid = ", ".join(f"{lr:g}: {statistics.median(v):.3f}" for lr, v in sorted(grids[task].items()))
+        pick = " or ".join(f"{lr:g}" for lr in sorted(set(chosen[task])))
+        out += [f"**{task}**: `{REFERENCE}` median best {ref_best:.4f} at LR {pick}; its grid (LR: best accuracy) {grid}.",
+                "", "| method | median best | vs tuned (points) | its LR: first / median / last epoch |", "|---|---|---|---|",
+                *rows, ""]
+    lines = out
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store", type=Path)
@@ -82,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
     body = table(args.store, args.tasks.split(",") if args.tasks else None)
+    # what was written by hand below the marker (which runs ran when, on which machine) survives a re-make
+    kept = args.out.read_text().partition(KEEP)[2] if args.out.exists() else ""
     args.out.write_text(
         "# Robustness: every seed method in its default form, conv nets and batch norm included (issue 15)\n\n"
         f"Made by `python scripts/robustness_table.py {args.store}` from a run of `lrpilot bench --suite robustness`"
@@ -90,7 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         " 5,000 samples for 3 epochs). Cells: median best / median final over seeds 0-2, then the failures: a run that"
         f" did not complete or ended more than {DROP * 100:.0f} points below its own best (bold when any). `(gap)`: a"
         f" median best more than {GAP * 100:.0f} points below `{REFERENCE}`'s on that task. The full leaderboard and"
-        " verdict of the same run are in `docs/results.md`.\n\n" + body + "\n"
+        " verdict of the same run are in `docs/results.md`.\n\n" + body + "\n\n"
+        "## The gaps, measured\n\n"
+        "Every `(gap)` cell above with the LR the method trained at (its first param group's LR in each epoch; median"
+        " over seeds of the first, the median and the last epoch's) beside the tuned reference's grid search (SGD,"
+        " momentum 0.9, cosine to 0 over the budget: the LR it chose, and each grid LR's best accuracy, median over"
+        " seeds). An LR of a method without momentum moves the weights about a tenth as far per step as the same LR"
+        " with momentum 0.9; Adam-type LRs are not comparable. Each family's page says what the numbers mean for it.\n\n"
+        + gap_table(args.store, args.tasks.split(",") if args.tasks else None) + "\n\n" + KEEP + (kept or "\n")
     )
     print(f"wrote {args.out}")
     return 0
