@@ -271,10 +271,10 @@ def test_the_default_form_is_bit_identical_to_the_reference_over_many_steps(cls:
             g = torch.Generator().manual_seed(t)
             x, y = torch.randn(32, 12, generator=g), torch.randint(0, 4, (32,), generator=g)
             xv, yv = torch.randn(32, 12, generator=g), torch.randint(0, 4, (32,), generator=g)
-            def val(xv: torch.Tensor = xv, yv: torch.Tensor = yv) -> torch.Tensor:
+            def val(xv: torch.Tensor = xv, yv: torch.Tensor = yv, net: nn.Module = net) -> torch.Tensor:
                 return F.cross_entropy(net(xv), yv)
             if cls == "rt-hpo":
-                opt.step(lambda x=x, y=y: F.cross_entropy(net(x), y), val_closure=val)
+                opt.step(lambda x=x, y=y, net=net: F.cross_entropy(net(x), y), val_closure=val)
             else:
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(net(x), y).backward()
