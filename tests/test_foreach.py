@@ -174,16 +174,19 @@ def _poison(net: nn.Module) -> None:
     net[2].weight.grad[0, 0] = float("nan")
 
 
+@pytest.mark.parametrize("one_group", [False, True])
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("bad_step", [0, 3])
 @pytest.mark.parametrize("cls", ["hd-train", "hd-val", "rt-hpo"])
-def test_a_nonfinite_gradient_is_never_applied(cls: str, bad_step: int, foreach: bool) -> None:
+def test_a_nonfinite_gradient_is_never_applied(cls: str, bad_step: int, foreach: bool, one_group: bool) -> None:
     """At step ``bad_step`` one entry of one group's gradient is nan (the loss is finite): no weight of
     any group, momentum buffer or LR moves, ``lr_skipped`` counts the skip in every group, and the next
-    finite step goes on as usual."""
+    finite step goes on as usual. With one group the multi-tensor path reads the finiteness flag in the
+    same stack as the hypergradient's sums (hd-val, rt-hpo)."""
     net = _net()
     kw = {"lr": 0.05, "beta": 0.01, "momentum": 0.9, "foreach": foreach}
-    opt = {"hd-train": SGDHD, "hd-val": SGDHDVal, "rt-hpo": RTHPO}[cls](_groups(net), **kw)
+    params = [p for g in _groups(net) for p in g["params"]] if one_group else _groups(net)
+    opt = {"hd-train": SGDHD, "hd-val": SGDHDVal, "rt-hpo": RTHPO}[cls](params, **kw)
     for t in range(bad_step + 2):
         x, y = _batch(t)
         xv, yv = _batch(t, val=True)
@@ -229,3 +232,94 @@ def test_a_nonfinite_gradient_is_never_applied(cls: str, bad_step: int, foreach:
 ], ids=["kl-1", "chi2-2-wd-warmup", "rkl-3-wd", "hellinger-1-tensor", "kl-2-global"])
 def test_hyperreg_foreach_equals_the_reference_loop(options: dict[str, Any]) -> None:
     assert_same(lambda net, fe: HyperRegularization(_groups(net), lr=0.1, foreach=fe, **options))
+
+
+# ------------------------------------------------------------------------------------------------------
+# the registry's default form, over many steps: the fast path against the reference loop (the code the
+# published benchmark results came from), weights, param groups and every state tensor bit for bit
+# ------------------------------------------------------------------------------------------------------
+def _state_tensors(opt: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        for key, value in sorted(opt.state[p].items()):
+            if isinstance(value, torch.Tensor):
+                out.append((f"{i}.{key}", value))
+    return out
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("cls", ["hd-train", "hd-val", "rt-hpo"])
+def test_the_default_form_is_bit_identical_to_the_reference_over_many_steps(cls: str, groups: int) -> None:
+    """The registry's defaults (multiplicative rule, momentum 0.9, tangent_decay 0.99, rt-hpo's clip):
+    40 steps of a 3-layer MLP, fast path (``foreach=None``, the default) against the reference loop
+    (``foreach=False``), with a LR high enough that the LR, the momentum and the tangent all move."""
+    from lrpilot.core.registry import get_method
+
+    defaults = get_method(cls).defaults
+    kw = {k: v for k, v in defaults.items() if k not in ("rollback", "objective")}
+    make = {"hd-train": SGDHD, "hd-val": SGDHDVal, "rt-hpo": RTHPO}[cls]
+    results = []
+    for foreach in (False, None):
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 4))
+        params: Any = net.parameters() if groups == 1 else [
+            {"params": list(net[0].parameters())},
+            {"params": [*net[2].parameters(), *net[4].parameters()], "lr": 0.05},
+        ]
+        opt = make(params, foreach=foreach, **kw)
+        for t in range(40):
+            g = torch.Generator().manual_seed(t)
+            x, y = torch.randn(32, 12, generator=g), torch.randint(0, 4, (32,), generator=g)
+            xv, yv = torch.randn(32, 12, generator=g), torch.randint(0, 4, (32,), generator=g)
+            def val(xv: torch.Tensor = xv, yv: torch.Tensor = yv, net: nn.Module = net) -> torch.Tensor:
+                return F.cross_entropy(net(xv), yv)
+            if cls == "rt-hpo":
+                opt.step(lambda x=x, y=y, net=net: F.cross_entropy(net(x), y), val_closure=val)
+            else:
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(net(x), y).backward()
+                opt.step(val_closure=val) if cls == "hd-val" else opt.step()
+        results.append(([p.detach().clone() for p in net.parameters()],
+                        [{k: v for k, v in gr.items() if k not in ("params", "foreach")} for gr in opt.param_groups],
+                        [(k, v.clone()) for k, v in _state_tensors(opt)]))
+    (ref_w, ref_g, ref_s), (fast_w, fast_g, fast_s) = results
+    assert all(torch.equal(a, b) for a, b in zip(ref_w, fast_w))
+    assert ref_g == fast_g  # every LR, hypergradient and counter, exactly
+    assert [k for k, _ in ref_s] == [k for k, _ in fast_s] and ref_s
+    for (k, a), (_, b) in zip(ref_s, fast_s):
+        assert torch.equal(a, b), k
+    assert all(g["lr_skipped"] == 0 for g in ref_g)
+    assert ref_g[0]["lr"] != defaults["lr"]  # the LR moved
+
+
+def test_the_fused_reductions_equal_the_reference_ones() -> None:
+    """``_dot_rows`` (one stack, a row sum) equals ``_dot`` row by row, and the cosine finished on the
+    host from the device's sums and square roots equals ``_cosine`` on the device, bit for bit, over
+    tensors of many sizes and scales, zeros, infinities and nan included."""
+    from lrpilot.pilots.hypergradient import optimizers as o
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        n = 1 + trial % 9
+        shapes = [(1 + (trial * 7 + i) % 13, 1 + i % 3) if i % 2 else (1 + (trial + i) % 17,) for i in range(n)]
+        scale = 10.0 ** ((trial % 21) - 10)
+        a = [torch.randn(s, generator=gen) * scale for s in shapes]
+        b = [torch.randn(s, generator=gen) * 10.0 ** ((trial % 7) - 3) for s in shapes]
+        if trial % 50 == 1:
+            b = [torch.zeros(s) for s in shapes]
+        if trial % 50 == 2:
+            a[0].view(-1)[0] = math.inf
+        if trial % 50 == 3:
+            b[-1].view(-1)[0] = math.nan
+        ref = a[0]
+        fa, fb = o._flats(a), o._flats(b)
+        rows = o._dot_rows([(fa, fb), (fa, fa), (fb, fb)])
+        for got, want in zip(rows.unbind(0), (o._dot(a, b, ref=ref), o._dot(a, a, ref=ref), o._dot(b, b, ref=ref))):
+            assert torch.equal(got, want) or (got.isnan() and want.isnan())
+        want_cos = o._cosine(o._dot(a, b, ref=ref), a, b, ref=ref).item()
+        got = o._cosine_sums(fa, fb, a if trial % 2 else None).tolist()
+        half = len(got) // 2
+        got_cos = o._host_cosine(got[0], got[half + 1], got[half + 2], torch.float32)
+        assert got_cos == want_cos or (math.isnan(got_cos) and math.isnan(want_cos)), (trial, got_cos, want_cos)
+        if half == 4:  # the finiteness flag rode along: finite exactly when _finite_flag's is
+            assert math.isfinite(got[3]) == math.isfinite(o._finite_flag(a).item())
