@@ -229,3 +229,42 @@ def test_a_nonfinite_gradient_is_never_applied(cls: str, bad_step: int, foreach:
 ], ids=["kl-1", "chi2-2-wd-warmup", "rkl-3-wd", "hellinger-1-tensor", "kl-2-global"])
 def test_hyperreg_foreach_equals_the_reference_loop(options: dict[str, Any]) -> None:
     assert_same(lambda net, fe: HyperRegularization(_groups(net), lr=0.1, foreach=fe, **options))
+
+
+# ------------------------------------------------------------------------------------------------------
+# the cached 0-d scalar operands (core/foreach.py)
+# ------------------------------------------------------------------------------------------------------
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [0.9, 0.999, 1 - 0.999, 1e-8, 1 / 3, -2.5, 1e-40, 3e38])
+def test_a_cached_0d_operand_multiplies_and_adds_exactly_as_the_python_number(dtype: torch.dtype,
+                                                                                value: float) -> None:
+    """Bit for bit (compared as integers, so NaN payloads and signed zeros count), on values spanning
+    every exponent plus zeros, subnormals, infinities and NaN."""
+    from lrpilot.core.foreach import ScalarOperands
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, generator=g, dtype=torch.float64).mul(10.0 ** torch.randint(-40, 39, (n,), generator=g))
+          .to(dtype) for n in (1, 7, 16, 100, 1000)]
+    xs.append(torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, -1e-45, 3.4e38], dtype=dtype))
+    operand = ScalarOperands()(value, xs)
+    assert isinstance(operand, torch.Tensor) and operand.dtype == dtype and operand.ndim == 0
+    for op in (torch._foreach_mul, torch._foreach_add, torch._foreach_div):
+        for a, b in zip(op(xs, value), op(xs, operand)):
+            assert torch.equal(_bits(a), _bits(b)), (op, value)
+
+
+def test_the_0d_operand_is_only_used_where_it_is_exact() -> None:
+    from lrpilot.core.foreach import ScalarOperands
+
+    scalar = ScalarOperands()
+    f32, f64 = torch.ones(3), torch.ones(3, dtype=torch.float64)
+    assert scalar(0.9, [f32, f64]) == 0.9  # mixed dtypes: a float32 0-d would promote its rounded value
+    assert scalar(0.9, [f32.half()]) == 0.9  # half computes with the float, not the rounded half
+    for special in (0.0, -0.0, float("inf"), float("nan")):  # 0.0 == -0.0 and nan != nan in a dict key
+        assert not isinstance(scalar(special, [f32]), torch.Tensor)
+    assert scalar(0.9, [f32]) is scalar(0.9, [f32])  # cached
+    assert scalar(0.9, [f64]).dtype == torch.float64

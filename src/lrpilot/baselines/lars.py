@@ -10,7 +10,11 @@ from typing import Any
 
 import torch
 
+from lrpilot.core.foreach import ScalarOperands
+
 __all__ = ["LARS", "lars"]
+
+_scalar = ScalarOperands()  # exact 0-d operands for the multi-tensor kernels
 
 
 class LARS(torch.optim.Optimizer):
@@ -186,6 +190,6 @@ def _multi_tensor_lars(
             updates = list(grads)
             for i, u in zip(adapt, scaled):
                 updates[i] = u
-    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_mul_(bufs, _scalar(momentum, bufs))
     torch._foreach_add_(bufs, updates, alpha=lr)
     torch._foreach_sub_(params, bufs)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lrpilot.core.checks import is_number
+from lrpilot.core.foreach import ScalarOperands
 from lrpilot.estimators.lipschitz import (
     GRAD_SQ_ESTIMATES,
     BatchStats,
@@ -19,6 +20,8 @@ from lrpilot.estimators.lipschitz import (
 __all__ = ["BIAS_CORRECTIONS", "AdaMo", "AutoAdam", "LipschitzRMSprop"]
 
 BIAS_CORRECTIONS = ("none", "moments", "all")
+
+_scalar = ScalarOperands()  # exact 0-d operands for the multi-tensor kernels
 
 
 class LipschitzOptimizer(torch.optim.Optimizer):
@@ -354,7 +357,7 @@ def _multi_tensor_adamo(params: list[torch.Tensor], vs: list[torch.Tensor], *, b
     grads = [p.grad for p in params]
     if weight_decay != 0:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_mul_(vs, beta)
+    torch._foreach_mul_(vs, _scalar(beta, vs))
     torch._foreach_add_(vs, grads, alpha=1 - beta)
     if alpha != 0.0:
         torch._foreach_add_(params, vs, alpha=-alpha / bc1)
@@ -507,9 +510,9 @@ def _multi_tensor_auto_adam(params: list[torch.Tensor], vs: list[torch.Tensor], 
     grads = [p.grad for p in params]
     if weight_decay != 0:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_mul_(vs, b1)
+    torch._foreach_mul_(vs, _scalar(b1, vs))
     torch._foreach_add_(vs, grads, alpha=1 - b1)
-    torch._foreach_mul_(ss, b2)
+    torch._foreach_mul_(ss, _scalar(b2, ss))
     torch._foreach_addcmul_(ss, grads, grads, value=1 - b2)
     if alpha == 0.0:
         return
