@@ -103,10 +103,28 @@ def _lipschitz_step(opt: torch.optim.Optimizer, net: nn.Module, x: torch.Tensor,
     lambda net, fe: AdaMo(_groups(net), foreach=fe),
     lambda net, fe: AutoAdam(_groups(net), weight_decay=1e-3, bias_correction="moments", foreach=fe),
     lambda net, fe: AutoAdam(_groups(net), eps_inside_sqrt=False, k1_init=1.0, k2_init=1e-6, foreach=fe),
+    lambda net, fe: AutoAdam(_groups(net), eps_inside_sqrt=False, bias_correction="moments", eps=1e-3, foreach=fe),
     lambda net, fe: LipschitzRMSprop(_groups(net), foreach=fe),
-], ids=["adamo-wd-bc", "adamo", "auto-adam-wd-bc", "auto-adam-eps-outside", "lipschitz-rmsprop"])
+], ids=["adamo-wd-bc", "adamo", "auto-adam-wd-bc", "auto-adam-eps-outside", "auto-adam-eps-outside-bc",
+        "lipschitz-rmsprop"])
 def test_lipschitz_optimizers_foreach_equal_the_reference_loop(make: Callable[[nn.Module, bool], Any]) -> None:
     assert_same(make, _lipschitz_step)
+
+
+def _reloading_step(opt: Any, net: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int) -> None:
+    """A Lipschitz step that reloads the optimizer's own state first at step 3 (what a rollback does):
+    the state tensors are replaced, so nothing cached for the old ones may be used again."""
+    if t == 3:
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _lipschitz_step(opt, net, x, y, t)
+
+
+@pytest.mark.parametrize("make", [
+    lambda net, fe: AutoAdam(_groups(net), weight_decay=1e-3, bias_correction="moments", foreach=fe),
+    lambda net, fe: LipschitzRMSprop(_groups(net), foreach=fe),
+], ids=["auto-adam-wd-bc", "lipschitz-rmsprop"])
+def test_a_state_reload_keeps_foreach_equal_to_the_reference(make: Callable[[nn.Module, bool], Any]) -> None:
+    assert_same(make, _reloading_step)
 
 
 def _falling_lipschitz_step(opt: Any, net: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int) -> None:
