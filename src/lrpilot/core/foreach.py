@@ -11,6 +11,8 @@ included (``tests/test_foreach.py``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["ScalarOperands"]
@@ -38,7 +40,8 @@ class ScalarOperands:
         if (
             first.device.type != "cpu"
             or dtype not in _EXACT_DTYPES
-            or not (value != 0.0 and abs(value) != float("inf") and value == value)
+            or value == 0.0
+            or not math.isfinite(value)
             or any(t.dtype is not dtype for t in tensors)
         ):
             return value

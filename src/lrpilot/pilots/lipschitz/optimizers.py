@@ -500,8 +500,8 @@ class AutoAdam(LipschitzOptimizer):
                              weight_decay=group["weight_decay"], eps_inside_sqrt=group["eps_inside_sqrt"],
                              alpha=alpha, step=group["step"] if group["bias_correction"] != "none" else None)
             return
-        kw = dict(b1=group["_b1"], b2=group["_b2"], eps=group["eps"], weight_decay=group["weight_decay"],
-                  eps_inside_sqrt=group["eps_inside_sqrt"], alpha=alpha, bc1=bc1, bc2=bc2)
+        kw = {"b1": group["_b1"], "b2": group["_b2"], "eps": group["eps"], "weight_decay": group["weight_decay"],
+              "eps_inside_sqrt": group["eps_inside_sqrt"], "alpha": alpha, "bc1": bc1, "bc2": bc2}
         if group["foreach"] is False:
             _single_tensor_auto_adam(params, vs, ss, **kw)
         else:
@@ -574,7 +574,7 @@ def _multi_tensor_auto_adam(params: list[torch.Tensor], vs: list[torch.Tensor], 
 
 def _fused_option(fused: Any, foreach: Any) -> bool:
     if not isinstance(fused, bool):
-        raise ValueError(f"Invalid fused: {fused!r} (must be True or False)")
+        raise ValueError(f"Invalid fused: {fused!r} (must be True or False)")  # noqa: TRY004 - as every option error
     if fused and foreach is False:
         raise ValueError("fused=True and foreach=False are two different kernels: choose one")
     return fused
