@@ -35,6 +35,8 @@ class ScalarOperands:
         self._cache: dict[tuple[float, torch.dtype], torch.Tensor] = {}
 
     def __call__(self, value: float, tensors: list[torch.Tensor]) -> float | torch.Tensor:
+        if not tensors:
+            return value
         first = tensors[0]
         dtype = first.dtype
         if (
