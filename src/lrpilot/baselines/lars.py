@@ -10,7 +10,11 @@ from typing import Any
 
 import torch
 
+from lrpilot.core.foreach import ScalarOperands
+
 __all__ = ["LARS", "lars"]
+
+_scalar = ScalarOperands()  # exact 0-d operands for the multi-tensor kernels
 
 
 class LARS(torch.optim.Optimizer):
@@ -162,19 +166,30 @@ def _multi_tensor_lars(
     momentum: float, weight_decay: float, trust_coefficient: float, exclude_1d: bool, eps: float,
 ) -> None:
     """The same update, one multi-tensor kernel per operation; the trust ratios of all adapted tensors
-    are computed as one vector (elementwise, so each equals the reference's bit for bit)."""
-    adapt = [i for i, p in enumerate(params) if not (exclude_1d and p.ndim <= 1)]
-    updates = list(grads)
-    if adapt:
+    are computed as one vector (elementwise, so each equals the reference's bit for bit).
+
+    On a small network the step is bound by dispatch, not arithmetic, so the trust ratios take as few
+    small-tensor operations as exact equality allows: both norms in one ``_foreach_norm`` and one
+    ``stack``; ``minimum(w, g) > 0`` for ``(w > 0) & (g > 0)`` (norms are >= 0, and a NaN fails both);
+    a Python ``1.0`` in ``torch.where`` instead of a tensor of ones (the same float32 1.0)."""
+    if exclude_1d:
+        adapt = [i for i, p in enumerate(params) if p.ndim > 1]
         ps, gs = [params[i] for i in adapt], [grads[i] for i in adapt]
-        w_norm = torch.stack(torch._foreach_norm(ps))
-        g_norm = torch.stack(torch._foreach_norm(gs))
-        denom = g_norm + weight_decay * w_norm + eps
-        trust = torch.where((w_norm > 0) & (g_norm > 0), trust_coefficient * w_norm / denom, torch.ones_like(w_norm))
+    else:
+        adapt, ps, gs = None, params, grads
+    updates = grads
+    if ps:
+        w_norm, g_norm = torch.stack(torch._foreach_norm(ps + gs)).view(2, len(ps))
+        denom = g_norm + weight_decay * w_norm + eps  # the reference's expression, operation for operation
+        trust = torch.where(torch.minimum(w_norm, g_norm) > 0, trust_coefficient * w_norm / denom, 1.0)
         scaled = torch._foreach_add(gs, ps, alpha=weight_decay)
-        torch._foreach_mul_(scaled, list(trust.unbind(0)))
-        for i, u in zip(adapt, scaled):
-            updates[i] = u
-    torch._foreach_mul_(bufs, momentum)
+        torch._foreach_mul_(scaled, trust.unbind(0))
+        if adapt is None:
+            updates = scaled
+        else:
+            updates = list(grads)
+            for i, u in zip(adapt, scaled):
+                updates[i] = u
+    torch._foreach_mul_(bufs, _scalar(momentum, bufs))
     torch._foreach_add_(bufs, updates, alpha=lr)
     torch._foreach_sub_(params, bufs)

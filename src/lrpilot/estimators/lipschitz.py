@@ -440,9 +440,10 @@ _COMPACT_AT = 4096  # per-batch norms kept before they are folded into their max
 def _elementwise_norm(a: torch.Tensor, dtype: torch.dtype, ones: int) -> torch.Tensor:
     r""":math:`\lVert A\circ A\rVert_F = (\sum a^4)^{1/2}`, scaled by the largest entry so the fourth powers
     cannot overflow (they would for activations above 1e9 in float32); ``ones`` columns of ones added."""
-    a = a.to(dtype)
+    if a.dtype is not dtype:  # (the check is cheaper than a no-op .to() on every training batch)
+        a = a.to(dtype)
     top = a.abs().amax().clamp_min(torch.finfo(dtype).tiny)
-    value = torch.linalg.vector_norm((a / top).square()) * top.square()
+    value = torch.linalg.vector_norm(a.div(top).square_()) * top.square()  # square_: one temporary less
     return (value.square() + ones).sqrt() if ones else value
 
 
