@@ -335,6 +335,20 @@ def test_every_pruning_setting_gives_the_dense_counts(monkeypatch, first, dense,
     assert np.array_equal(_pruned_counts(a, y, 3), _dense_counts(a, y, 3))
 
 
+def test_label_groups_are_cached_by_value_and_read_only():
+    y = np.array([0, 1, 1, 2, 2, 2, 7])
+    first = mi._ross_groups(y, 3)
+    assert mi._ross_groups(y.copy(), 3) is first  # the same labels (a new array): the same groups
+    n_c, k_c, keep, groups = first
+    assert n_c.tolist() == [1, 2, 2, 3, 3, 3, 1] and k_c.tolist() == [0, 1, 1, 2, 2, 2, 0]
+    assert keep.tolist() == [False, True, True, True, True, True, False]
+    assert [g.tolist() for g in groups] == [[1, 2], [3, 4, 5]]
+    assert not any(a.flags.writeable for a in (n_c, k_c, keep, *groups))
+    assert mi._ross_groups(y, 1)[1].tolist() == [0, 1, 1, 1, 1, 1, 0]  # k is part of the key
+    y[0] = 1
+    assert mi._ross_groups(y, 3)[0].tolist() == [3, 3, 3, 3, 3, 3, 1]  # new labels, new groups
+
+
 def test_jitter_draw_is_cached_read_only_and_equal_to_a_fresh_one():
     fresh = np.random.default_rng([11, 0]).standard_normal((50, 7))
     first = mi._standard_normal(11, 0, (50, 7))

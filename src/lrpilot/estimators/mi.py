@@ -240,8 +240,28 @@ def _to_int_array(x: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 # Ross (continuous vs discrete)
 # ----------------------------------------------------------------------------------------------------
+_GROUPS: dict[tuple[bytes, int], tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]] = {}
+
+
 def _ross_groups(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Per sample: class size N_c, k_c = min(k, N_c - 1), kept (N_c >= 2); the index set of each kept class."""
+    """Per sample: class size N_c, k_c = min(k, N_c - 1), kept (N_c >= 2); the index set of each kept class.
+
+    Kept for the last few label vectors (read-only): a pilot estimates every layer, every epoch, against
+    the same subset's labels, and the unique/flatnonzero per class cost as much as a small estimate.
+    """
+    key = (labels.tobytes(), int(k))
+    hit = _GROUPS.get(key)
+    if hit is None:
+        hit = _ross_groups_uncached(labels, k)
+        for arr in (*hit[:3], *hit[3]):
+            arr.flags.writeable = False
+        if len(_GROUPS) >= 8:
+            _GROUPS.pop(next(iter(_GROUPS)))
+        _GROUPS[key] = hit
+    return hit
+
+
+def _ross_groups_uncached(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     n_c = counts[inverse]
     keep = n_c >= 2
@@ -264,7 +284,7 @@ def _ross_counts(d: Any, n_c: np.ndarray, k_c: np.ndarray, keep: np.ndarray, gro
     radius = torch.empty(len(d), dtype=torch.float64, device=d.device) if is_torch else np.empty(len(d))
     for idx in groups:
         kk = int(k_c[idx[0]])
-        rows = torch.as_tensor(idx, device=d.device) if is_torch else idx
+        rows = torch.tensor(idx, device=d.device) if is_torch else idx  # a copy: idx is read-only (cached)
         radius[rows] = _kth_smallest(d[rows][:, rows], kk)
     kept = np.flatnonzero(keep)
     if is_torch:
@@ -320,7 +340,9 @@ def _ross_counts_pruned(a: np.ndarray, n_c: np.ndarray, k_c: np.ndarray, keep: n
     radius = np.empty(n)
     for idx in groups:
         rows = position[idx]
-        block = squareform(pdist(x[rows], "chebyshev"))
+        # pdist computes each pair once; for a few coordinates SciPy's per-call overhead dominates and
+        # the square cdist (the same values: fl(|a - b|) is symmetric) saves squareform's copy.
+        block = cdist(x[rows], x[rows], "chebyshev") if d <= 32 else squareform(pdist(x[rows], "chebyshev"))
         np.fill_diagonal(block, np.inf)
         kk = int(k_c[idx[0]])
         radius[rows] = np.partition(block, kk - 1, axis=1)[:, kk - 1]
