@@ -18,7 +18,9 @@ Every estimate follows the same steps:
    squared distances for rows that differ only by the jitter. Max-norm distances are exact (a max of
    exact ``|a - b|``), so every backend gives bit-identical matrices.
 3. Integer neighbour counts from the matrix, with the estimators' exact inequalities (``<`` and ``<=``
-   on the exact distances: no ``r - 1e-15`` tricks, which are no-ops above ~16).
+   on the exact distances: no ``r - 1e-15`` tricks, which are no-ops above ~16). Ross on one NumPy
+   thread (what the MI pilots run every epoch) does not fill the matrix: :func:`_ross_counts_pruned`
+   rules pairs out with lower bounds of the same distances and returns the same counts.
 4. One shared float64 formula from the counts (digamma from SciPy), so the NumPy path, the torch path
    (CPU or GPU) and the slow cKDTree references (:func:`mi_continuous_discrete_reference`,
    :func:`mi_continuous_reference`) return *identical* values.
@@ -300,14 +302,14 @@ def _ross_counts(d: Any, n_c: np.ndarray, k_c: np.ndarray, keep: np.ndarray, gro
 # checking a surviving pair one coordinate at a time costs ~2 ns, SciPy's pass ~0.35 ns a pair and
 # coordinate, so the first pass takes the coordinates until few pairs are left.
 _PRUNE_FIRST = 16
-# Above this fraction of surviving pairs, the dense matrix is cheaper than checking them one by one.
+# Above this fraction of surviving pairs (the rate over the rows swept so far), the dense matrix is cheaper
+# than checking them one by one.
 _PRUNE_DENSE = 0.08
 # Rows of one cdist call of the first pass (a block's columns: the union of its rows' windows).
 _SWEEP_ROWS = 64
 
 
-def _ross_counts_pruned(a: np.ndarray, n_c: np.ndarray, k_c: np.ndarray, keep: np.ndarray,
-                        groups: list[np.ndarray]) -> np.ndarray:
+def _ross_counts_pruned(a: np.ndarray, k_c: np.ndarray, keep: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
     """The counts of :func:`_ross_counts` (for the kept samples, in their order) without the dense matrix.
 
     The max-norm over any subset of the coordinates is a lower bound of the distance, computed the same
@@ -327,8 +329,8 @@ def _ross_counts_pruned(a: np.ndarray, n_c: np.ndarray, k_c: np.ndarray, keep: n
 
     Every comparison is on the same float64 values as the dense path's, so the counts are its, integer
     for integer (``tests/test_mi_estimators.py`` checks it, ties included). When more than
-    ``_PRUNE_DENSE`` of the pairs survive step 3 (raw pixels: ties, constant borders) it falls back to
-    the dense matrix.
+    ``_PRUNE_DENSE`` of the pairs survive step 3 (raw pixels: ties, constant borders; untrained layers)
+    it falls back to the dense matrix.
     """
     kept = np.flatnonzero(keep)
     n, d = len(kept), a.shape[1]
@@ -371,9 +373,11 @@ def _ross_counts_pruned(a: np.ndarray, n_c: np.ndarray, k_c: np.ndarray, keep: n
             continue
         flat = np.flatnonzero(inside)
         survivors += len(flat)
-        if survivors > _PRUNE_DENSE * n * n:
-            m = _ross_counts(pairwise_chebyshev(a), n_c, k_c, keep, groups)
-            return m
+        if survivors > _PRUNE_DENSE * n * r1:  # on course for more than _PRUNE_DENSE of all pairs: stop early
+            # The dense matrix of the same (sorted, kept) samples; d_i is already known.
+            counts = np.count_nonzero(pairwise_chebyshev(x) <= radius[:, None], axis=1)
+            exact = True
+            break
         i, j = np.divmod(flat, c1 - c0)
         found_rows.append(i + r0)
         found_cols.append(j + c0)
@@ -448,7 +452,7 @@ def mi_continuous_discrete(
     if backend == "numpy" and workers == 1:
         # One thread on a CPU: rule pairs out instead of filling the n x n matrix (same counts).
         _check_backend(backend, workers)
-        m = _ross_counts_pruned(arr, n_c, k_c, keep, groups)
+        m = _ross_counts_pruned(arr, k_c, keep, groups)
     else:
         d = pairwise_chebyshev(arr, backend=backend, device=device, workers=workers)
         m = _ross_counts(d, n_c, k_c, keep, groups)
