@@ -278,7 +278,7 @@ def _dense_counts(a: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
 
 
 def _pruned_counts(a: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
-    n_c, k_c, keep, groups = mi._ross_groups(y, k)
+    _, k_c, keep, groups = mi._ross_groups(y, k)
     return mi._ross_counts_pruned(a, k_c, keep, groups)
 
 
