@@ -324,6 +324,33 @@ def test_layerwise_gives_one_group_per_layer_with_its_own_ity(tiny):
         assert [e.lr[g] for e in hist.epochs] == pytest.approx(expected, rel=1e-12)
 
 
+def test_layerwise_trajectory_is_the_dense_estimators_exactly(monkeypatch):
+    """The default (pruned) Ross path gives the ITY, hence the LRs, of the dense matrix it replaced,
+    on layers wider than its first pass (48 > 16 coordinates) and narrower (3)."""
+    from lrpilot.estimators import mi
+    from tests.conftest import MLP
+
+    x, y = blobs(n=256, classes=4, dim=20, seed=0)
+    xv, yv = blobs(n=64, classes=4, dim=20, seed=1)
+
+    def run() -> Trainer:
+        torch.manual_seed(0)
+        trainer = Trainer(MLP((20, 48, 4)), TensorLoader(x, y, 32, shuffle=True, seed=0), TensorLoader(xv, yv, 64),
+                          method="mi-decay-layerwise", epochs=4, seed=0, progress=False,
+                          method_options={**BOUNDS, "mi_samples": 200})
+        trainer.run()
+        return trainer
+
+    fast = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(mi, "_ross_counts_pruned", lambda a, k_c, keep, groups: mi._ross_counts(
+            mi.pairwise_chebyshev(a), np.zeros(0), k_c, keep, groups))  # n_c: unused by the counts
+        dense = run()
+    assert fast.pilot.ity == dense.pilot.ity and len(fast.pilot.ity[0]) == 5
+    assert [e.lr for e in fast.history.epochs] == [e.lr for e in dense.history.epochs]
+    assert [d.reason for d in fast.history.decisions] == [d.reason for d in dense.history.decisions]
+
+
 def test_layerwise_refuses_user_param_groups(tiny):
     model = tiny.model()
     with pytest.raises(ValueError, match="one param group per layer"):

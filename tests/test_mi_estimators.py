@@ -14,6 +14,7 @@ import torch
 from scipy.integrate import quad
 from scipy.stats import norm
 
+from lrpilot.estimators import mi
 from lrpilot.estimators.mi import (
     label_entropy,
     mi_continuous,
@@ -259,6 +260,106 @@ def test_chebyshev_matrix_is_exact_and_the_same_on_every_path():
     assert np.array_equal(pairwise_chebyshev(a), dense)
     assert np.array_equal(pairwise_chebyshev(a, workers=2), dense)
     assert np.array_equal(pairwise_chebyshev(a, backend="torch").numpy(), dense)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the default CPU path (pruned Ross counts, cached jitter) against the dense matrix
+# ----------------------------------------------------------------------------------------------------
+def _clustered(n: int, d: int, classes: int, seed: int, spread: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Class means plus unit noise: activations-like data on which the pruning does rule pairs out."""
+    rng = _rng(seed)
+    y = rng.integers(0, classes, n)
+    return rng.standard_normal((classes, d))[y] * spread + rng.standard_normal((n, d)), y
+
+
+def _dense_counts(a: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    n_c, k_c, keep, groups = mi._ross_groups(y, k)
+    return mi._ross_counts(pairwise_chebyshev(a), n_c, k_c, keep, groups)
+
+
+def _pruned_counts(a: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    _, k_c, keep, groups = mi._ross_groups(y, k)
+    return mi._ross_counts_pruned(a, k_c, keep, groups)
+
+
+# Ross estimates computed by the code before the pruned path (commit 8b3696f, dense pdist matrix): the
+# default path must still return these floats exactly (the published mi-decay runs depend on them).
+_BEFORE = {
+    ("clustered", 3, 3): 0.6513460364101573,
+    ("clustered", 10, 3): 1.7459882163587246,
+    ("clustered", 40, 3): 2.285321589644399,
+    ("clustered", 100, 3): 2.299334091199669,
+    ("ties", 24, 3): -1.7522177372984498,
+    ("clustered-0.3", 300, 5): 0.9734581651558392,
+}
+
+
+@pytest.mark.parametrize(("case", "d", "k"), list(_BEFORE))
+def test_default_path_returns_the_estimates_of_the_dense_code_exactly(case, d, k):
+    if case == "ties":  # integer data, no jitter: exact ties at the k-th distance everywhere
+        rng = _rng(5)
+        t, y = rng.integers(0, 4, (600, d)).astype(float), rng.integers(0, 5, 600)
+        assert mi_continuous_discrete(t, y, k=k, jitter=0) == _BEFORE[(case, d, k)]
+    else:
+        t, y = _clustered(1000, d, 10, 7 if d == 300 else d, spread=0.3 if d == 300 else 1.0)
+        assert mi_continuous_discrete(t, y, k=k) == _BEFORE[(case, d, k)]
+
+
+@pytest.mark.parametrize("d", [1, 2, 10, 16, 17, 40, 130])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_pruned_counts_equal_the_dense_counts(d, k):
+    t, y = _clustered(500, d, 7, seed=d + k, spread=0.7)
+    y[:3] = [90, 91, 92]  # singleton classes: dropped, and not counted as anyone's neighbour
+    y[3:5] = 93  # a class of two: k_c = 1
+    a = prepare(t, seed=k)
+    assert np.array_equal(_pruned_counts(a, y, k), _dense_counts(a, y, k))
+
+
+@pytest.mark.parametrize("d", [3, 24])
+def test_pruned_counts_equal_the_dense_counts_on_exact_ties(d):
+    rng = _rng(d)
+    a = prepare(rng.integers(0, 3, (400, d)).astype(float), jitter=0)  # many pairs exactly at d_i
+    y = rng.integers(0, 4, 400)
+    assert np.array_equal(_pruned_counts(a, y, 3), _dense_counts(a, y, 3))
+
+
+@pytest.mark.parametrize(("first", "dense", "rows"), [(1, 1.0, 7), (4, 1.0, 1000), (16, 0.0, 64), (2, 0.001, 33)])
+def test_every_pruning_setting_gives_the_dense_counts(monkeypatch, first, dense, rows):
+    """The knobs change only the work: a one-coordinate first pass, blocks that do not divide n, and
+    the fallback to the dense matrix (dense=0: always; 0.001: after the first block)."""
+    monkeypatch.setattr(mi, "_PRUNE_FIRST", first)
+    monkeypatch.setattr(mi, "_PRUNE_DENSE", dense)
+    monkeypatch.setattr(mi, "_SWEEP_ROWS", rows)
+    t, y = _clustered(700, 60, 10, seed=first, spread=0.5)
+    a = prepare(t)
+    assert np.array_equal(_pruned_counts(a, y, 3), _dense_counts(a, y, 3))
+
+
+def test_label_groups_are_cached_by_value_and_read_only():
+    y = np.array([0, 1, 1, 2, 2, 2, 7])
+    first = mi._ross_groups(y, 3)
+    assert mi._ross_groups(y.copy(), 3) is first  # the same labels (a new array): the same groups
+    n_c, k_c, keep, groups = first
+    assert n_c.tolist() == [1, 2, 2, 3, 3, 3, 1] and k_c.tolist() == [0, 1, 1, 2, 2, 2, 0]
+    assert keep.tolist() == [False, True, True, True, True, True, False]
+    assert [g.tolist() for g in groups] == [[1, 2], [3, 4, 5]]
+    assert not any(a.flags.writeable for a in (n_c, k_c, keep, *groups))
+    assert mi._ross_groups(y, 1)[1].tolist() == [0, 1, 1, 1, 1, 1, 0]  # k is part of the key
+    y[0] = 1
+    assert mi._ross_groups(y, 3)[0].tolist() == [3, 3, 3, 3, 3, 3, 1]  # new labels, new groups
+
+
+def test_jitter_draw_is_cached_read_only_and_equal_to_a_fresh_one():
+    fresh = np.random.default_rng([11, 0]).standard_normal((50, 7))
+    first = mi._standard_normal(11, 0, (50, 7))
+    assert np.array_equal(first, fresh) and not first.flags.writeable
+    assert mi._standard_normal(11, 0, (50, 7)) is first  # the same draw again, not a new one
+    assert not np.array_equal(mi._standard_normal(11, 1, (50, 7)), fresh)  # another stream, another draw
+    t = _rng(3).standard_normal((50, 7))
+    manual = t / t.std()
+    manual += 1e-10 * max(1.0, float(np.abs(manual).mean())) * fresh
+    assert np.array_equal(prepare(t, seed=11), manual)
+    assert np.array_equal(prepare(torch.as_tensor(t), seed=11), manual)  # tensors: one copy, same values
 
 
 # ----------------------------------------------------------------------------------------------------
