@@ -43,6 +43,15 @@ def _machine() -> str:
             f"{torch.__version__}, load average {load:.1f} at the end")  # fmt: skip
 
 
+def report_store(suite: str) -> tuple[str, float, str]:
+    """Report every run already in ``runs/results/<suite>`` (``lrpilot report --all``) without running any:
+    for a store filled by several invocations (a suite that does not fit one session)."""
+    out = ROOT / "runs" / "results" / suite
+    report = subprocess.run([sys.executable, "-m", "lrpilot", "report", "--all", str(out)], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout  # fmt: skip
+    return report, 0.0, f"lrpilot report --all runs/results/{suite}"
+
+
 def run_suite(suite: str, workers: int, extra: list[str]) -> tuple[str, float, str]:
     """Run ``suite`` and return (the report's printed text, wall seconds, the command)."""
     out = ROOT / "runs" / "results" / suite
@@ -57,13 +66,17 @@ def run_suite(suite: str, workers: int, extra: list[str]) -> tuple[str, float, s
 
 
 def section(suite: str, report: str, wall: float, command: str) -> str:
+    """One suite's section; ``wall == 0``: reported from the store (``--report-only``), nothing was run."""
     commit = _git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if _git("status", "--porcelain") else "")
+    if wall:
+        how = (f"- command: `{command}` (then `lrpilot report runs/results/{suite}`)\n"
+               f"- wall time of this invocation: {wall / 60:.1f} min (a resumed run counts only what it ran)\n")
+    else:
+        how = f"- reported from the store, every run in it (`{command}`); the runs came from several invocations\n"
     return (
-        f"## Suite `{suite}`\n\n"
-        f"- command: `{command}` (then `lrpilot report runs/results/{suite}`)\n"
-        f"- lrpilot commit: `{commit}`; run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
-        f"- machine: {_machine()}\n"
-        f"- wall time of this invocation: {wall / 60:.1f} min (a resumed run counts only what it ran)\n\n"
+        f"## Suite `{suite}`\n\n{how}"
+        f"- lrpilot commit: `{commit}`; reported on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+        f"- machine: {_machine()}\n\n"
         f"```\n{report.strip()}\n```\n"
     )
 
@@ -80,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suites", default="standard,robustness", help="comma-separated suite names")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report every run already in each suite's store (lrpilot report --all)")
     parser.add_argument("extra", nargs="*", help="more `lrpilot bench` arguments, after --")
     args = parser.parse_args(argv)
     sections = {}
     for suite in [s for s in args.suites.split(",") if s]:
-        report, wall, command = run_suite(suite, args.workers, args.extra)
+        report, wall, command = report_store(suite) if args.report_only else run_suite(suite, args.workers, args.extra)
         sections[suite] = section(suite, report, wall, command)
     write_page(sections)
     print(f"wrote {PAGE}")

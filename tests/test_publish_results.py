@@ -26,3 +26,20 @@ def test_a_suite_section_is_replaced_and_the_others_kept(tmp_path):
     assert text.count("## Suite `") == 2 and "board A" not in text and "board B" in text and "board C" in text
     quick = text[text.index("## Suite `quick`"):]
     assert "lrpilot commit: `" in quick and "wall time of this invocation: 1.5 min" in quick and "cores" in quick
+
+
+def test_report_only_sections_say_they_ran_nothing_and_name_the_report_command(tmp_path, monkeypatch):
+    publish = _module()
+    publish.PAGE = tmp_path / "results.md"
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return type("Done", (), {"stdout": "board D", "returncode": 0})()
+
+    monkeypatch.setattr(publish.subprocess, "run", fake_run)
+    report, wall, command = publish.report_store("robustness")
+    assert wall == 0.0 and report == "board D" and command == "lrpilot report --all runs/results/robustness"
+    assert [c for c in calls if "bench" in c] == [] and any("--all" in c for c in calls)  # nothing was trained
+    text = publish.section("robustness", report, wall, command)
+    assert "reported from the store" in text and "wall time" not in text and "board D" in text
