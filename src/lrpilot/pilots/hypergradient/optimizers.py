@@ -522,8 +522,6 @@ class HypergradientSGD(torch.optim.Optimizer):
         # gradient and the Hessian-vector products so every rank holds those of the global batch.
         dist.all_reduce_mean_([*grads, *(t for hz_k in hz for t in hz_k)])
 
-        host_sums: torch.Tensor | None = None  # the multi-tensor path's sums, cosines finished on the host
-        flags: list[torch.Tensor] = []
         if first:
             deltas = torch.zeros(n_groups, dtype=loss.dtype, device=loss.device)
         else:
@@ -547,50 +545,23 @@ class HypergradientSGD(torch.optim.Optimizer):
                     deltas = -torch.stack(dots)
                 else:
                     cs, flat_tangents = _flats(contracted), [_flats(zs) for zs in tangents]
-                    if self.lr_rule == "multiplicative" and _host_cosine_dtype(cs[0].dtype):
-                        # every <c, z_k>, |c|^2, |z_k|^2 (and, with one group, the finiteness flag's norms)
-                        # in one stack; the square roots on the device, the cosines on the host
-                        rows = [(cs, zs) for zs in flat_tangents] + [(cs, cs)] + [(zs, zs) for zs in flat_tangents]
-                        parts = [torch.dot(x, y) for a, b in rows for x, y in zip(a, b)]
-                        n_rows = len(rows)
-                        if n_groups == 1 and grads[0].element_size() >= 4 and all(
-                            g.dtype == cs[0].dtype for g in grads
-                        ):
-                            parts += torch._foreach_norm(grads)
-                            n_rows += 1
-                        sums = torch.stack(parts).view(n_rows, len(params)).sum(1)
-                        host_sums = torch.cat([sums, sums.sqrt()])
-                        if n_rows > len(rows):
-                            flags = [sums[-1]]  # read with the sums (host_sums), not again
-                    elif self.lr_rule == "multiplicative":
+                    if self.lr_rule == "multiplicative":  # every <c, z_k>, <c, c> and <z_k, z_k> in one stack
                         sums = _dot_rows([(cs, zs) for zs in flat_tangents] + [(cs, cs)]
                                          + [(zs, zs) for zs in flat_tangents])
                         deltas = -_cosines(sums[:n_groups], sums[n_groups], sums[n_groups + 1 :])
                     else:
                         deltas = -_dot_rows([(cs, zs) for zs in flat_tangents])
         # the one device-to-host read of the step: the loss, every group's hypergradient and gradient check
-        if host_sums is None:
-            flags = [_finite_flag(grads[sl]) for group, sl in segments]
-            values = _read([loss.detach(), *deltas.unbind(0), *flags])
-            checks = values[1 + n_groups :]
-            values = values[: 1 + n_groups]
-        else:  # [loss, <c, z_k>..., |c|^2, |z_k|^2..., (flag), the roots of the same]
-            read_flags = [] if flags else [_finite_flag(grads[sl]) for group, sl in segments]
-            got = _read_parts([loss.detach(), host_sums, *read_flags])
-            half = host_sums.numel() // 2
-            sums_h, roots = got[1 : 1 + half], got[1 + half : 1 + 2 * half]
-            dtype = host_sums.dtype
-            values = [got[0]] + [
-                -_host_cosine(sums_h[k], roots[n_groups], roots[n_groups + 1 + k], dtype) for k in range(n_groups)
-            ]
-            checks = [sums_h[-1]] if flags else got[1 + 2 * half :]
+        flags = [_finite_flag(grads[sl]) for group, sl in segments]
+        values = _read([loss.detach(), *deltas.unbind(0), *flags])
         if dist.any_true(not math.isfinite(values[0])):
             return loss  # a non-finite training loss: change nothing (the loop ends the epoch)
-        finite = [math.isfinite(v) for v in checks]
+        finite = [math.isfinite(v) for v in values[1 + n_groups :]]
         if not all(finite):  # never apply a non-finite gradient: nothing moves, every LR is kept
             for group, _ in segments:
                 self._skip_lr(group)
             return self._skip_nonfinite(loss)
+        values = values[: 1 + n_groups]
 
         with torch.no_grad():
             for p, g in zip(params, grads):
