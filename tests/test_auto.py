@@ -20,6 +20,7 @@ from lrpilot.pilots.auto import (
     sweep_lrs,
     warmup_cosine,
 )
+from lrpilot.pilots.auto.sweep import valley_edge
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -43,6 +44,41 @@ def test_choose_lr_takes_the_first_minimum_divided():
     assert choose_lr(lrs, [2.0, 1.0, 1.0, 5.0], divisor=4.0, window=1) == (0.025, 0.1)
     with pytest.raises(ValueError, match="one LR per loss"):
         choose_lr([0.1], [1.0, 2.0], divisor=3.0, window=0)
+
+
+def test_the_valley_edge_is_the_last_point_of_the_valley_around_the_minimum():
+    # start 3, minimum 1 at index 2: f = 0.25 -> threshold 1 + 0.25 * 2 = 1.5
+    curve = [3.0, 2.0, 1.0, 1.2, 1.5, 1.6, 1.0, 4.0]
+    assert valley_edge(curve, 0.25) == 4  # 1.5 is in, 1.6 leaves: the later 1.0 is another valley
+    assert valley_edge(curve, 0.05) == 2  # threshold 1.1: the minimum is its own edge
+    assert valley_edge(curve, 0.5) == 6  # threshold 2: up to the second 1.0, 4.0 leaves
+    assert valley_edge([3.0, 1.0, 1.2], 0.25) is None  # the ramp never climbed out: no edge seen
+
+
+def test_edge_pick_takes_the_wall_of_a_flat_valley_not_its_wandering_floor():
+    lrs = [0.01 * 2 ** i for i in range(8)]  # 0.01 .. 1.28
+    # a flat floor whose minimum (0.999 at 0.04) is noise; the wall rises at 0.64
+    losses = [2.3, 1.5, 0.999, 1.0, 1.001, 1.0, 2.4, 5.0]
+    assert choose_lr(lrs, losses, divisor=2.0, window=0) == (0.02, 0.04)
+    # f = 0.2: threshold 0.999 + 0.2 * 1.301 = 1.2592; the last floor point is 0.32
+    assert choose_lr(lrs, losses, divisor=2.0, window=0, pick="edge") == (0.16, 0.32)
+    # the ramp never left the valley: the minimum, as pick="minimum" would choose
+    assert choose_lr(lrs[:6], losses[:6], divisor=2.0, window=0, pick="edge") == (0.02, 0.04)
+    with pytest.raises(ValueError, match="pick"):
+        choose_lr(lrs, losses, divisor=2.0, window=0, pick="median")
+
+
+def test_sweep_records_the_edge_beside_the_minimum():
+    lrs = [0.01 * 2 ** i for i in range(8)]
+    losses = dict(zip(lrs, [2.3, 1.5, 0.999, 1.0, 1.001, 1.0, 2.4, 5.0]))
+    step = lambda lr: losses[min(losses, key=lambda k: abs(k - lr))]  # noqa: E731
+    result = run_sweep(step, min_lr=0.01, max_lr=1.28, steps=8, divisor=2.0, beta=0.0, window=0,
+                       divergence_factor=100.0, pick="edge")
+    assert result.lr_at_min == pytest.approx(0.04) and result.lr_at_edge == pytest.approx(0.32)
+    assert result.lr == pytest.approx(0.16) and result.to_dict()["lr_at_edge"] == pytest.approx(0.32)
+    plain = run_sweep(step, min_lr=0.01, max_lr=1.28, steps=8, divisor=2.0, beta=0.0, window=0,
+                      divergence_factor=100.0)
+    assert plain.lr_at_edge is None and plain.lr == pytest.approx(0.02)
 
 
 def test_ema_selection_is_the_causal_average_with_beta_0_98():
@@ -102,6 +138,7 @@ def test_a_nonfinite_step_ends_the_sweep_and_is_not_part_of_the_curve():
 @pytest.mark.parametrize(("option", "value", "match"), [
     ("min_lr", 0.0, "min_lr"), ("max_lr", 1e-5, "max_lr"), ("steps", 1, "steps"), ("divisor", 0.5, "divisor"),
     ("beta", 1.0, "beta"), ("divergence_factor", 1.0, "divergence_factor"), ("window", -1, "window"),
+    ("pick", "median", "pick"), ("edge_fraction", 0.0, "edge_fraction"), ("edge_fraction", 1.5, "edge_fraction"),
 ])
 def test_bad_sweep_options_name_themselves(option, value, match):
     with pytest.raises(ValueError, match=match):

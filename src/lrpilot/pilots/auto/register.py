@@ -34,6 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "divisor": 2.0,
     "window": 10,
     "smoothing": "centred",
+    "pick": "minimum",  # or "edge": the valley's upper edge (round 2 of docs/methods/auto.md)
+    "edge_fraction": 0.2,
     "schedule": "cosine",
     "warmup_fraction": 0.0,
     "momentum": 0.9,
@@ -134,7 +136,8 @@ def _sweep(ctx: BuildContext, o: Mapping[str, Any]) -> SweepResult:
             return float(value)
 
         return run_sweep(step, min_lr=o["sweep_min_lr"], max_lr=o["sweep_max_lr"], steps=o["sweep_steps"],
-                         divisor=o["divisor"], window=o["window"], smoothing=o["smoothing"])
+                         divisor=o["divisor"], window=o["window"], smoothing=o["smoothing"], pick=o["pick"],
+                         edge_fraction=o["edge_fraction"])
 
 
 def _register() -> None:
@@ -149,6 +152,8 @@ def _register() -> None:
             ({"schedule": "step"}, r"schedule"),
             ({"divisor": 0.5}, r"divisor"),
             ({"smoothing": "gaussian"}, r"smoothing"),
+            ({"pick": "median"}, r"pick"),
+            ({"edge_fraction": 0.0}, r"edge_fraction"),
             ({"sweep_max_lr": 1e-5}, r"max_lr"),
             ({"lr": -1.0}, r"lr"),
             ({"warmup_fraction": 1.0}, r"warmup_fraction"),

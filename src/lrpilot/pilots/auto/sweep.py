@@ -7,13 +7,21 @@ grows geometrically from ``min_lr`` to ``max_lr``, and records the training loss
     e_i    = EMA_beta(loss_0 .. loss_i) / (1 - beta ** (i + 1))              (bias-corrected, causal)
     stop   when loss_i is not finite, or e_i > divergence_factor * min_{j <= i} e_j
     c_i    = mean(loss_{i-w} .. loss_{i+w})                                  (centred, w = window)
-    lr     = lr_{argmin c} / divisor
+    lr     = lr_{argmin c} / divisor                                      (pick="minimum")
+    lr     = lr_{edge} / divisor,  edge = the last i >= argmin c with       (pick="edge")
+             c_j <= min c + f * (c_0 - min c) for every j in argmin c .. i
 
 The LR at the smoothed loss's minimum is where the ramp starts to hurt: the largest LR the network
 tolerates at the start of training. Dividing it by ``divisor`` lands inside the region where the loss
 still falls fast (Smith's advice is "a factor of 3 or 4 less than the maximum"; measured on the
 development tasks, 2 is ours: docs/methods/auto.md).
 The sweep only reads the training loss of the steps it takes, so it needs no held-out data.
+
+**Why an edge.** Where the valley of the curve is wide and flat (MNIST-1D's MLP), its minimum wanders by
+half a decade from seed to seed and the LR with it; the valley's upper wall, where the ramp starts to
+fail, is steep and moves little. ``pick="edge"`` places the LR from the wall: the last LR whose smoothed
+loss is still within a fraction ``f`` (``edge_fraction``) of the way from the minimum back up to the
+start (round 2 of docs/methods/auto.md measures both).
 
 **Why two smoothings.** The causal EMA only decides when to stop. The LR is chosen from a *centred*
 average, because a causal average lags: on a ramp of 200 steps over five decades, the usual
@@ -34,7 +42,7 @@ from typing import Any
 
 from lrpilot.core.checks import require_in, require_int, require_positive, require_range
 
-__all__ = ["SweepResult", "centred", "choose_lr", "run_sweep", "smoothed", "sweep_lrs"]
+__all__ = ["PICKS", "SweepResult", "centred", "choose_lr", "run_sweep", "smoothed", "sweep_lrs", "valley_edge"]
 
 
 @dataclass
@@ -42,8 +50,10 @@ class SweepResult:
     """What the sweep measured and chose.
 
     Attributes:
-        lr: the chosen LR, ``lr_at_min / divisor``.
+        lr: the chosen LR, ``lr_at_min / divisor`` (``pick="minimum"``) or ``lr_at_edge / divisor``.
         lr_at_min: the ramp's LR at the smoothed loss's minimum.
+        lr_at_edge: with ``pick="edge"``, the ramp's LR at the valley's upper edge (``None`` when the
+            ramp never left the valley, and the minimum was used).
         lrs, losses: the LR and the raw training loss of every step taken.
         stopped: why the ramp ended: ``"end"`` (all steps), ``"diverging"`` or ``"nonfinite"``.
     """
@@ -53,13 +63,15 @@ class SweepResult:
     lrs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     stopped: str = "end"
+    lr_at_edge: float | None = None
 
     @property
     def steps(self) -> int:
         return len(self.losses)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"lr": self.lr, "lr_at_min": self.lr_at_min, "steps": self.steps, "stopped": self.stopped,
+        return {"lr": self.lr, "lr_at_min": self.lr_at_min, "lr_at_edge": self.lr_at_edge, "steps": self.steps,
+                "stopped": self.stopped,
                 "lrs": list(self.lrs), "losses": list(self.losses)}
 
 
@@ -94,15 +106,43 @@ EMA_SELECTION_BETA = 0.98
 SMOOTHINGS = ("centred", "ema")
 
 
+#: ``pick="minimum"``: the LR at the curve's minimum; ``pick="edge"``: the LR where the curve leaves its
+#: valley on the way up (the largest LR the valley holds).
+PICKS = ("minimum", "edge")
+
+
+def valley_edge(curve: Sequence[float], fraction: float) -> int | None:
+    """The index where ``curve`` leaves its valley towards larger LRs: the last index of the run of
+    values ``<= min + fraction * (curve[0] - min)`` that contains the (first) minimum, or ``None`` when
+    that run reaches the end of the curve (the ramp never climbed out: no edge was seen).
+
+    The valley's floor is flat and noisy on some networks (MNIST-1D's MLP: its minimum wanders between
+    0.12 and 0.37 from seed to seed), its upper wall is where training starts to fail and is steep, so
+    it moves little: an LR placed from the wall is steadier than one placed from the floor."""
+    best = min(range(len(curve)), key=curve.__getitem__)
+    threshold = curve[best] + fraction * (curve[0] - curve[best])
+    edge = best
+    while edge + 1 < len(curve) and curve[edge + 1] <= threshold:
+        edge += 1
+    return None if edge == len(curve) - 1 else edge
+
+
 def choose_lr(lrs: Sequence[float], losses: Sequence[float], *, divisor: float, window: int,
-              smoothing: str = "centred") -> tuple[float, float]:
-    """``(lr_at_min / divisor, lr_at_min)`` for a finished ramp (``lrs[i]`` produced ``losses[i]``), the
-    minimum taken on the centred average (default) or on the causal EMA with ``beta = 0.98``."""
+              smoothing: str = "centred", pick: str = "minimum",
+              edge_fraction: float = 0.2) -> tuple[float, float]:
+    """``(lr_at_point / divisor, lr_at_point)`` for a finished ramp (``lrs[i]`` produced ``losses[i]``),
+    on the centred average (default) or the causal EMA with ``beta = 0.98``. The point is the curve's
+    first minimum (``pick="minimum"``) or its valley's upper edge (``pick="edge"``, see
+    :func:`valley_edge`; the minimum when the ramp never left the valley)."""
     if not losses or len(lrs) != len(losses):
         raise ValueError("choose_lr needs one LR per loss and at least one loss")
+    require_in("pick", pick, PICKS, method="auto")
     curve = centred(losses, window) if smoothing == "centred" else smoothed(losses, EMA_SELECTION_BETA)
-    best = min(range(len(curve)), key=curve.__getitem__)  # the first minimum
-    return lrs[best] / divisor, lrs[best]
+    point = min(range(len(curve)), key=curve.__getitem__)  # the first minimum
+    if pick == "edge":
+        edge = valley_edge(curve, edge_fraction)
+        point = point if edge is None else edge
+    return lrs[point] / divisor, lrs[point]
 
 
 def run_sweep(
@@ -116,6 +156,8 @@ def run_sweep(
     window: int = 10,
     divergence_factor: float = 4.0,
     smoothing: str = "centred",
+    pick: str = "minimum",
+    edge_fraction: float = 0.2,
 ) -> SweepResult:
     """Ramp the LR through ``step(lr) -> training loss`` and choose the LR (see the module docstring).
 
@@ -130,6 +172,8 @@ def run_sweep(
     require_range("beta", beta, 0.0, 1.0, open_high=True, method="auto")
     require_int("window", window, method="auto")
     require_in("smoothing", smoothing, SMOOTHINGS, method="auto")
+    require_in("pick", pick, PICKS, method="auto")
+    require_range("edge_fraction", edge_fraction, 0.0, 1.0, open_low=True, method="auto")
     require_range("divergence_factor", divergence_factor, 1.0, math.inf, open_low=True, open_high=True,
                   method="auto")
     lrs, losses, stopped = [], [], "end"
@@ -149,5 +193,8 @@ def run_sweep(
             break
     if not losses:  # the very first step was not finite: the smallest LR is all we know to be safe
         return SweepResult(min_lr / divisor, min_lr, [], [], stopped)
-    lr, lr_at_min = choose_lr(lrs, losses, divisor=divisor, window=window, smoothing=smoothing)
-    return SweepResult(lr, lr_at_min, lrs, losses, stopped)
+    lr, lr_at_point = choose_lr(lrs, losses, divisor=divisor, window=window, smoothing=smoothing, pick=pick,
+                                edge_fraction=edge_fraction)
+    _, lr_at_min = choose_lr(lrs, losses, divisor=divisor, window=window, smoothing=smoothing)
+    edge_seen = pick == "edge" and lr_at_point != lr_at_min
+    return SweepResult(lr, lr_at_min, lrs, losses, stopped, lr_at_edge=lr_at_point if edge_seen else None)
