@@ -208,6 +208,16 @@ def test_the_sweep_leaves_the_run_as_if_its_lr_had_been_given():
         assert torch.equal(a, b)
 
 
+def test_the_sweep_ignores_weight_decay_which_only_the_run_applies():
+    """The sweep ramps plain momentum SGD: its curve, hence the LR, is the same with any weight decay;
+    the run then decays (its weights differ)."""
+    plain_model, plain = _fit(sweep_steps=40)
+    decayed_model, decayed = _fit(sweep_steps=40, weight_decay=0.05)
+    assert decayed.info["method"]["sweep"]["losses"] == plain.info["method"]["sweep"]["losses"]
+    assert decayed.info["method"]["lr"] == plain.info["method"]["lr"]
+    assert not torch.equal(next(decayed_model.parameters()), next(plain_model.parameters()))
+
+
 def test_decisions_never_read_the_scored_split():
     """Scrambled validation labels change the scores, never the LRs or the weights."""
     model, hist = _fit(sweep_steps=40)
