@@ -34,13 +34,13 @@ DEFAULTS: dict[str, Any] = {
     "divisor": 2.0,
     "window": 10,
     "smoothing": "centred",
-    "pick": "minimum",  # or "edge": the valley's upper edge (round 2 of docs/methods/auto.md)
+    "pick": "edge",  # the valley's upper edge; "minimum": round 1's rule (docs/methods/auto.md, round 2)
     "edge_fraction": 0.2,
     "schedule": "cosine",
     "warmup_fraction": 0.0,
     "momentum": 0.9,
     "nesterov": False,
-    "weight_decay": 0.0,
+    "weight_decay": 5e-4,  # the run's only (the sweep ramps without it); round 2 of docs/methods/auto.md
     "rollback": True,  # the safety net (its L_0 from the training loss only)
     "stall_factor": 1.0,  # the safety net's initial_factor: an epoch above the untrained loss rolls back
     "average": False,  # evaluate a polynomial-decay average of the weights (cosine schedule only)
@@ -146,7 +146,7 @@ def _sweep(ctx: BuildContext, o: Mapping[str, Any]) -> SweepResult:
 def _register() -> None:
     register(MethodInfo(
         "auto", "auto",
-        "lrpilot's own autopilot: an LR sweep on training batches picks the LR, cosine annealing over the budget, the safety net",
+        "lrpilot's own autopilot: an LR sweep on training batches places the LR, SGD with weight decay 5e-4 and cosine annealing over the budget, the safety net",
         build_auto, DEFAULTS, lr_granularity="step", kind="schedule", tags=frozenset({"auto"}),
         paper="Smith, WACV 2017 (the sweep); Loshchilov & Hutter, ICLR 2017 (cosine); see docs/methods/auto.md",
         handles_nonfinite=True,
