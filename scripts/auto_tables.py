@@ -10,7 +10,8 @@ validation metric over seeds with its min-max, the difference to ``auto``'s medi
 failed (did not complete, or ended more than 5 points below their own best, or never left chance: a best
 below 0.12 on these 10-class tasks).
 
-``confirm`` (the runs of the store's last bench invocation, as ``lrpilot report``): per task, ``auto``'s median best beside ``sgd-cosine-tuned``'s and the best peer's (methods
+``confirm`` (the runs of the store's last bench invocation, as ``lrpilot report``; with ``--all`` every run of the
+store, the latest of each task, label and seed, as ``lrpilot report --all``): per task, ``auto``'s median best beside ``sgd-cosine-tuned``'s and the best peer's (methods
 tagged ``peer``), the margins, and the failures; then the AlgoPerf benchmark scores of the same store
 (time to target, the search charged) for ``auto`` and every peer.
 """
@@ -90,8 +91,8 @@ def ablation(store_dir: Path, tasks: list[str] | None) -> str:
     return "\n".join(lines)
 
 
-def confirm(store_dir: Path, tasks: list[str] | None, labels: list[str] | None) -> str:
-    cells, order_t, order_l, tags = _cells(store_dir, tasks, planned=True)
+def confirm(store_dir: Path, tasks: list[str] | None, labels: list[str] | None, *, every_run: bool = False) -> str:
+    cells, order_t, order_l, tags = _cells(store_dir, tasks, planned=not every_run)
     peers = [lb for lb in order_l if "peer" in tags.get(lb, set()) and (not labels or lb in labels)]
     lines = ["| task | auto | sgd-cosine-tuned | best peer | auto - tuned | auto - best peer |", "|---|---|---|---|---|---|"]
     for t in order_t:
@@ -108,7 +109,8 @@ def confirm(store_dir: Path, tasks: list[str] | None, labels: list[str] | None) 
             f"{'' if mr is None else f'{(ma - mr) * 100:+.2f}'} | {'' if mp is None else f'{(ma - mp) * 100:+.2f}'} |"
         )
     with Store.open(store_dir) as store:
-        keys = {r["key"] for r in latest_runs(store, store.plan_keys()) if not tasks or r["task"] in tasks}
+        plan = None if every_run else store.plan_keys()
+        keys = {r["key"] for r in latest_runs(store, plan) if not tasks or r["task"] in tasks}
         board = leaderboard_from_store(store, keys=keys)
     shown = [lb for lb in board.labels if lb == "auto" or lb in peers or lb == REFERENCE]
     lines += ["", "| method | AlgoPerf score (search charged) | score, search free | tasks reached (median) |",
@@ -126,12 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("store", type=Path)
     parser.add_argument("--tasks", help="comma-separated tasks (default: all in the store)")
     parser.add_argument("--labels", help="confirm: the peers to compare with (default: every peer in the store)")
+    parser.add_argument("--all", action="store_true",
+                        help="confirm: every run of the store (the latest of each task, label and seed), as "
+                             "`lrpilot report --all`, not only the last bench invocation's")
     args = parser.parse_args(argv)
     tasks = args.tasks.split(",") if args.tasks else None
     if args.table == "ablation":
         print(ablation(args.store, tasks))
     else:
-        print(confirm(args.store, tasks, args.labels.split(",") if args.labels else None))
+        print(confirm(args.store, tasks, args.labels.split(",") if args.labels else None, every_run=args.all))
     return 0
 
 
