@@ -55,6 +55,18 @@ def test_the_valley_edge_is_the_last_point_of_the_valley_around_the_minimum():
     assert valley_edge([3.0, 1.0, 1.2], 0.25) is None  # the ramp never climbed out: no edge seen
 
 
+def test_the_valley_also_ends_where_the_loss_rises_half_again_above_its_floor():
+    # a batch-normalised net's ramp: start 3.7, floor 0.74, a bump to 1.16, bounded again, then the rise
+    curve = [3.7, 0.74, 0.96, 1.16, 0.94, 1.09, 2.03, 2.9]
+    # f = 0.2 alone: threshold 0.74 + 0.2 * 2.96 = 1.332: the bump is "inside", the edge runs to 1.09
+    assert valley_edge(curve, 0.2) == 5
+    # rise 0.5: threshold min(1.332, 0.74 * 1.5 = 1.11): the bump to 1.16 leaves the valley
+    assert valley_edge(curve, 0.2, 0.5) == 2
+    # where the start's bound is the tighter one, rise changes nothing (an MLP's ramp from ln 10)
+    flat = [2.3, 1.7, 1.72, 1.75, 1.8, 2.6]
+    assert valley_edge(flat, 0.2, 0.5) == valley_edge(flat, 0.2) == 4
+
+
 def test_edge_pick_takes_the_wall_of_a_flat_valley_not_its_wandering_floor():
     lrs = [0.01 * 2 ** i for i in range(8)]  # 0.01 .. 1.28
     # a flat floor whose minimum (0.999 at 0.04) is noise; the wall rises at 0.64
@@ -139,6 +151,7 @@ def test_a_nonfinite_step_ends_the_sweep_and_is_not_part_of_the_curve():
     ("min_lr", 0.0, "min_lr"), ("max_lr", 1e-5, "max_lr"), ("steps", 1, "steps"), ("divisor", 0.5, "divisor"),
     ("beta", 1.0, "beta"), ("divergence_factor", 1.0, "divergence_factor"), ("window", -1, "window"),
     ("pick", "median", "pick"), ("edge_fraction", 0.0, "edge_fraction"), ("edge_fraction", 1.5, "edge_fraction"),
+    ("edge_rise", 0.0, "edge_rise"),
 ])
 def test_bad_sweep_options_name_themselves(option, value, match):
     with pytest.raises(ValueError, match=match):

@@ -9,7 +9,7 @@ grows geometrically from ``min_lr`` to ``max_lr``, and records the training loss
     c_i    = mean(loss_{i-w} .. loss_{i+w})                                  (centred, w = window)
     lr     = lr_{argmin c} / divisor                                      (pick="minimum")
     lr     = lr_{edge} / divisor,  edge = the last i >= argmin c with       (pick="edge")
-             c_j <= min c + f * (c_0 - min c) for every j in argmin c .. i
+             c_j <= min c + min(f * (c_0 - min c), r * min c) for every j in argmin c .. i
 
 The LR at the smoothed loss's minimum is where the ramp starts to hurt: the largest LR the network
 tolerates at the start of training. Dividing it by ``divisor`` lands inside the region where the loss
@@ -21,7 +21,7 @@ The sweep only reads the training loss of the steps it takes, so it needs no hel
 half a decade from seed to seed and the LR with it; the valley's upper wall, where the ramp starts to
 fail, is steep and moves little. ``pick="edge"`` places the LR from the wall: the last LR whose smoothed
 loss is still within a fraction ``f`` (``edge_fraction``) of the way from the minimum back up to the
-start (round 2 of docs/methods/auto.md measures both).
+start, and (``edge_rise`` r) at most ``1 + r`` times the minimum (rounds 2 and 3 of docs/methods/auto.md).
 
 **Why two smoothings.** The causal EMA only decides when to stop. The LR is chosen from a *centred*
 average, because a causal average lags: on a ramp of 200 steps over five decades, the usual
@@ -111,16 +111,24 @@ SMOOTHINGS = ("centred", "ema")
 PICKS = ("minimum", "edge")
 
 
-def valley_edge(curve: Sequence[float], fraction: float) -> int | None:
+def valley_edge(curve: Sequence[float], fraction: float, rise: float | None = None) -> int | None:
     """The index where ``curve`` leaves its valley towards larger LRs: the last index of the run of
-    values ``<= min + fraction * (curve[0] - min)`` that contains the (first) minimum, or ``None`` when
-    that run reaches the end of the curve (the ramp never climbed out: no edge was seen).
+    values ``<= min + min(fraction * (curve[0] - min), rise * min)`` that contains the (first) minimum,
+    or ``None`` when that run reaches the end of the curve (the ramp never climbed out: no edge was seen).
 
     The valley's floor is flat and noisy on some networks (MNIST-1D's MLP: its minimum wanders between
     0.12 and 0.37 from seed to seed), its upper wall is where training starts to fail and is steep, so
-    it moves little: an LR placed from the wall is steadier than one placed from the floor."""
+    it moves little: an LR placed from the wall is steadier than one placed from the floor.
+
+    ``rise`` bounds the valley by its own floor too: a loss ``1 + rise`` times the minimum is out of it,
+    however far the start was above. Without it a batch-normalised ResNet-20, whose ramp starts at a loss
+    of 3.7 and whose loss stays bounded at large LRs (the normalisation rescales the step), counted a
+    bump to 1.16 over a floor of 0.74 as inside the valley and ran on to an edge at LR 3.0."""
     best = min(range(len(curve)), key=curve.__getitem__)
-    threshold = curve[best] + fraction * (curve[0] - curve[best])
+    above = fraction * (curve[0] - curve[best])
+    if rise is not None:
+        above = min(above, rise * curve[best])
+    threshold = curve[best] + above
     edge = best
     while edge + 1 < len(curve) and curve[edge + 1] <= threshold:
         edge += 1
@@ -129,7 +137,7 @@ def valley_edge(curve: Sequence[float], fraction: float) -> int | None:
 
 def choose_lr(lrs: Sequence[float], losses: Sequence[float], *, divisor: float, window: int,
               smoothing: str = "centred", pick: str = "minimum",
-              edge_fraction: float = 0.2) -> tuple[float, float]:
+              edge_fraction: float = 0.2, edge_rise: float | None = None) -> tuple[float, float]:
     """``(lr_at_point / divisor, lr_at_point)`` for a finished ramp (``lrs[i]`` produced ``losses[i]``),
     on the centred average (default) or the causal EMA with ``beta = 0.98``. The point is the curve's
     first minimum (``pick="minimum"``) or its valley's upper edge (``pick="edge"``, see
@@ -140,7 +148,7 @@ def choose_lr(lrs: Sequence[float], losses: Sequence[float], *, divisor: float, 
     curve = centred(losses, window) if smoothing == "centred" else smoothed(losses, EMA_SELECTION_BETA)
     point = min(range(len(curve)), key=curve.__getitem__)  # the first minimum
     if pick == "edge":
-        edge = valley_edge(curve, edge_fraction)
+        edge = valley_edge(curve, edge_fraction, edge_rise)
         point = point if edge is None else edge
     return lrs[point] / divisor, lrs[point]
 
@@ -158,6 +166,7 @@ def run_sweep(
     smoothing: str = "centred",
     pick: str = "minimum",
     edge_fraction: float = 0.2,
+    edge_rise: float | None = None,
 ) -> SweepResult:
     """Ramp the LR through ``step(lr) -> training loss`` and choose the LR (see the module docstring).
 
@@ -174,6 +183,8 @@ def run_sweep(
     require_in("smoothing", smoothing, SMOOTHINGS, method="auto")
     require_in("pick", pick, PICKS, method="auto")
     require_range("edge_fraction", edge_fraction, 0.0, 1.0, open_low=True, method="auto")
+    if edge_rise is not None:
+        require_positive("edge_rise", edge_rise, method="auto")
     require_range("divergence_factor", divergence_factor, 1.0, math.inf, open_low=True, open_high=True,
                   method="auto")
     lrs, losses, stopped = [], [], "end"
@@ -194,7 +205,7 @@ def run_sweep(
     if not losses:  # the very first step was not finite: the smallest LR is all we know to be safe
         return SweepResult(min_lr / divisor, min_lr, [], [], stopped)
     lr, lr_at_point = choose_lr(lrs, losses, divisor=divisor, window=window, smoothing=smoothing, pick=pick,
-                                edge_fraction=edge_fraction)
+                                edge_fraction=edge_fraction, edge_rise=edge_rise)
     _, lr_at_min = choose_lr(lrs, losses, divisor=divisor, window=window, smoothing=smoothing)
     edge_seen = pick == "edge" and lr_at_point != lr_at_min
     return SweepResult(lr, lr_at_min, lrs, losses, stopped, lr_at_edge=lr_at_point if edge_seen else None)
