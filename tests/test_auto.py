@@ -67,6 +67,17 @@ def test_the_valley_also_ends_where_the_loss_rises_half_again_above_its_floor():
     assert valley_edge(flat, 0.2, 0.5) == valley_edge(flat, 0.2) == 4
 
 
+def test_the_edge_is_capped_at_an_octave_above_the_minimum():
+    lrs = [0.01 * 2 ** (i / 2) for i in range(10)]  # half octaves from 0.01
+    losses = [2.3, 1.0, 1.01, 1.02, 1.03, 1.04, 1.05, 3.0, 4.0, 5.0]  # minimum at index 1, edge at 6
+    assert choose_lr(lrs, losses, divisor=2.0, window=0, pick="edge")[1] == pytest.approx(lrs[6])
+    # cap 2: index 3 is exactly 2x the minimum (kept), index 4 is 2.83x (not)
+    lr, point = choose_lr(lrs, losses, divisor=2.0, window=0, pick="edge", edge_cap=2.0)
+    assert point == pytest.approx(lrs[3]) and lr == pytest.approx(lrs[3] / 2)
+    # an edge already inside the cap is left alone
+    assert choose_lr(lrs, losses, divisor=2.0, window=0, pick="edge", edge_cap=100.0)[1] == pytest.approx(lrs[6])
+
+
 def test_edge_pick_takes_the_wall_of_a_flat_valley_not_its_wandering_floor():
     lrs = [0.01 * 2 ** i for i in range(8)]  # 0.01 .. 1.28
     # a flat floor whose minimum (0.999 at 0.04) is noise; the wall rises at 0.64
@@ -151,7 +162,7 @@ def test_a_nonfinite_step_ends_the_sweep_and_is_not_part_of_the_curve():
     ("min_lr", 0.0, "min_lr"), ("max_lr", 1e-5, "max_lr"), ("steps", 1, "steps"), ("divisor", 0.5, "divisor"),
     ("beta", 1.0, "beta"), ("divergence_factor", 1.0, "divergence_factor"), ("window", -1, "window"),
     ("pick", "median", "pick"), ("edge_fraction", 0.0, "edge_fraction"), ("edge_fraction", 1.5, "edge_fraction"),
-    ("edge_rise", 0.0, "edge_rise"),
+    ("edge_rise", 0.0, "edge_rise"), ("edge_cap", 0.5, "edge_cap"),
 ])
 def test_bad_sweep_options_name_themselves(option, value, match):
     with pytest.raises(ValueError, match=match):

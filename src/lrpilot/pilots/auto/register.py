@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "pick": "edge",  # the valley's upper edge; "minimum": round 1's rule (docs/methods/auto.md, round 2)
     "edge_fraction": 0.2,
     "edge_rise": 0.5,  # None: round 2's valley, bounded by the start's loss only (round 3)
+    "edge_cap": 2.0,  # the edge's LR at most this times the minimum's; None: uncapped (round 4)
     "schedule": "cosine",
     "warmup_fraction": 0.0,
     "momentum": 0.9,
@@ -141,7 +142,7 @@ def _sweep(ctx: BuildContext, o: Mapping[str, Any]) -> SweepResult:
 
         return run_sweep(step, min_lr=o["sweep_min_lr"], max_lr=o["sweep_max_lr"], steps=o["sweep_steps"],
                          divisor=o["divisor"], window=o["window"], smoothing=o["smoothing"], pick=o["pick"],
-                         edge_fraction=o["edge_fraction"], edge_rise=o["edge_rise"])
+                         edge_fraction=o["edge_fraction"], edge_rise=o["edge_rise"], edge_cap=o["edge_cap"])
 
 
 def _register() -> None:
@@ -159,6 +160,7 @@ def _register() -> None:
             ({"pick": "median"}, r"pick"),
             ({"edge_fraction": 0.0}, r"edge_fraction"),
             ({"edge_rise": -0.5}, r"edge_rise"),
+            ({"edge_cap": 0.5}, r"edge_cap"),
             ({"sweep_max_lr": 1e-5}, r"max_lr"),
             ({"lr": -1.0}, r"lr"),
             ({"warmup_fraction": 1.0}, r"warmup_fraction"),

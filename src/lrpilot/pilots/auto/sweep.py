@@ -9,7 +9,8 @@ grows geometrically from ``min_lr`` to ``max_lr``, and records the training loss
     c_i    = mean(loss_{i-w} .. loss_{i+w})                                  (centred, w = window)
     lr     = lr_{argmin c} / divisor                                      (pick="minimum")
     lr     = lr_{edge} / divisor,  edge = the last i >= argmin c with       (pick="edge")
-             c_j <= min c + min(f * (c_0 - min c), r * min c) for every j in argmin c .. i
+             c_j <= min c + min(f * (c_0 - min c), r * min c) for every j in argmin c .. i,
+             and lr_i <= k * lr_{argmin c}
 
 The LR at the smoothed loss's minimum is where the ramp starts to hurt: the largest LR the network
 tolerates at the start of training. Dividing it by ``divisor`` lands inside the region where the loss
@@ -21,7 +22,10 @@ The sweep only reads the training loss of the steps it takes, so it needs no hel
 half a decade from seed to seed and the LR with it; the valley's upper wall, where the ramp starts to
 fail, is steep and moves little. ``pick="edge"`` places the LR from the wall: the last LR whose smoothed
 loss is still within a fraction ``f`` (``edge_fraction``) of the way from the minimum back up to the
-start, and (``edge_rise`` r) at most ``1 + r`` times the minimum (rounds 2 and 3 of docs/methods/auto.md).
+start, and (``edge_rise`` r) at most ``1 + r`` times the minimum; the edge's LR is at most ``edge_cap``
+(k) times the minimum's: the edge refines the minimum's pick within an octave, it never replaces it
+(rounds 2 to 4 of docs/methods/auto.md: a batch-normalised ResNet-20's ramp has no wall, and an uncapped
+edge trained it at 10 times the minimum's LR).
 
 **Why two smoothings.** The causal EMA only decides when to stop. The LR is chosen from a *centred*
 average, because a causal average lags: on a ramp of 200 steps over five decades, the usual
@@ -137,7 +141,8 @@ def valley_edge(curve: Sequence[float], fraction: float, rise: float | None = No
 
 def choose_lr(lrs: Sequence[float], losses: Sequence[float], *, divisor: float, window: int,
               smoothing: str = "centred", pick: str = "minimum",
-              edge_fraction: float = 0.2, edge_rise: float | None = None) -> tuple[float, float]:
+              edge_fraction: float = 0.2, edge_rise: float | None = None,
+              edge_cap: float | None = None) -> tuple[float, float]:
     """``(lr_at_point / divisor, lr_at_point)`` for a finished ramp (``lrs[i]`` produced ``losses[i]``),
     on the centred average (default) or the causal EMA with ``beta = 0.98``. The point is the curve's
     first minimum (``pick="minimum"``) or its valley's upper edge (``pick="edge"``, see
@@ -149,6 +154,9 @@ def choose_lr(lrs: Sequence[float], losses: Sequence[float], *, divisor: float, 
     point = min(range(len(curve)), key=curve.__getitem__)  # the first minimum
     if pick == "edge":
         edge = valley_edge(curve, edge_fraction, edge_rise)
+        if edge is not None and edge_cap is not None:  # at most edge_cap times the minimum's LR
+            while edge > point and lrs[edge] > edge_cap * lrs[point]:
+                edge -= 1
         point = point if edge is None else edge
     return lrs[point] / divisor, lrs[point]
 
@@ -167,6 +175,7 @@ def run_sweep(
     pick: str = "minimum",
     edge_fraction: float = 0.2,
     edge_rise: float | None = None,
+    edge_cap: float | None = None,
 ) -> SweepResult:
     """Ramp the LR through ``step(lr) -> training loss`` and choose the LR (see the module docstring).
 
@@ -185,6 +194,8 @@ def run_sweep(
     require_range("edge_fraction", edge_fraction, 0.0, 1.0, open_low=True, method="auto")
     if edge_rise is not None:
         require_positive("edge_rise", edge_rise, method="auto")
+    if edge_cap is not None:
+        require_range("edge_cap", edge_cap, 1.0, math.inf, open_high=True, method="auto")
     require_range("divergence_factor", divergence_factor, 1.0, math.inf, open_low=True, open_high=True,
                   method="auto")
     lrs, losses, stopped = [], [], "end"
@@ -205,7 +216,7 @@ def run_sweep(
     if not losses:  # the very first step was not finite: the smallest LR is all we know to be safe
         return SweepResult(min_lr / divisor, min_lr, [], [], stopped)
     lr, lr_at_point = choose_lr(lrs, losses, divisor=divisor, window=window, smoothing=smoothing, pick=pick,
-                                edge_fraction=edge_fraction, edge_rise=edge_rise)
+                                edge_fraction=edge_fraction, edge_rise=edge_rise, edge_cap=edge_cap)
     _, lr_at_min = choose_lr(lrs, losses, divisor=divisor, window=window, smoothing=smoothing)
     edge_seen = pick == "edge" and lr_at_point != lr_at_min
     return SweepResult(lr, lr_at_min, lrs, losses, stopped, lr_at_edge=lr_at_point if edge_seen else None)
