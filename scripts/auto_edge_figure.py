@@ -24,10 +24,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from lrpilot.pilots.auto import centred  # noqa: E402
-from lrpilot.pilots.auto.sweep import valley_edge  # noqa: E402
+from lrpilot.pilots.auto import centred
+from lrpilot.pilots.auto.sweep import valley_edge
 
 FIXED = re.compile(r"^auto\[lr ([0-9.e-]+)\]$")
 

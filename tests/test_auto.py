@@ -3,7 +3,10 @@ whole (the sweep leaves the run untouched, decisions never read the scored split
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from lrpilot.pilots.auto import (
     sweep_lrs,
     warmup_cosine,
 )
+from lrpilot.pilots.auto.register import DEFAULTS as AUTO_DEFAULTS
 from lrpilot.pilots.auto.sweep import valley_edge
 
 
@@ -94,7 +98,7 @@ def test_edge_pick_takes_the_wall_of_a_flat_valley_not_its_wandering_floor():
 def test_sweep_records_the_edge_beside_the_minimum():
     lrs = [0.01 * 2 ** i for i in range(8)]
     losses = dict(zip(lrs, [2.3, 1.5, 0.999, 1.0, 1.001, 1.0, 2.4, 5.0]))
-    step = lambda lr: losses[min(losses, key=lambda k: abs(k - lr))]  # noqa: E731
+    step = lambda lr: losses[min(losses, key=lambda k: abs(k - lr))]
     result = run_sweep(step, min_lr=0.01, max_lr=1.28, steps=8, divisor=2.0, beta=0.0, window=0,
                        divergence_factor=100.0, pick="edge")
     assert result.lr_at_min == pytest.approx(0.04) and result.lr_at_edge == pytest.approx(0.32)
@@ -102,6 +106,43 @@ def test_sweep_records_the_edge_beside_the_minimum():
     plain = run_sweep(step, min_lr=0.01, max_lr=1.28, steps=8, divisor=2.0, beta=0.0, window=0,
                       divergence_factor=100.0)
     assert plain.lr_at_edge is None and plain.lr == pytest.approx(0.02)
+
+
+RECORDED_SWEEPS = json.loads((Path(__file__).parent / "fixtures" / "auto_sweeps.json").read_text())
+
+
+@pytest.mark.parametrize(("sweep", "round_1", "round_2", "round_3", "round_4"), [
+    # the two failed confirmations: a batch-normalised ResNet-20's ramp has no wall after its minimum
+    ("fmnist-resnet20 seed 1", 0.0274, 1.4837, 0.0548, 0.0518),
+    ("fmnist-resnet20 seed 3", 0.0274, 0.2936, 0.2771, 0.0518),
+    # the wandering minimum the edge was made for, and the held-out task it cost
+    ("mnist1d-mlp seed 101", 0.0616, 0.3493, 0.3493, 0.1164),
+    ("fmnist-mlp seed 0", 0.0581, 0.1467, 0.1467, 0.1098),
+])
+def test_recorded_sweeps_give_each_rounds_pick(sweep, round_1, round_2, round_3, round_4):
+    """Sweeps recorded by the bench (training losses to 6 decimals, docs/methods/auto.md rounds 1-4): each
+    round's rule picks the LR it picked there, and ``auto``'s registered defaults (round 4) replay to round
+    4's pick, within 2x round 1's."""
+    rec = RECORDED_SWEEPS[sweep]
+    lrs = sweep_lrs(rec["min_lr"], rec["max_lr"], rec["steps"])[: len(rec["losses"])]
+    pick = functools.partial(choose_lr, lrs, rec["losses"], divisor=2.0, window=10)
+    assert pick()[0] == pytest.approx(round_1, abs=1e-4)
+    assert pick(pick="edge")[0] == pytest.approx(round_2, abs=1e-4)
+    assert pick(pick="edge", edge_rise=0.5)[0] == pytest.approx(round_3, abs=1e-4)
+    assert pick(pick="edge", edge_rise=0.5, edge_cap=2.0)[0] == pytest.approx(round_4, abs=1e-4)
+    # replayed through the sweep with its default stopping rule, the ramp ends where the bench's ended
+    d = AUTO_DEFAULTS
+    default = run_sweep(_replay(rec["losses"]), min_lr=d["sweep_min_lr"], max_lr=d["sweep_max_lr"],
+                        steps=d["sweep_steps"], divisor=d["divisor"], window=d["window"], pick=d["pick"],
+                        edge_fraction=d["edge_fraction"], edge_rise=d["edge_rise"], edge_cap=d["edge_cap"])
+    assert default.steps == len(rec["losses"])
+    assert default.lr == pytest.approx(round_4, abs=1e-4) and default.lr <= 2 * round_1
+
+
+def _replay(losses):
+    """A ``step(lr)`` that returns the recorded losses in order, then a non-finite one (the ramp's end)."""
+    it = iter(losses)
+    return lambda lr: next(it, math.inf)
 
 
 def test_ema_selection_is_the_causal_average_with_beta_0_98():
