@@ -106,6 +106,10 @@ def test_sweep_records_the_edge_beside_the_minimum():
     plain = run_sweep(step, min_lr=0.01, max_lr=1.28, steps=8, divisor=2.0, beta=0.0, window=0,
                       divergence_factor=100.0)
     assert plain.lr_at_edge is None and plain.lr == pytest.approx(0.02)
+    # an edge at the minimum itself (f small: the next point already leaves) is an edge seen, not None
+    tight = run_sweep(step, min_lr=0.01, max_lr=1.28, steps=8, divisor=2.0, beta=0.0, window=0,
+                      divergence_factor=100.0, pick="edge", edge_fraction=1e-4)
+    assert tight.lr_at_edge == pytest.approx(0.04) == tight.lr_at_min and tight.lr == pytest.approx(0.02)
 
 
 RECORDED_SWEEPS = json.loads((Path(__file__).parent / "fixtures" / "auto_sweeps.json").read_text())

@@ -146,19 +146,29 @@ def choose_lr(lrs: Sequence[float], losses: Sequence[float], *, divisor: float, 
     """``(lr_at_point / divisor, lr_at_point)`` for a finished ramp (``lrs[i]`` produced ``losses[i]``),
     on the centred average (default) or the causal EMA with ``beta = 0.98``. The point is the curve's
     first minimum (``pick="minimum"``) or its valley's upper edge (``pick="edge"``, see
-    :func:`valley_edge`; the minimum when the ramp never left the valley)."""
+    :func:`valley_edge`, at most ``edge_cap`` times the minimum's LR; the minimum when the ramp never
+    left the valley)."""
+    low, edge = _minimum_and_edge(lrs, losses, window=window, smoothing=smoothing, pick=pick,
+                                  edge_fraction=edge_fraction, edge_rise=edge_rise, edge_cap=edge_cap)
+    point = low if edge is None else edge
+    return lrs[point] / divisor, lrs[point]
+
+
+def _minimum_and_edge(lrs: Sequence[float], losses: Sequence[float], *, window: int, smoothing: str, pick: str,
+                      edge_fraction: float, edge_rise: float | None,
+                      edge_cap: float | None) -> tuple[int, int | None]:
+    """The index of the smoothed curve's first minimum, and of its (capped) valley edge: ``None`` for
+    ``pick="minimum"`` or when the ramp never left the valley."""
     if not losses or len(lrs) != len(losses):
         raise ValueError("choose_lr needs one LR per loss and at least one loss")
     require_in("pick", pick, PICKS, method="auto")
     curve = centred(losses, window) if smoothing == "centred" else smoothed(losses, EMA_SELECTION_BETA)
-    point = min(range(len(curve)), key=curve.__getitem__)  # the first minimum
-    if pick == "edge":
-        edge = valley_edge(curve, edge_fraction, edge_rise)
-        if edge is not None and edge_cap is not None:  # at most edge_cap times the minimum's LR
-            while edge > point and lrs[edge] > edge_cap * lrs[point]:
-                edge -= 1
-        point = point if edge is None else edge
-    return lrs[point] / divisor, lrs[point]
+    low = min(range(len(curve)), key=curve.__getitem__)  # the first minimum
+    edge = valley_edge(curve, edge_fraction, edge_rise) if pick == "edge" else None
+    if edge is not None and edge_cap is not None:  # at most edge_cap times the minimum's LR
+        while edge > low and lrs[edge] > edge_cap * lrs[low]:
+            edge -= 1
+    return low, edge
 
 
 def run_sweep(
@@ -215,8 +225,8 @@ def run_sweep(
             break
     if not losses:  # the very first step was not finite: the smallest LR is all we know to be safe
         return SweepResult(min_lr / divisor, min_lr, [], [], stopped)
-    lr, lr_at_point = choose_lr(lrs, losses, divisor=divisor, window=window, smoothing=smoothing, pick=pick,
-                                edge_fraction=edge_fraction, edge_rise=edge_rise, edge_cap=edge_cap)
-    _, lr_at_min = choose_lr(lrs, losses, divisor=divisor, window=window, smoothing=smoothing)
-    edge_seen = pick == "edge" and lr_at_point != lr_at_min
-    return SweepResult(lr, lr_at_min, lrs, losses, stopped, lr_at_edge=lr_at_point if edge_seen else None)
+    low, edge = _minimum_and_edge(lrs, losses, window=window, smoothing=smoothing, pick=pick,
+                                  edge_fraction=edge_fraction, edge_rise=edge_rise, edge_cap=edge_cap)
+    point = low if edge is None else edge
+    return SweepResult(lrs[point] / divisor, lrs[low], lrs, losses, stopped,
+                       lr_at_edge=None if edge is None else lrs[edge])
