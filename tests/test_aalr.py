@@ -18,6 +18,7 @@ from lrpilot.core.data import TensorLoader
 from lrpilot.core.registry import get_method
 from lrpilot.loop.fit import Trainer
 from lrpilot.pilots.aalr import AALR, BEST_TAG, INITIAL_TAG, REASONS
+from lrpilot.pilots.cooldown import Cooldown
 from tests.conftest import TinyTask
 
 NAN, INF = math.nan, math.inf
@@ -618,7 +619,12 @@ def test_registry_builds_sgd_or_adam_with_their_default_lr():
     assert "seed-method" in info.tags and info.lr_granularity == "epoch" and info.handles_nonfinite
     task = TinyTask()
     sgd = Trainer(task.model(), task.train, task.val, method="aalr", epochs=1, progress=False)
-    assert isinstance(sgd.optimizer, torch.optim.SGD) and isinstance(sgd.pilot, AALR)
+    # The default form cools its last 20 % of steps down around the paper's pilot; cooldown=0 is the paper's.
+    assert isinstance(sgd.optimizer, torch.optim.SGD) and isinstance(sgd.pilot, Cooldown)
+    assert isinstance(sgd.pilot.inner, AALR) and sgd.pilot.fraction == 0.2
+    paper = Trainer(task.model(), task.train, task.val, method="aalr", epochs=1, progress=False,
+                    method_options={"cooldown": 0.0})  # fmt: skip
+    assert isinstance(paper.pilot, AALR)
     assert sgd.optimizer.param_groups[0]["lr"] == 0.1 and sgd.optimizer.param_groups[0]["momentum"] == 0.9
     adam = Trainer(task.model(), task.train, task.val, method="aalr", epochs=1, progress=False,
                    method_options={"optimizer": "adam"})  # fmt: skip
@@ -659,7 +665,7 @@ def test_regression_task_with_every_objective():
         # "val" decides from a decision split; given here as the shifted set, so its walk is its own.
         split = {"hyper_loader": val} if objective == "val" else {}
         hist = lrpilot.fit(nn.Linear(5, 1), train, val, method="aalr", loss_fn=nn.MSELoss(), epochs=10,
-                           progress=False, patience=2, objective=objective, lr=0.01, **split)  # fmt: skip
+                           progress=False, patience=2, objective=objective, lr=0.01, cooldown=0.0, **split)  # fmt: skip
         assert hist.status == "completed"
         assert hist.metric_name == "loss"
         lrs, reasons = walks[objective]

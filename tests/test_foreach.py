@@ -306,7 +306,7 @@ def test_the_default_form_is_bit_identical_to_the_reference_over_many_steps(cls:
     from lrpilot.core.registry import get_method
 
     defaults = get_method(cls).defaults
-    kw = {k: v for k, v in defaults.items() if k not in ("rollback", "objective")}
+    kw = {k: v for k, v in defaults.items() if k not in ("rollback", "cooldown", "objective")}
     make = {"hd-train": SGDHD, "hd-val": SGDHDVal, "rt-hpo": RTHPO}[cls]
     results = []
     for foreach in (False, None):

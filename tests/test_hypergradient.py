@@ -673,7 +673,7 @@ def test_state_dict_round_trip_keeps_the_validation_loader_position() -> None:
 def test_beta_zero_is_plain_sgd_in_the_loop(tiny, name: str) -> None:
     # hyper_fraction=0: hd-val and rt-hpo keep all the training data, as plain SGD does.
     ours = lrpilot.Trainer(tiny.model(), tiny.train, tiny.val, method=name, epochs=2, progress=False,
-                           method_options={"lr": 0.05, "beta": 0.0, "momentum": 0.0}, hyper_fraction=0)
+                           method_options={"lr": 0.05, "beta": 0.0, "momentum": 0.0, "cooldown": 0.0}, hyper_fraction=0)
     ours.run()
     plain = lrpilot.Trainer(tiny.model(), tiny.train, tiny.val, method="sgd", epochs=2, progress=False,
                             method_options={"lr": 0.05, "momentum": 0.0})

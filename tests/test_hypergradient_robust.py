@@ -259,7 +259,9 @@ def test_hypergradient_defaults_train_the_mnist1d_cnn_the_paper_forms_stall_on(m
 
 @pytest.mark.parametrize("method", ["hd-train", "hd-val", "rt-hpo"])
 def test_default_form_rolls_back_a_diverging_epoch_and_the_papers_form_does_not(method: str, tiny) -> None:
-    """rollback=True (default): the safety net, from the training loss only, halves an LR that explodes."""
+    """rollback=True (default): the safety net, from the training loss only, halves an LR that explodes.
+    It sits inside the default form's cooldown (pilots/cooldown.py)."""
+    from lrpilot.pilots.cooldown import Cooldown
     from lrpilot.pilots.safety_net import SafetyNet
 
     def run(**options):
@@ -268,8 +270,9 @@ def test_default_form_rolls_back_a_diverging_epoch_and_the_papers_form_does_not(
         return trainer, trainer.run()
 
     trainer, hist = run()
-    assert isinstance(trainer.pilot, SafetyNet) and trainer.pilot.initial_from == "train"
+    assert isinstance(trainer.pilot, Cooldown) and isinstance(trainer.pilot.inner, SafetyNet)
+    assert trainer.pilot.inner.initial_from == "train"
     assert "safety-net-rollback" in [d.reason for d in hist.decisions]
     assert hist.status == "completed"
-    bare, bare_hist = run(rollback=False)
+    bare, bare_hist = run(rollback=False, cooldown=0.0)
     assert bare.pilot is None and "safety-net-rollback" not in [d.reason for d in bare_hist.decisions]

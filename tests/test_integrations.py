@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: One method per family, with options that make the run short and, for AALR, force a rollback.
 METHODS = {
-    "aalr": {"patience": 1, "lr": 2.0, "objective": "train-eval"},  # the paper's J: LR 2 is worse, a rollback
+    # The paper's J: LR 2 is worse, a rollback. No cooldown: the tests below compare it with the AALR class
+    # itself (the registry's cooldown in a loop of your own: tests/test_cooldown.py).
+    "aalr": {"patience": 1, "lr": 2.0, "objective": "train-eval", "cooldown": 0.0},
     "mi-decay": {"lr_min": 0.01, "lr_max": 0.5, "lr_top": 0.2, "epsilon": 0.05, "mi_samples": 96},
     "hd-train": {"lr": 0.05},
     "lipschitz": {},
@@ -132,8 +134,9 @@ def test_readme_example_runs_as_printed(capsys: pytest.CaptureFixture[str]) -> N
     pilot = namespace["pilot"]
     assert len(printed) == pilot.epoch == 8
     reasons = [d.reason for d in pilot.history.decisions]
-    assert reasons[:3] == ["aalr-start", "phase1-improved", "phase1-done"] and reasons[-1] == "restore-best"
-    assert printed[-1].split()[2] == "restore-best"
+    # The registry's AALR cools its last 20 % of steps down (pilots/cooldown.py): the last epoch is the best.
+    assert reasons[:3] == ["aalr-start", "phase1-improved", "phase1-done"] and reasons[-1] == "keep-last"
+    assert printed[-1].split()[2] == "keep-last"
     assert all(0.0 <= float(line.split()[1]) <= 1.0 for line in printed)
 
 
@@ -149,7 +152,7 @@ def test_own_loop_drives_your_optimizer_as_fit_drives_a_pilot_object() -> None:
     opt2 = torch.optim.SGD(model2.parameters(), lr=2.0, momentum=0.9)
     train, val = TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv, 96, shuffle=False)
     pilot = lrpilot.attach("aalr", model2, opt2, train_loader=train, val_loader=val, epochs=EPOCHS, seed=0,
-                           patience=1, objective="train-eval")  # the class's default J
+                           patience=1, objective="train-eval", cooldown=0.0)  # the class's default J, no cooldown
     assert pilot.optimizer is opt2
     for epoch in range(EPOCHS):
         train.set_epoch(epoch)
@@ -393,7 +396,7 @@ def test_lightning_drives_the_modules_own_optimizer(quiet_lightning) -> None:
     ref = lrpilot.fit(model, *_loaders(), method=lrpilot.AALR(opt, patience=1, epochs=EPOCHS), epochs=EPOCHS,
                       seed=0, progress=False)
     module = Module(optimizer="sgd")
-    callback = LRPilot("aalr", seed=0, use_module_optimizer=True, patience=1, objective="train-eval")
+    callback = LRPilot("aalr", seed=0, use_module_optimizer=True, patience=1, objective="train-eval", cooldown=0.0)
     trainer = _trainer([callback])
     trainer.fit(module, *_loaders())
     assert _trace(callback.history)["decisions"] == _trace(ref)["decisions"]

@@ -26,7 +26,7 @@ from lrpilot.pilots.lipschitz import LipschitzGuard, LipschitzPilot
 from tests.conftest import TinyTask, blobs
 
 # The paper's form of `lipschitz`: none of the conv-net guard's options (docs/robustness-study.md).
-PAPER = {"stall_factor": None, "shrink_factor": None, "max_growth": None}
+PAPER = {"stall_factor": None, "shrink_factor": None, "max_growth": None, "cooldown": 0.0}  # the paper's form
 
 
 class _HeadInputNorms:
@@ -205,7 +205,7 @@ def test_auto_mode_is_network_with_a_hidden_layer() -> None:
     trainer = Trainer(
         task.model(), task.train, task.val, method="lipschitz", epochs=1, seed=0, progress=False
     )
-    assert trainer.pilot.mode == "network"
+    assert trainer.pilot.inner.mode == "network"  # inside the default form's cooldown (pilots/cooldown.py)
 
 
 def test_a_loss_without_a_closed_form_is_refused() -> None:
@@ -379,6 +379,7 @@ def test_the_registry_default_is_guarded_and_the_paper_form_is_selectable() -> N
                       method_options=PAPER)  # fmt: skip
     pilot = trainer.pilot
     assert (pilot.stall_factor, pilot.shrink_factor, pilot.max_growth) == (None, None, None)
+    assert get_method("lipschitz").defaults["cooldown"] == 0.2 and PAPER["cooldown"] == 0.0
 
 
 def _exploding_regression():
@@ -402,7 +403,7 @@ def test_a_diverging_first_epoch_is_retried_with_a_smaller_lr() -> None:
     reasons = [d.reason for d in history.decisions]
     assert reasons[:3] == ["lipschitz-initial-fixed", "lipschitz-diverged-rollback", "lipschitz-epoch"]
     assert history.decisions[1].lr[0] == pytest.approx(0.1)
-    assert history.decisions[1].info["first_epoch"] and trainer.pilot.rollback.scale == 1.0
+    assert history.decisions[1].info["first_epoch"] and trainer.pilot.inner.rollback.scale == 1.0  # in the cooldown
     assert history.status == "completed"
     assert math.isnan(history.epochs[0].train_loss)
     assert history.epochs[-1].train_loss < history.epochs[1].train_loss

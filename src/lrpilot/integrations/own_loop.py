@@ -189,7 +189,8 @@ def _rebind(parts: MethodParts, optimizer: torch.optim.Optimizer, method: str) -
             f"method {method!r} drives {len(built.param_groups)} param group(s); your optimizer has "
             f"{len(optimizer.param_groups)}. Pass an optimizer with that many groups, or none."
         )
-    if parts.effective_lr is not None or parts.extra_state or parts.step_kwargs or parts.needs_closure:
+    own_lr = parts.effective_lr is not None and not getattr(parts.effective_lr, "follows_optimizer", False)
+    if own_lr or parts.extra_state or parts.step_kwargs or parts.needs_closure:
         raise ValueError(f"method {method!r} reads its own optimizer's state: drop the optimizer and use `.optimizer`")
     pilot = parts.pilot
     while pilot is not None:
