@@ -218,3 +218,32 @@ def test_steps_counted_by_the_hooks_match_the_loops(tiny) -> None:
         assert pilot.steps_done == k
         pilot.on_step_end(StepSignals(epoch=0, step=k, loss=0.0))
         assert pilot.steps_done == k
+
+
+def test_an_epoch_cut_short_still_spends_its_share_of_the_budget() -> None:
+    """A non-finite loss ends an epoch early; the clock is the budget's position, not the steps taken."""
+    from lrpilot.core.contract import EpochSignals
+
+    pilot = Cooldown(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), total_steps=10, fraction=0.5,
+                     steps_per_epoch=5)  # fmt: skip
+    pilot.attach(nn.Module())
+    for _ in range(2):  # epoch 1 stops after 2 of its 5 steps
+        pilot.optimizer.step()
+    assert pilot.steps_done == 2
+    pilot.on_epoch_end(EpochSignals(epoch=1, step=2, lr=(1.0,), train_loss=float("nan"), val_loss=1.0,
+                                    val_metric=0.0, nonfinite=True))  # fmt: skip
+    assert pilot.steps_done == 5 and pilot.multiplier() == 5 / 6  # epoch 2's first step is the budget's 6th
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        Cooldown(pilot.optimizer, total_steps=10, steps_per_epoch=0)
+
+
+def test_in_the_loop_a_diverged_first_epoch_does_not_shift_the_cooldown(tiny) -> None:
+    """lipschitz at an absurd first LR: epoch 1 diverges and is rolled back (cut short); the run still
+    ends with the budget's last multiplier."""
+    trainer = Trainer(tiny.model(), tiny.train, tiny.val, method="lipschitz", epochs=4, progress=False, seed=0,
+                      method_options={"initial_lr": 1e8, "backoff": 1e-9})  # fmt: skip
+    history = trainer.run()
+    assert history.epochs[0].train_loss != history.epochs[0].train_loss  # nan: the epoch was cut short
+    assert history.epochs[-1].step < 4 * len(tiny.train)  # fewer steps taken than budgeted
+    assert trainer.pilot.steps_done == 4 * len(tiny.train)
+    assert trainer.pilot.multiplier() == 1 / (trainer.pilot.cooldown_steps + 1)

@@ -30,8 +30,13 @@ the hyper-regularization beta).
 **How.** Two hooks on the optimizer (``register_step_pre_hook`` / ``register_step_post_hook``): before a
 cooldown step the weights are copied, after it they are interpolated back (``_foreach_lerp_``). Steps
 before the cooldown cost nothing; a cooldown step costs one copy and one interpolation of the weights.
-The step index is the training loop's (:attr:`StepSignals.step`: rolled-back steps count, so the budget
-still ends at ``m = 1/(C+1)`` after a rollback). The cooldown wraps the method's own pilot (including
+The step index ``k`` is the position in the budget: the ``j``-th step of epoch ``e`` (0-based, rolled-back
+epochs counted, as the loop's budget counts them) is ``k = e * steps_per_epoch + j``, re-synchronised at
+every epoch end, so an epoch that a non-finite loss cut short still spends its whole share and the
+budget ends at ``m = 1/(C+1)`` whatever was rolled back. (Counting optimizer steps instead would shift
+the cooldown past the end of the budget by every step an aborted epoch did not take: the Lipschitz pilot
+on LeNet-5, whose first epochs diverge and are rolled back, took 500-662 of its 752 budgeted steps, so one
+seed never reached its cooldown and another ended it at ``m = 0.6`` instead of 1/152.) The cooldown wraps the method's own pilot (including
 its safety net) and passes every hook on; nothing in the loop knows about it.
 
 Example:
@@ -58,7 +63,7 @@ import torch
 from lrpilot.core.checks import require_range
 from lrpilot.core.contract import Decision, EpochSignals, MethodParts, Pilot, StepSignals
 
-__all__ = ["Cooldown", "with_cooldown", "cooldown_multiplier"]
+__all__ = ["Cooldown", "cooldown_multiplier", "with_cooldown"]
 
 
 def cooldown_multiplier(step: int, total_steps: int, cooldown_steps: int) -> float:
@@ -80,10 +85,12 @@ class Cooldown(Pilot):
         inner: the method's own pilot (its safety net, a schedule), or ``None``.
         total_steps: the run's budget in optimizer steps, >= 1.
         fraction: the share of the budget that cools down, in [0, 1] (0: off; 0.2 is the usual choice).
+        steps_per_epoch: the budget's steps per epoch: the clock is re-set to ``epoch * steps_per_epoch``
+            at every epoch end. ``None``: the clock counts the steps taken (a loop without epochs).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, inner: Pilot | None = None, *,
-                 total_steps: int, fraction: float = 0.2) -> None:
+                 total_steps: int, fraction: float = 0.2, steps_per_epoch: int | None = None) -> None:
         super().__init__(optimizer)
         require_range("fraction", fraction, 0.0, 1.0, owner="cooldown")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -94,7 +101,11 @@ class Cooldown(Pilot):
         self.total_steps = total_steps
         self.fraction = float(fraction)
         self.cooldown_steps = math.ceil(self.fraction * total_steps)
-        self.steps_done = 0  # the loop's step counter, as of the last on_step_end
+        if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
+                                            or steps_per_epoch < 1):
+            raise ValueError(f"cooldown: steps_per_epoch must be an int >= 1 or None, got {steps_per_epoch!r}")
+        self.steps_per_epoch = steps_per_epoch
+        self.steps_done = 0  # the position in the budget: steps of the budget spent so far
         self._before: list[torch.Tensor] | None = None  # the weights before a cooldown step
         self._armed = False  # the step in progress cools down
         self._hooks: list[Any] = []  # the optimizer hooks' handles, registered by attach()
@@ -133,7 +144,7 @@ class Cooldown(Pilot):
                 # w <- w + (1 - m) * (w_before - w)  =  w_before + m * (w - w_before)
                 torch._foreach_lerp_(params, self._before, 1.0 - self.multiplier())
             self._armed = False
-        self.steps_done += 1  # on_step_end sets it to the loop's count, which is the same unless resumed
+        self.steps_done += 1  # re-synchronised with the budget at every epoch end
 
     # -- hooks, passed on ---------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module) -> None:
@@ -150,11 +161,14 @@ class Cooldown(Pilot):
         return self.inner.on_train_begin(signals) if self.inner is not None else None
 
     def on_step_end(self, signals: StepSignals) -> None:
-        self.steps_done = signals.step
+        if self.steps_per_epoch is None:
+            self.steps_done = signals.step  # the loop's count of steps taken
         if self.inner is not None:
             self.inner.on_step_end(signals)
 
     def on_epoch_end(self, signals: EpochSignals) -> Sequence[Decision] | Decision | None:  # type: ignore[override]
+        if self.steps_per_epoch is not None:
+            self.steps_done = signals.epoch * self.steps_per_epoch  # a cut-short epoch spent its share too
         return self.inner.on_epoch_end(signals) if self.inner is not None else None
 
     def on_train_end(self) -> Sequence[Decision] | Decision | None:  # type: ignore[override]
@@ -182,7 +196,8 @@ class Cooldown(Pilot):
         self.steps_done = int(state["steps_done"])
 
 
-def with_cooldown(parts: MethodParts, *, total_steps: int, fraction: float = 0.2) -> MethodParts:
+def with_cooldown(parts: MethodParts, *, total_steps: int, fraction: float = 0.2,
+                  steps_per_epoch: int | None = None) -> MethodParts:
     """``parts`` with its pilot wrapped in a :class:`Cooldown` (``fraction == 0``: ``parts`` unchanged).
 
     The reported LR (``parts.lrs()``, the run's LR telemetry) is multiplied by the next step's ``m_k``.
@@ -191,7 +206,8 @@ def with_cooldown(parts: MethodParts, *, total_steps: int, fraction: float = 0.2
     """
     if fraction == 0:
         return parts
-    cooldown = Cooldown(parts.optimizer, parts.pilot, total_steps=total_steps, fraction=fraction)
+    cooldown = Cooldown(parts.optimizer, parts.pilot, total_steps=total_steps, fraction=fraction,
+                        steps_per_epoch=steps_per_epoch)
     method_lr = parts.effective_lr
 
     def effective_lr() -> tuple[float, ...]:
@@ -215,4 +231,5 @@ def cooled(parts: MethodParts, ctx: Any, fraction: Any, *, method: str) -> Metho
             f"option cooldown of method {method!r} must be a fraction of the budget in [0, 1] "
             f"(0: no cooldown, the paper's form), got {fraction!r}"
         )
-    return with_cooldown(parts, total_steps=ctx.total_steps, fraction=float(fraction))
+    return with_cooldown(parts, total_steps=ctx.total_steps, fraction=float(fraction),
+                         steps_per_epoch=ctx.steps_per_epoch)

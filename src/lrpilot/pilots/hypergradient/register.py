@@ -7,8 +7,8 @@ from typing import Any
 from lrpilot.core.checks import require_bool, require_in
 from lrpilot.core.contract import MethodParts
 from lrpilot.core.registry import BuildContext, MethodInfo, register
-from lrpilot.pilots.hypergradient.optimizers import OBJECTIVES, RTHPO, SGDHD, HypergradientSGD, SGDHDVal
 from lrpilot.pilots.cooldown import DEFAULT_FRACTION, cooled
+from lrpilot.pilots.hypergradient.optimizers import OBJECTIVES, RTHPO, SGDHD, HypergradientSGD, SGDHDVal
 from lrpilot.pilots.safety_net import with_safety_net
 
 # ----------------------------------------------------------------------------------------------------
