@@ -52,18 +52,33 @@ def _quadratic_run(make_opt, steps: int, cooled: bool, fraction: float = 0.4, re
     return w.detach().clone(), opt
 
 
+class _SGD(torch.optim.SGD):
+    """Not torch's SGD by type: the cooldown takes its general path (copy and interpolate the weights)."""
+
+
+class _Adam(torch.optim.Adam):
+    """As :class:`_SGD`, for Adam."""
+
+
 @pytest.mark.parametrize("make_opt", [
     lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9),
     lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.01),
     lambda p: torch.optim.Adam(p, lr=0.05),
-], ids=["sgd-momentum", "sgd-nesterov-wd", "adam"])  # fmt: skip
+    lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+    lambda p: _SGD(p, lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.01),
+    lambda p: _Adam(p, lr=0.05),
+], ids=["sgd-momentum", "sgd-nesterov-wd", "adam", "adamw", "weights-path-sgd", "weights-path-adam"])  # fmt: skip
 def test_for_sgd_and_adam_it_is_the_lr_times_m(make_opt) -> None:
-    """Their buffers hold gradients, not steps: scaling the step is scaling the LR (the slow reference)."""
-    ours, _ = _quadratic_run(make_opt, 25, cooled=True)
+    """Their buffers hold gradients, not steps: scaling the step is scaling the LR (the slow reference). torch's
+    own classes take the LR path (bit for bit the reference), the subclasses the weights path (to rounding)."""
+    ours, opt = _quadratic_run(make_opt, 25, cooled=True)
     ref, _ = _quadratic_run(make_opt, 25, cooled=False, reference=True)
     plain, _ = _quadratic_run(make_opt, 25, cooled=False)
+    if type(opt) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+        assert torch.equal(ours, ref)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(ours, plain)  # the cooldown did something
+    assert opt.param_groups[0]["lr"] in (0.02, 0.05)  # the LR put back after every cooled step
 
 
 def test_the_methods_state_evolves_as_without_it() -> None:
