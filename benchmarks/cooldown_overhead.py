@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import overhead  # noqa: E402 - benchmarks/overhead.py, beside this file
+import overhead
 
-from lrpilot.bench.tasks import get_task  # noqa: E402
-from lrpilot.pilots.cooldown import DEFAULT_FRACTION, with_cooldown  # noqa: E402
+from lrpilot.bench.tasks import get_task
+from lrpilot.pilots.cooldown import DEFAULT_FRACTION, with_cooldown
 
 
 def _cooled(info, data, args, device, name: str, general: bool) -> overhead.Entry:

@@ -56,6 +56,7 @@ from lrpilot.core.contract import StepSignals
 from lrpilot.core.registry import list_methods
 from lrpilot.core.seeding import seed_everything
 from lrpilot.loop.fit import Trainer
+from lrpilot.pilots.cooldown import DEFAULT_FRACTION as COOLDOWN_FRACTION
 
 BASELINE = "sgd"
 _clock = time.perf_counter  # set by --clock
@@ -208,9 +209,12 @@ def run_task(task: str, args: argparse.Namespace, device: torch.device) -> dict[
     # The budget the methods are built for covers every step timed here (a schedule such as OneCycle
     # refuses to step past its budget, and a cosine decayed to 0 would time a different code path);
     # a grid search runs for --budget-epochs whatever that budget (its cost is reported, not timed).
+    # It is also long enough that no step timed here falls in a seed method's default cooldown (its last
+    # 20 %): a cooling step costs the same whatever the method, measured by benchmarks/cooldown_overhead.py.
     spe = len(make_loaders(data, info.batch_size, seed=args.seed)[0])
     total = args.warmup + args.rounds * steps + (args.sync_steps if device.type == "cuda" else 0)
-    epochs = max(args.budget_epochs, -(-total // spe) + 1)
+    before_cooldown = math.ceil(total / (1.0 - COOLDOWN_FRACTION))
+    epochs = max(args.budget_epochs, -(-before_cooldown // spe) + 1)
     entries: list[Entry] = []
     for m in step_methods:
         options = {"search_epochs": args.budget_epochs} if "search_epochs" in m.defaults else {}
@@ -243,6 +247,8 @@ def run_task(task: str, args: argparse.Namespace, device: torch.device) -> dict[
             except Exception as err:  # noqa: BLE001 - a method that fails here is reported, not fatal
                 e.error = f"{type(err).__name__}: {err}"
         print(f"  step round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    cooled = [e.name for e in entries if getattr(e.trainer.parts.pilot, "multiplier", lambda: 1.0)() != 1.0]
+    assert not cooled, f"{cooled} reached their cooldown while timed: the budget above is too short"
     if device.type == "cuda":
         for e in entries:
             e.syncs_per_step = _count_syncs(e, stepper[e.name], args.sync_steps, device)

@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from robustness_table import REFERENCE, failed  # noqa: E402 - after the path set-up
+from robustness_table import REFERENCE, failed
 
-from lrpilot.bench.leaderboard import latest_runs  # noqa: E402
-from lrpilot.bench.store import Store  # noqa: E402
+from lrpilot.bench.leaderboard import latest_runs
+from lrpilot.bench.store import Store
 
 
 def cells(store_dir: Path) -> dict[tuple[str, str], list[dict]]:
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", required=True, help="comma-separated labels")
     parser.add_argument("--tasks", help="comma-separated tasks (default: every task of the after store)")
     args = parser.parse_args(argv)
-    print(tables(args.before, args.after, args.methods.split(","), args.tasks.split(",") if args.tasks else None))
+    tasks = args.tasks.split(",") if args.tasks else None
+    print(tables(args.before, args.after, args.methods.split(","), tasks))
 
 
 if __name__ == "__main__":
