@@ -254,7 +254,10 @@ def test_hypergradient_defaults_train_the_mnist1d_cnn_the_paper_forms_stall_on(m
     assert s["status"] == "completed", s
     assert s["best_val_metric"] > 0.8, s
     assert s["final_val_metric"] > s["best_val_metric"] - 0.05, s
-    assert 1e-3 < rec["epochs"][-1]["lr"][0] < 1.0  # the LR went neither to 0 nor off to infinity
+    # The LR went neither to 0 nor off to infinity. (Epochs 1-4 end before the default cooldown, the last 20 %
+    # of the budget, whose reported LR is the learned one times the step's shrinking factor.)
+    assert all(1e-3 < e["lr"][0] < 1.0 for e in rec["epochs"][:4]), [e["lr"][0] for e in rec["epochs"]]
+    assert rec["epochs"][-1]["lr"][0] < rec["epochs"][3]["lr"][0] / 10  # cooled: 1/(C+1) of it at the end
 
 
 @pytest.mark.parametrize("method", ["hd-train", "hd-val", "rt-hpo"])
