@@ -8,9 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import lrpilot
 from lrpilot.core.contract import MethodParts, StepSignals
-from lrpilot.core.data import TensorLoader
 from lrpilot.core.registry import get_method
 from lrpilot.loop.fit import Trainer
 from lrpilot.pilots.cooldown import Cooldown, cooldown_multiplier, with_cooldown
@@ -176,40 +174,6 @@ def test_a_rollback_does_not_rewind_the_cooldowns_clock(tiny) -> None:
     assert "safety-net-rollback" in [d.reason for d in history.decisions]
     assert trainer.pilot.steps_done == 4 * len(tiny.train)
     assert trainer.pilot.multiplier() == 1 / (trainer.pilot.cooldown_steps + 1)
-
-
-def test_your_own_optimizer_is_the_one_cooled() -> None:
-    """lrpilot.attach("aalr", model, your_optimizer): the cooldown hooks your optimizer, and the run is the
-    one lrpilot.fit trains with the same settings."""
-    g = torch.Generator().manual_seed(0)
-    x, xv = torch.randn(256, 10, generator=g), torch.randn(96, 10, generator=g)
-    y, yv = x[:, :3].argmax(1), xv[:, :3].argmax(1)
-
-    def net() -> nn.Module:
-        torch.manual_seed(1)
-        return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
-
-    options = {"patience": 1, "lr": 0.5, "objective": "train-eval"}
-    ref_model = net()
-    ref = lrpilot.fit(ref_model, TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv, 96, shuffle=False), seed=0,
-                      method="aalr", epochs=4, progress=False, **options)  # fmt: skip
-    model = net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    train, val = TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv, 96, shuffle=False)
-    pilot = lrpilot.attach("aalr", model, opt, train_loader=train, val_loader=val, epochs=4, seed=0, **options)
-    assert isinstance(pilot.pilot, Cooldown) and pilot.pilot.optimizer is opt
-    for epoch in range(4):
-        train.set_epoch(epoch)
-        for xb, yb in train:
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(xb), yb)
-            loss.backward()
-            opt.step()
-            pilot.step(loss, batch_size=len(yb))
-        pilot.end_epoch()
-    assert [d.reason for d in pilot.history.decisions] == [d.reason for d in ref.decisions]
-    for a, b in zip(model.parameters(), ref_model.parameters()):
-        assert torch.equal(a, b)
 
 
 def test_bad_budgets_are_refused() -> None:

@@ -28,6 +28,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import lrpilot
 from lrpilot.core.data import TensorLoader
+from lrpilot.pilots.cooldown import Cooldown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,20 +141,28 @@ def test_readme_example_runs_as_printed(capsys: pytest.CaptureFixture[str]) -> N
     assert all(0.0 <= float(line.split()[1]) <= 1.0 for line in printed)
 
 
-def test_own_loop_drives_your_optimizer_as_fit_drives_a_pilot_object() -> None:
+@pytest.mark.parametrize("cooldown", [0.0, 0.2])
+def test_own_loop_drives_your_optimizer_as_fit_drives_a_pilot_object(cooldown: float) -> None:
     """attach(method, model, optimizer): AALR sets the LR of the user's optimizer, exactly as
-    fit(method=AALR(optimizer)) does."""
+    fit(method=AALR(optimizer)) does; with the registry's cooldown (pilots/cooldown.py) it cools the user's
+    optimizer, exactly as fit(method="aalr") does."""
     x, y, xv, yv = _data()
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=2.0, momentum=0.9)
-    ref = lrpilot.fit(model, TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv, 96, shuffle=False), seed=0,
-                      method=lrpilot.AALR(opt, patience=1, epochs=EPOCHS), epochs=EPOCHS, progress=False)
+    train_ref, val_ref = TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv, 96, shuffle=False)
+    if cooldown:
+        ref = lrpilot.fit(model, train_ref, val_ref, seed=0, method="aalr", lr=2.0, patience=1,
+                          objective="train-eval", epochs=EPOCHS, progress=False)  # fmt: skip
+    else:
+        ref = lrpilot.fit(model, train_ref, val_ref, seed=0, method=lrpilot.AALR(opt, patience=1, epochs=EPOCHS),
+                          epochs=EPOCHS, progress=False)  # fmt: skip
     model2 = _net()
     opt2 = torch.optim.SGD(model2.parameters(), lr=2.0, momentum=0.9)
     train, val = TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv, 96, shuffle=False)
     pilot = lrpilot.attach("aalr", model2, opt2, train_loader=train, val_loader=val, epochs=EPOCHS, seed=0,
-                           patience=1, objective="train-eval", cooldown=0.0)  # the class's default J, no cooldown
-    assert pilot.optimizer is opt2
+                           patience=1, objective="train-eval", cooldown=cooldown)  # the class's default J
+    assert pilot.optimizer is opt2 and (pilot.pilot.optimizer is opt2)
+    assert isinstance(pilot.pilot, Cooldown) == bool(cooldown)
     for epoch in range(EPOCHS):
         train.set_epoch(epoch)
         for xb, yb in train:
@@ -163,9 +172,13 @@ def test_own_loop_drives_your_optimizer_as_fit_drives_a_pilot_object() -> None:
             opt2.step()
             pilot.step(loss, batch_size=len(yb))
         pilot.end_epoch()
+    for a, b in zip(model2.parameters(), model.parameters()):
+        assert torch.equal(a, b)
     assert _trace(pilot.history)["decisions"] == _trace(ref)["decisions"]
     assert "rollback" in [d.action for d in pilot.history.decisions]
-    assert opt2.param_groups[0]["lr"] == ref.decisions[-1].lr[0]
+    # The history reports the LR in force: the optimizer's times the cooldown's factor for the next step.
+    factor = pilot.pilot.multiplier() if cooldown else 1.0
+    assert opt2.param_groups[0]["lr"] * factor == ref.decisions[-1].lr[0]
 
 
 def test_own_loop_resumes_from_its_state_dict_identically() -> None:
