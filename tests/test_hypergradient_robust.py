@@ -274,7 +274,7 @@ def test_default_form_rolls_back_a_diverging_epoch_and_the_papers_form_does_not(
 
     trainer, hist = run()
     assert isinstance(trainer.pilot, Cooldown) and isinstance(trainer.pilot.inner, SafetyNet)
-    assert trainer.pilot.inner.initial_from == "train"
+    assert trainer.pilot.inner.initial_from == "train" and trainer.pilot.inner.initial_factor == 0.98  # stall line
     assert "safety-net-rollback" in [d.reason for d in hist.decisions]
     assert hist.status == "completed"
     bare, bare_hist = run(rollback=False, cooldown=0.0)

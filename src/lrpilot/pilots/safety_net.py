@@ -100,8 +100,10 @@ class SafetyNet(Pilot):
             (default 2.0: the mean training loss doubled in one epoch), > 1.
         initial_factor: an epoch loss above ``initial_factor`` times the loss before training is
             "exploding" too (default 1.05; ``inf`` turns the clause off, e.g. to fine-tune from a model
-            whose loss is already low), >= 1 (``auto`` uses 1: an epoch that ends above the untrained loss
-            made no progress at all, e.g. LeNet-5 stuck at chance after a too-large first step).
+            whose loss is already low), > 0 (``auto`` uses 1: an epoch that ends above the untrained loss
+            made no progress at all, e.g. LeNet-5 stuck at chance after a too-large first step; the
+            hypergradient family 0.98, below 1: an epoch that did not get 2 % below it is stalled, as the
+            Lipschitz guard's ``stall_factor``; ``rt-hpo`` on LeNet-5 sat at 2.2992 against 2.3031).
         floor: the reference is at least ``floor`` times the loss before training, so that a loss that
             is already near zero cannot "explode" by doubling (default 0.1), in [0, 1].
         max_rollbacks: rollbacks allowed before the net stands aside (default 10), >= 0.
@@ -126,7 +128,7 @@ class SafetyNet(Pilot):
         net = "safety net"
         require_range("factor", factor, 0.0, 1.0, open_low=True, open_high=True, owner=net)
         require_range("explode_factor", explode_factor, 1.0, math.inf, open_low=True, open_high=True, owner=net)
-        require_range("initial_factor", initial_factor, 1.0, math.inf, owner=net)
+        require_range("initial_factor", initial_factor, 0.0, math.inf, open_low=True, owner=net)
         require_range("floor", floor, 0.0, 1.0, owner=net)
         require_int("max_rollbacks", max_rollbacks, owner=net)
         require_in("initial_from", initial_from, ("max", "train"), owner=net)
@@ -203,12 +205,17 @@ class SafetyNet(Pilot):
         return min(doubled, self.initial_factor * l0) if math.isfinite(l0) else doubled
 
     def diverged(self, train_loss: float, nonfinite: bool = False) -> str | None:
-        """``"nonfinite"``, ``"exploding"`` or ``None`` for an epoch with mean training loss ``train_loss``."""
+        """``"nonfinite"``, ``"exploding"``, ``"stalled"`` or ``None`` for an epoch with mean training loss
+        ``train_loss``. Stalled: over the threshold only by the untrained-loss clause with ``initial_factor
+        < 1``, i.e. neither doubled nor above the untrained loss, just not below ``initial_factor * L_0``."""
         if nonfinite or not math.isfinite(train_loss):
             return "nonfinite"
-        if train_loss > self.threshold():
-            return "exploding"
-        return None
+        if not train_loss > self.threshold():
+            return None
+        l0 = self.initial_loss
+        below_untrained = self.initial_factor < 1 and math.isfinite(l0) and train_loss <= l0
+        doubled = train_loss > self.explode_factor * max(self.ref_loss, self.floor * l0)
+        return "stalled" if below_untrained and not doubled else "exploding"
 
     # -- decisions ------------------------------------------------------------------------------------
     def _save(self, inner_decisions: Sequence[Decision]) -> list[Decision]:
