@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         " over seeds of the first, the median and the last epoch's) beside the tuned reference's grid search (SGD,"
         " momentum 0.9, cosine to 0 over the budget: the LR it chose, and each grid LR's best accuracy, median over"
         " seeds). An LR of a method without momentum moves the weights about a tenth as far per step as the same LR"
-        " with momentum 0.9; Adam-type LRs are not comparable. Each family's page says what the numbers mean for it.\n\n"
+        " with momentum 0.9; Adam-type LRs are not comparable. A cooled method's last-epoch LR is its LR times the"
+        " cooldown's factor at the end of the budget (`pilots/cooldown.py`). Each family's page says what the numbers"
+        " mean for it.\n\n"
         + gap_table(args.store, args.tasks.split(",") if args.tasks else None) + "\n\n" + KEEP + (kept or "\n")
     )
     print(f"wrote {args.out}")
