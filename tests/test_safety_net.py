@@ -329,3 +329,17 @@ def test_a_state_saved_with_the_net_does_not_load_without_it():
     plain = _run("sgd-cosine", bad_steps=[], epochs=2, safety_net=None, until=0)
     with pytest.raises(ValueError, match="saved with pilot SafetyNet, this trainer has SchedulePilot.*same safety_net"):
         plain.load_state_dict(state)
+
+
+def test_a_pilot_that_probes_activations_works_inside_the_net(tiny):
+    """The wrappers (core.contract.PilotWrapper) hand on the inner pilot's probe: MI decay, which reads the
+    network's outputs on its probe inputs every epoch, used to fail inside the net ("SafetyNet needs signal
+    'probe' but sets no `probe`")."""
+    options = {"lr_min": 0.01, "lr_max": 0.5, "lr_top": 0.2, "epsilon": 0.05, "mi_samples": 96}
+    trainer = lrpilot.Trainer(tiny.model(), tiny.train, tiny.val, method="mi-decay", epochs=3, progress=False,
+                              safety_net=True, method_options=options)  # fmt: skip
+    assert trainer.pilot.probe is trainer.pilot.inner.probe is not None
+    netted = trainer.run()
+    assert netted.status == "completed"
+    mi = [d.reason for d in netted.decisions if not d.reason.startswith("safety-net")]
+    assert mi[0] == "mi-start" and len(mi) == 4  # the start and one MI decision per epoch, each from a probe

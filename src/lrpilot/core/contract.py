@@ -31,6 +31,7 @@ __all__ = [
     "MethodParts",
     "PROBE",
     "Pilot",
+    "PilotWrapper",
     "Probe",
     "StepSignals",
     "TRAIN_EVAL_LOSS",
@@ -252,6 +253,52 @@ class Pilot:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+class PilotWrapper(Pilot):
+    """A pilot that wraps another (or none) and adds its own decisions: the safety net, the cooldown.
+
+    It forwards what the loop reads from a pilot (:attr:`needs`, :attr:`handles_nonfinite`,
+    :attr:`probe`) and every hook to ``inner``; a subclass overrides the hooks it adds to and calls
+    these. ``role`` names the wrapper in its errors.
+    """
+
+    role = "wrapper"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, inner: Pilot | None) -> None:
+        super().__init__(optimizer)
+        if inner is not None and inner.optimizer is not optimizer:
+            raise ValueError(f"the {self.role} and the pilot it wraps must drive the same optimizer")
+        self.inner = inner
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return self.inner.needs if self.inner is not None else frozenset()
+
+    @property
+    def handles_nonfinite(self) -> bool:  # type: ignore[override]
+        return self.inner is not None and self.inner.handles_nonfinite
+
+    @property
+    def probe(self) -> Probe | None:  # type: ignore[override]
+        return self.inner.probe if self.inner is not None else None
+
+    def attach(self, model: torch.nn.Module) -> None:
+        if self.inner is not None:
+            self.inner.attach(model)
+
+    def on_train_begin(self, signals: EpochSignals) -> Decision | Sequence[Decision] | None:  # type: ignore[override]
+        return self.inner.on_train_begin(signals) if self.inner is not None else None
+
+    def on_step_end(self, signals: StepSignals) -> None:
+        if self.inner is not None:
+            self.inner.on_step_end(signals)
+
+    def on_epoch_end(self, signals: EpochSignals) -> Decision | Sequence[Decision] | None:  # type: ignore[override]
+        return self.inner.on_epoch_end(signals) if self.inner is not None else None
+
+    def on_train_end(self) -> Decision | Sequence[Decision] | None:  # type: ignore[override]
+        return self.inner.on_train_end() if self.inner is not None else None
 
 
 @dataclass

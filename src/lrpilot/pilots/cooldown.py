@@ -66,8 +66,8 @@ from typing import Any
 
 import torch
 
-from lrpilot.core.checks import require_range
-from lrpilot.core.contract import Decision, EpochSignals, MethodParts, Pilot, StepSignals
+from lrpilot.core.checks import require_int, require_range
+from lrpilot.core.contract import Decision, EpochSignals, MethodParts, Pilot, PilotWrapper, StepSignals
 
 __all__ = ["Cooldown", "cooldown_multiplier", "with_cooldown"]
 
@@ -89,7 +89,7 @@ def cooldown_multiplier(step: int, total_steps: int, cooldown_steps: int) -> flo
     return max(total_steps - step + 1, 1) / (cooldown_steps + 1)
 
 
-class Cooldown(Pilot):
+class Cooldown(PilotWrapper):
     """Wraps a method's pilot; scales its last ``fraction`` of the budget's steps linearly down.
 
     Args:
@@ -101,40 +101,24 @@ class Cooldown(Pilot):
             at every epoch end. ``None``: the clock counts the steps taken (a loop without epochs).
     """
 
+    role = "cooldown"
+
     def __init__(self, optimizer: torch.optim.Optimizer, inner: Pilot | None = None, *,
                  total_steps: int, fraction: float = 0.2, steps_per_epoch: int | None = None) -> None:
-        super().__init__(optimizer)
+        super().__init__(optimizer, inner)
         require_range("fraction", fraction, 0.0, 1.0, owner="cooldown")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"cooldown: total_steps must be an int >= 1 (the budget in optimizer steps), got {total_steps!r}")
-        if inner is not None and inner.optimizer is not optimizer:
-            raise ValueError("the cooldown and the pilot it wraps must drive the same optimizer")
-        self.inner = inner
+        require_int("total_steps", total_steps, minimum=1, owner="cooldown")
         self.total_steps = total_steps
         self.fraction = float(fraction)
         self.cooldown_steps = math.ceil(self.fraction * total_steps)
-        if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
-                                            or steps_per_epoch < 1):
-            raise ValueError(f"cooldown: steps_per_epoch must be an int >= 1 or None, got {steps_per_epoch!r}")
+        if steps_per_epoch is not None:
+            require_int("steps_per_epoch", steps_per_epoch, minimum=1, owner="cooldown")
         self.steps_per_epoch = steps_per_epoch
         self.steps_done = 0  # the position in the budget: steps of the budget spent so far
         self._before: list[torch.Tensor] | None = None  # the weights before a cooldown step
-        self._armed = False  # the step in progress cools down
+        self._cooling: float | None = None  # m_k of the step in progress, when it cools down
         self._hooks: list[Any] = []  # the optimizer hooks' handles, registered by attach()
         self._lrs: list[float] | None = None  # the LRs put back after a cooldown step that scaled them
-
-    # -- what the loop reads: the inner pilot's ----------------------------------------------------
-    @property
-    def needs(self) -> frozenset[str]:  # type: ignore[override]
-        return self.inner.needs if self.inner is not None else frozenset()
-
-    @property
-    def handles_nonfinite(self) -> bool:  # type: ignore[override]
-        return self.inner is not None and self.inner.handles_nonfinite
-
-    @property
-    def probe(self) -> Any:  # type: ignore[override]
-        return self.inner.probe if self.inner is not None else None
 
     def multiplier(self, step: int | None = None) -> float:
         """``m_k`` for step ``step`` (default: the next one)."""
@@ -147,31 +131,29 @@ class Cooldown(Pilot):
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         m = self.multiplier()
-        self._armed = m != 1.0
-        if not self._armed:
+        if m == 1.0:
             return
+        self._cooling = m
         if self._scales_lr(optimizer):
             self._lrs = [g["lr"] for g in optimizer.param_groups]
             for g in optimizer.param_groups:
                 g["lr"] = g["lr"] * m
             return
-        self._lrs = None
         params = [p.detach() for g in optimizer.param_groups for p in g["params"]]
         if self._before is None or len(self._before) != len(params):
             self._before = [torch.empty_like(p) for p in params]  # allocated once, at the first cooldown step
         torch._foreach_copy_(self._before, params)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._armed and self._lrs is not None:
+        m, self._cooling = self._cooling, None
+        if self._lrs is not None:  # the LR path: put the LRs back
             for g, lr in zip(optimizer.param_groups, self._lrs):
                 g["lr"] = lr
-            self._lrs, self._armed = None, False
-        elif self._armed:
+            self._lrs = None
+        elif m is not None:  # the weights path: w <- w + (1 - m) (w_before - w) = w_before + m (w - w_before)
             params = [p.detach() for g in optimizer.param_groups for p in g["params"]]
             with torch.no_grad():
-                # w <- w + (1 - m) * (w_before - w)  =  w_before + m * (w - w_before)
-                torch._foreach_lerp_(params, self._before, 1.0 - self.multiplier())
-            self._armed = False
+                torch._foreach_lerp_(params, self._before, 1.0 - m)
         self.steps_done += 1  # re-synchronised with the budget at every epoch end
 
     # -- hooks, passed on ---------------------------------------------------------------------------
@@ -182,25 +164,17 @@ class Cooldown(Pilot):
             handle.remove()
         self._hooks = [self.optimizer.register_step_pre_hook(self._before_step),
                        self.optimizer.register_step_post_hook(self._after_step)]
-        if self.inner is not None:
-            self.inner.attach(model)
-
-    def on_train_begin(self, signals: EpochSignals) -> Sequence[Decision] | Decision | None:  # type: ignore[override]
-        return self.inner.on_train_begin(signals) if self.inner is not None else None
+        super().attach(model)
 
     def on_step_end(self, signals: StepSignals) -> None:
         if self.steps_per_epoch is None:
             self.steps_done = signals.step  # the loop's count of steps taken
-        if self.inner is not None:
-            self.inner.on_step_end(signals)
+        super().on_step_end(signals)
 
     def on_epoch_end(self, signals: EpochSignals) -> Sequence[Decision] | Decision | None:  # type: ignore[override]
         if self.steps_per_epoch is not None:
             self.steps_done = signals.epoch * self.steps_per_epoch  # a cut-short epoch spent its share too
-        return self.inner.on_epoch_end(signals) if self.inner is not None else None
-
-    def on_train_end(self) -> Sequence[Decision] | Decision | None:  # type: ignore[override]
-        return self.inner.on_train_end() if self.inner is not None else None
+        return super().on_epoch_end(signals)
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -254,10 +228,6 @@ DEFAULT_FRACTION = 0.2
 def cooled(parts: MethodParts, ctx: Any, fraction: Any, *, method: str) -> MethodParts:
     """A family builder's last line: ``parts`` with the registry option ``cooldown`` (a fraction of the
     run's budget, ``ctx.total_steps``) applied; a bad value raises naming the method."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
-        raise ValueError(
-            f"option cooldown of method {method!r} must be a fraction of the budget in [0, 1] "
-            f"(0: no cooldown, the paper's form), got {fraction!r}"
-        )
+    require_range("cooldown", fraction, 0.0, 1.0, method=method)  # a share of the budget; 0: the paper's form
     return with_cooldown(parts, total_steps=ctx.total_steps, fraction=float(fraction),
                          steps_per_epoch=ctx.steps_per_epoch)

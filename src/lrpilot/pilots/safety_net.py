@@ -76,6 +76,7 @@ from lrpilot.core.contract import (
     EpochSignals,
     MethodParts,
     Pilot,
+    PilotWrapper,
     StepSignals,
     current_lrs,
     set_lrs,
@@ -88,7 +89,7 @@ __all__ = ["CHECKPOINT_TAG", "SafetyNet", "with_safety_net"]
 CHECKPOINT_TAG = "safety-net"
 
 
-class SafetyNet(Pilot):
+class SafetyNet(PilotWrapper):
     """Wraps a method's pilot: checkpoints the best epoch; on divergence rolls back to it and scales the LR.
 
     Args:
@@ -112,6 +113,8 @@ class SafetyNet(Pilot):
             for a method that must not read the validation split at all (``auto``).
     """
 
+    role = "safety net"
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -124,7 +127,7 @@ class SafetyNet(Pilot):
         max_rollbacks: int = 10,
         initial_from: str = "max",
     ) -> None:
-        super().__init__(optimizer)
+        super().__init__(optimizer, inner)
         net = "safety net"
         require_range("factor", factor, 0.0, 1.0, open_low=True, open_high=True, owner=net)
         require_range("explode_factor", explode_factor, 1.0, math.inf, open_low=True, open_high=True, owner=net)
@@ -132,9 +135,6 @@ class SafetyNet(Pilot):
         require_range("floor", floor, 0.0, 1.0, owner=net)
         require_int("max_rollbacks", max_rollbacks, owner=net)
         require_in("initial_from", initial_from, ("max", "train"), owner=net)
-        if inner is not None and inner.optimizer is not optimizer:
-            raise ValueError("the safety net and the pilot it wraps must drive the same optimizer")
-        self.inner = inner
         # The checkpoint it restores, the rollbacks left, the LR scale s, and the inner pilot's state then.
         self.rollback = Rollback(CHECKPOINT_TAG, factor=factor, max_rollbacks=max_rollbacks)
         self.explode_factor = float(explode_factor)
@@ -150,19 +150,14 @@ class SafetyNet(Pilot):
     # -- what the loop reads -----------------------------------------------------------------------
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
-        inner = self.inner.needs if self.inner is not None else frozenset()
+        inner = super().needs
         return inner if self._begun else inner | {TRAIN_EVAL_LOSS}  # the training loss before training, once
 
     @property
     def handles_nonfinite(self) -> bool:  # type: ignore[override]
-        inner = self.inner is not None and self.inner.handles_nonfinite
-        return inner or not self.rollback.exhausted
+        return super().handles_nonfinite or not self.rollback.exhausted
 
     # -- hooks ---------------------------------------------------------------------------------------
-    def attach(self, model: torch.nn.Module) -> None:
-        if self.inner is not None:
-            self.inner.attach(model)
-
     def on_train_begin(self, signals: EpochSignals) -> list[Decision]:  # type: ignore[override]
         self._begun = True
         seen = (signals.extra.get(TRAIN_EVAL_LOSS, math.nan),)

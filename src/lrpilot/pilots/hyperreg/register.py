@@ -24,11 +24,11 @@ _ALGORITHMS = {1: "exact", 2: "approximate", 3: "approximate, lagged step"}
 _SEED = {("kl", 1), ("rkl", 2), ("chi2", 2)}
 
 
-def _factory(divergence: str, algorithm: int) -> Callable[..., MethodParts]:
+def _factory(name: str, divergence: str, algorithm: int) -> Callable[..., MethodParts]:
     def build(ctx: BuildContext, cooldown: float, **options: Any) -> MethodParts:
         opt = HyperRegularization(ctx.params(), divergence=divergence, algorithm=algorithm, **options)
         parts = MethodParts(opt, effective_lr=opt.mean_lr, info={"lr_telemetry": "mean of 1/beta per group"})
-        return cooled(parts, ctx, cooldown, method=f"hyperreg-{divergence}-{algorithm}")
+        return cooled(parts, ctx, cooldown, method=name)
 
     return build
 
@@ -45,7 +45,7 @@ def _register_all() -> None:
             register(MethodInfo(
                 f"hyperreg-{div}-{alg}", "hyperreg",
                 f"Hyper-regularization, {name} divergence, algorithm {alg} ({how}): per-coordinate LR 1/beta",
-                _factory(div, alg), defaults, lr_granularity="step", kind="step-pilot",
+                _factory(f"hyperreg-{div}-{alg}", div, alg), defaults, lr_granularity="step", kind="step-pilot",
                 tags=frozenset({"seed-method"} if (div, alg) in _SEED else set()), paper=_PAPER,
                 invalid_options=invalid,
             ))  # fmt: skip
@@ -53,13 +53,13 @@ def _register_all() -> None:
     register(MethodInfo(
         "adagrad-diag", "hyperreg",
         "Diagonal AdaGrad as hyper-regularization (Neyman chi-square, exact): beta^2 += g^2, beta_0 = 1/lr",
-        _factory("neyman-chi2", 1), no_clip, lr_granularity="step", kind="step-pilot",
+        _factory("adagrad-diag", "neyman-chi2", 1), no_clip, lr_granularity="step", kind="step-pilot",
         tags=frozenset({"baseline", "special-case"}), paper=_PAPER, invalid_options=bad,
     ))  # fmt: skip
     register(MethodInfo(
         "wngrad", "hyperreg",
         "WNGrad (Wu, Ward & Bottou 2018) as hyper-regularization: b += ||g||^2 / b per group, b_0 = 1/lr",
-        _factory("half-chi2", 2), {**no_clip, "scope": "global"}, lr_granularity="step", kind="step-pilot",
+        _factory("wngrad", "half-chi2", 2), {**no_clip, "scope": "global"}, lr_granularity="step", kind="step-pilot",
         tags=frozenset({"baseline", "special-case"}), paper="Wu, Ward & Bottou 2018, arXiv:1803.02865",
         invalid_options=bad + (({"scope": "layer"}, r"scope"),),
     ))  # fmt: skip
