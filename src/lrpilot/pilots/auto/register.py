@@ -21,9 +21,12 @@ from lrpilot.core.seeding import rng_preserved
 from lrpilot.pilots.auto.average import PolynomialAverage
 from lrpilot.pilots.auto.schedule import WarmupCosine
 from lrpilot.pilots.auto.sweep import SweepResult, run_sweep
+from lrpilot.pilots.cooldown import DEFAULT_FRACTION, cooled
 from lrpilot.pilots.safety_net import with_safety_net
 
-SCHEDULES = ("cosine", "constant", "schedule-free")
+#: "wsd": warm-up (optional), a stable LR, then the seed methods' linear cooldown over the last ``cooldown``
+#: of the budget (pilots/cooldown.py; round 5 of docs/methods/auto.md).
+SCHEDULES = ("cosine", "constant", "wsd", "schedule-free")
 
 #: Every option and its default; the ablation in docs/methods/auto.md switches them one at a time.
 DEFAULTS: dict[str, Any] = {
@@ -39,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "edge_rise": 0.5,  # None: round 2's valley, bounded by the start's loss only (round 3)
     "edge_cap": 2.0,  # the edge's LR at most this times the minimum's; None: uncapped (round 4)
     "schedule": "cosine",
+    "cooldown": DEFAULT_FRACTION,  # schedule="wsd" only: the share of the budget that decays linearly to ~0
     "warmup_fraction": 0.0,
     "momentum": 0.9,
     "nesterov": False,
@@ -54,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
 def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
     require_in("schedule", o["schedule"], SCHEDULES, method="auto")
     require_range("warmup_fraction", o["warmup_fraction"], 0.0, 1.0, open_high=True, method="auto")
+    require_range("cooldown", o["cooldown"], 0.0, 1.0, method="auto")
     require_range("momentum", o["momentum"], 0.0, 1.0, open_high=True, method="auto")
     require_positive("weight_decay", o["weight_decay"], method="auto", allow_zero=True)
     require_positive("sf_lr_factor", o["sf_lr_factor"], method="auto")
@@ -88,18 +93,21 @@ def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
         opt = torch.optim.SGD(ctx.params(), lr=lr, momentum=o["momentum"], nesterov=o["nesterov"],
                               weight_decay=o["weight_decay"])
         pilot, average = None, None
+        warmup = min(round(o["warmup_fraction"] * ctx.total_steps), ctx.total_steps - 1)
         if o["schedule"] == "cosine":
-            warmup = round(o["warmup_fraction"] * ctx.total_steps)
             if o["average"]:
                 average = PolynomialAverage(getattr(ctx.model, "module", ctx.model), o["average_gamma"])
-            pilot = WarmupCosine(opt, ctx.total_steps, min(warmup, ctx.total_steps - 1),
-                                 after_step=None if average is None else average.update)
+            pilot = WarmupCosine(opt, ctx.total_steps, warmup, after_step=None if average is None else average.update)
+        elif warmup > 0:  # "constant" and "wsd": the warm-up, then the LR held (wsd's cooldown is applied below)
+            pilot = WarmupCosine(opt, ctx.total_steps, warmup, anneal=False)
         parts = MethodParts(opt, pilot)
         if average is not None:
             parts = dataclasses.replace(parts, eval_context=average.eval_context, train_mode=average.train,
                                         extra_state={"average": average})
     if o["rollback"]:  # its L_0 from the training loss only: auto never reads a validation split
         parts = with_safety_net(parts, initial_from="train", initial_factor=o["stall_factor"])
+    if o["schedule"] == "wsd":  # outside the net, as every cooled method: a rollback does not move its clock
+        parts = cooled(parts, ctx, o["cooldown"], method="auto")
     return dataclasses.replace(parts, info={**(parts.info or {}), **info})
 
 

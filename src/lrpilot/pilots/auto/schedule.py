@@ -6,6 +6,8 @@ uses; the warm-up (Goyal et al. 2017) is an option of ``auto`` (its ablation is 
     factor(t) = (t + 1) / W                                       t < W  (W warm-up steps)
     factor(t) = 1/2 * (1 + cos(pi * (t - W) / (T - W)))            W <= t < T
     lr(t)     = lr * factor(t)
+
+With ``anneal=False`` the factor stays 1 after the warm-up (``auto``'s "constant" and "wsd" schedules).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from lrpilot.core.contract import Pilot, StepSignals, current_lrs, set_lrs
 __all__ = ["WarmupCosine", "warmup_cosine"]
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
-    """``factor(t)``, the multiplier of the base LR at step ``t`` (for ``torch.optim.lr_scheduler.LambdaLR``)."""
+def warmup_cosine(total_steps: int, warmup_steps: int = 0, anneal: bool = True) -> Callable[[int], float]:
+    """``factor(t)``, the multiplier of the base LR at step ``t`` (for ``torch.optim.lr_scheduler.LambdaLR``);
+    ``anneal=False``: 1 after the warm-up."""
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
     if not 0 <= warmup_steps < total_steps:
@@ -32,13 +35,16 @@ def warmup_cosine(total_steps: int, warmup_steps: int = 0) -> Callable[[int], fl
     def factor(t: int) -> float:
         if t < warmup_steps:
             return (t + 1) / warmup_steps
+        if not anneal:
+            return 1.0
         return 0.5 * (1.0 + math.cos(math.pi * min(t - warmup_steps, decay) / decay))
 
     return factor
 
 
 class WarmupCosine(Pilot):
-    """Drives ``optimizer``'s LRs by :func:`warmup_cosine` after every step: ``lr_i(t) = base_i * factor(t)``.
+    """Drives ``optimizer``'s LRs by :func:`warmup_cosine` after every step: ``lr_i(t) = base_i * factor(t)``
+    (``anneal=False``: the warm-up only).
 
     ``base_i`` are the group LRs when the pilot is built; the step count is its state, so a checkpoint
     or a rollback resumes the trajectory where it was. ``after_step`` (e.g. an iterate average's update)
@@ -46,10 +52,10 @@ class WarmupCosine(Pilot):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                 after_step: Callable[[], None] | None = None) -> None:
+                 after_step: Callable[[], None] | None = None, anneal: bool = True) -> None:
         super().__init__(optimizer)
         self.after_step = after_step
-        self.factor = warmup_cosine(total_steps, warmup_steps)
+        self.factor = warmup_cosine(total_steps, warmup_steps, anneal)
         self.base_lrs = current_lrs(optimizer)
         self.t = 0
         set_lrs(optimizer, [base * self.factor(0) for base in self.base_lrs])
