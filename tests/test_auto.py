@@ -316,6 +316,53 @@ def test_cosine_anneals_to_zero_over_the_budget():
     assert [e.lr[0] for e in hist.epochs] == pytest.approx(expected[8::8], abs=1e-15)  # each epoch's last LR
 
 
+def _lr_of_each_step(hist, steps: int) -> list[float]:
+    """The first group's LR of steps 1..steps from ``step_lr``'s run-length entries (the LR after step s)."""
+    entries = {step: lrs[0] for step, lrs in hist.step_lr}
+    lrs, current = [], None
+    for k in range(1, steps + 1):
+        current = entries.get(k - 1, current)
+        lrs.append(current)
+    return lrs
+
+
+def test_wsd_holds_the_lr_then_cools_the_last_fifth_down_linearly():
+    """schedule="wsd": T = 32 steps, C = ceil(0.2 T) = 7; step k (1-based) runs at lr * m_k with
+    m_k = 1 for k <= 25 and (T - k + 1) / (C + 1) after; the weights are plain SGD's with that LR."""
+    _, hist = _fit(lr=0.2, schedule="wsd")
+    m = [1.0 if k <= 25 else (32 - k + 1) / 8 for k in range(1, 33)]
+    assert _lr_of_each_step(hist, 32) == pytest.approx([0.2 * v for v in m], abs=1e-15)
+
+    model, _ = _fit(lr=0.2, schedule="wsd", rollback=False)  # the reference: SGD driven by m_k by hand
+    x, y, _, _ = _data()
+    ref = _net()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
+    torch.manual_seed(0)
+    loader = TensorLoader(x, y, 32, seed=0)
+    k = 0
+    for epoch in range(4):
+        loader.set_epoch(epoch)  # as the loop does
+        for xb, yb in loader:
+            k += 1
+            opt.param_groups[0]["lr"] = 0.2 * m[k - 1]
+            opt.zero_grad()
+            nn.functional.cross_entropy(ref(xb), yb).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)  # the LR path of the cooldown: exact
+
+
+def test_wsd_and_constant_warm_up_then_hold():
+    _, hist = _fit(lr=0.2, schedule="wsd", warmup_fraction=0.25, cooldown=0.25)  # W = 8, C = 8 of T = 32
+    lrs = _lr_of_each_step(hist, 32)
+    expected = [0.2 * (t + 1) / 8 for t in range(8)] + [0.2] * 16 + [0.2 * (32 - k + 1) / 9 for k in range(25, 33)]
+    assert lrs == pytest.approx(expected, abs=1e-15)
+    _, constant = _fit(lr=0.2, schedule="constant", warmup_fraction=0.25)
+    assert _lr_of_each_step(constant, 32) == pytest.approx(expected[:24] + [0.2] * 8, abs=1e-15)
+    with pytest.raises(ValueError, match="cooldown"):
+        _fit(lr=0.2, schedule="wsd", cooldown=1.5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the iterate average (option average=True)
 # ----------------------------------------------------------------------------------------------------

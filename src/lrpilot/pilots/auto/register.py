@@ -172,6 +172,7 @@ def _register() -> None:
             ({"sweep_max_lr": 1e-5}, r"max_lr"),
             ({"lr": -1.0}, r"lr"),
             ({"warmup_fraction": 1.0}, r"warmup_fraction"),
+            ({"cooldown": 1.5}, r"cooldown"),
         ),
     ))
 
