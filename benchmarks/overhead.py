@@ -29,9 +29,11 @@ is measured once, when it is built, and reported separately as ``setup s`` (and 
 search (``search_epochs``) runs ``--budget-epochs`` epochs per LR, so it costs what it costs at that
 budget (it scales with both). mi-decay's range test runs with its defaults (``rrt_epochs=3``).
 
-With ``--device cuda`` the step-level table also gives the host-device syncs per step inside
-``optimizer.step`` and ``on_step_end`` (the loop's own ``float(loss)`` excluded), counted with
-``torch.cuda.set_sync_debug_mode("warn")`` over ``--sync-steps`` extra steps after timing.
+The step-level table also gives the host reads per step inside ``optimizer.step`` and ``on_step_end``
+(the loop's own ``float(loss)`` excluded): every ``item()``/``float()``/``bool()`` of a tensor, boolean mask
+index or ``nonzero``, counted at the dispatcher (``lrpilot.core.host_reads``) over ``--sync-steps`` extra
+steps after timing, on any device: on a GPU each is a host-device sync. With ``--device cuda`` it also
+gives CUDA's own count of syncs (``torch.cuda.set_sync_debug_mode("warn")``) over as many more steps.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import torch
 
 from lrpilot.bench.tasks import get_task, make_loaders
 from lrpilot.core.contract import StepSignals
+from lrpilot.core.host_reads import count_host_reads, host_resident_state
 from lrpilot.core.registry import list_methods
 from lrpilot.core.seeding import seed_everything
 from lrpilot.loop.fit import Trainer
@@ -72,6 +75,7 @@ class Entry:
     setup_s: float
     times: list[float] = field(default_factory=list)  # seconds per step (or per epoch), per round
     syncs_per_step: float | None = None
+    host_reads_per_step: float | None = None
     error: str | None = None
 
 
@@ -127,34 +131,61 @@ def _make_step(entry: Entry, batches: list[tuple[torch.Tensor, torch.Tensor]],
     return step
 
 
-def _count_syncs(entry: Entry, step: Callable[[int], float], steps: int, device: torch.device) -> float:
-    """Host-device syncs per step inside ``optimizer.step`` and ``on_step_end`` (CUDA only)."""
+@contextlib.contextmanager
+def _cuda_sync_counter(device: torch.device) -> Any:
+    """Counts CUDA's own sync warnings (``torch.cuda.set_sync_debug_mode``) inside the block."""
+    counted = [0]
+    _sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield counted
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            counted[0] = sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _host_read_counter(optimizer: torch.optim.Optimizer) -> Callable[[torch.device], Any]:
+    @contextlib.contextmanager
+    def counter(device: torch.device) -> Any:
+        """Counts the tensor reads to Python inside the block (``lrpilot.core.host_reads``: any device),
+        except those of the step counts torch's optimizers keep on the host on a GPU too."""
+        counted = [0]
+        with count_host_reads(host_resident_state(optimizer)) as reads:
+            try:
+                yield counted
+            finally:
+                counted[0] = reads.count
+
+    return counter
+
+
+def _count_per_step(entry: Entry, step: Callable[[int], float], steps: int, device: torch.device,
+                    counter: Callable[[torch.device], Any]) -> float:
+    """What ``counter`` counts per step inside ``optimizer.step`` and ``on_step_end`` (the loop's own
+    ``float(loss)`` excluded): CUDA's syncs, or the host reads of ``lrpilot.core.host_reads``."""
     trainer = entry.trainer
     optimizer, pilot = trainer.optimizer, trainer.parts.pilot
     count = 0
-    original_step = optimizer.step
-    original_hook = pilot.on_step_end if pilot is not None else None
 
     def counted(fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             nonlocal count
-            _sync(device)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
+            result = [0]
+            try:
+                with counter(device) as result:
                     return fn(*args, **kwargs)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-                    count += sum("synchroniz" in str(w.message) for w in caught)
+            finally:  # the counter fills result when its block exits
+                count += result[0]
 
         return wrapper
 
     saved = [(obj, name, obj.__dict__.get(name)) for obj, name in ((optimizer, "step"), (pilot, "on_step_end"))
              if obj is not None]
-    optimizer.step = counted(original_step)  # type: ignore[method-assign]
+    optimizer.step = counted(optimizer.step)  # type: ignore[method-assign]
     if pilot is not None:
-        pilot.on_step_end = counted(original_hook)  # type: ignore[method-assign]
+        pilot.on_step_end = counted(pilot.on_step_end)  # type: ignore[method-assign]
     try:
         for i in range(steps):
             step(i)
@@ -212,7 +243,7 @@ def run_task(task: str, args: argparse.Namespace, device: torch.device) -> dict[
     # It is also long enough that no step timed here falls in a seed method's default cooldown (its last
     # 20 %): a cooling step costs the same whatever the method, measured by benchmarks/cooldown_overhead.py.
     spe = len(make_loaders(data, info.batch_size, seed=args.seed)[0])
-    total = args.warmup + args.rounds * steps + (args.sync_steps if device.type == "cuda" else 0)
+    total = args.warmup + args.rounds * steps + args.sync_steps * (2 if device.type == "cuda" else 1)
     before_cooldown = math.ceil(total / (1.0 - COOLDOWN_FRACTION))
     epochs = max(args.budget_epochs, -(-before_cooldown // spe) + 1)
     entries: list[Entry] = []
@@ -249,9 +280,13 @@ def run_task(task: str, args: argparse.Namespace, device: torch.device) -> dict[
         print(f"  step round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     cooled = [e.name for e in entries if getattr(e.trainer.parts.pilot, "multiplier", lambda: 1.0)() != 1.0]
     assert not cooled, f"{cooled} reached their cooldown while timed: the budget above is too short"
-    if device.type == "cuda":
-        for e in entries:
-            e.syncs_per_step = _count_syncs(e, stepper[e.name], args.sync_steps, device)
+    for e in entries:
+        if e.error:
+            continue
+        e.host_reads_per_step = _count_per_step(e, stepper[e.name], args.sync_steps, device,
+                                                _host_read_counter(e.trainer.optimizer))
+        if device.type == "cuda":
+            e.syncs_per_step = _count_per_step(e, stepper[e.name], args.sync_steps, device, _cuda_sync_counter)
 
     # -- epoch-level ----------------------------------------------------------------------------------
     epoch_entries: list[Entry] = []
@@ -305,18 +340,22 @@ def _summarise(entries: list[Entry]) -> list[dict[str, Any]]:
         rows.append({
             "method": e.name, "kind": e.kind, "seconds": statistics.median(e.times) if e.times else math.nan,
             "ratio_median": med, "ratio_q1": q1, "ratio_q3": q3, "rounds": n, "setup_s": e.setup_s,
-            "syncs_per_step": e.syncs_per_step, "error": e.error,
+            "syncs_per_step": e.syncs_per_step, "host_reads_per_step": e.host_reads_per_step, "error": e.error,
         })
     return rows
 
 
 def _table(rows: list[dict[str, Any]], unit: str, cuda: bool) -> str:
-    head = f"| method | kind | {unit} | x sgd (median) | IQR | setup s |" + (" syncs/step |" if cuda else "")
+    reads = any(r["host_reads_per_step"] is not None for r in rows)  # the step-level table
+    head = (f"| method | kind | {unit} | x sgd (median) | IQR | setup s |" + (" host reads/step |" if reads else "")
+            + (" syncs/step |" if cuda else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         setup = f"{r['setup_s']:.2f}" if r["setup_s"] >= 0.05 else "-"
         cells = [r["method"], r["kind"], f"{r['seconds'] * (1e3 if unit == 'ms/step' else 1):.3g}",
                  f"{r['ratio_median']:.2f}", f"{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}", setup]
+        if reads:
+            cells.append("-" if r["host_reads_per_step"] is None else f"{r['host_reads_per_step']:.1f}")
         if cuda:
             cells.append("-" if r["syncs_per_step"] is None else f"{r['syncs_per_step']:.1f}")
         line = "| " + " | ".join(cells) + " |"

@@ -31,5 +31,7 @@ def test_overhead_benchmark_on_a_tiny_task(tmp_path: Path, capsys) -> None:
         assert rows["sgd"]["ratio_median"] == 1.0
         for r in rows.values():
             assert r["error"] is None and r["rounds"] == 2 and r["seconds"] > 0
+    assert step["hd-train"]["host_reads_per_step"] == 1.0 and step["onecycle"]["host_reads_per_step"] == 0.0
+    assert epoch["lipschitz"]["host_reads_per_step"] is None  # counted in the step-level table only
     text = capsys.readouterr().out
     assert "### iris-softmax: step-level" in text and "| hd-train | step-pilot |" in text
