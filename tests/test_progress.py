@@ -75,3 +75,24 @@ def test_the_cli_shows_info_lines_when_not_on_a_terminal() -> None:
         assert logger.getEffectiveLevel() == logging.INFO
     finally:
         logger.setLevel(before)
+
+
+def test_log_every_thins_the_lines_and_logs_the_last_item(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="lrpilot"), Progress(50, "sweep", unit="step", log_every=20) as progress:
+        for i in range(45):  # stops early, as a sweep whose loss blew up
+            progress.update(f"item {i + 1}")
+    assert [re.sub(r", \d+\.\d s$", "", line) for line in _lines(caplog)] == [
+        "sweep [20/50] item 20", "sweep [40/50] item 40", "sweep [45/50] item 45"]
+    with pytest.raises(ValueError, match="log_every"):
+        Progress(3, "bad", log_every=0)
+
+
+def test_auto_sweep_logs_every_twenty_steps_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    task = TinyTask()
+    with caplog.at_level(logging.INFO, logger="lrpilot"):
+        trainer = Trainer(task.model(), task.train, task.val, method="auto", epochs=1, progress=False,
+                          method_options={"sweep_steps": 60})
+    lines = [line for line in _lines(caplog) if line.startswith("auto LR sweep")]
+    steps = trainer.parts.info["sweep"]["steps"]
+    assert len(lines) == steps // 20 + (steps % 20 > 0)
+    assert re.fullmatch(rf"auto LR sweep \[{steps}/60\] lr \S+ loss \S+, \d+\.\d s", lines[-1]), lines[-1]

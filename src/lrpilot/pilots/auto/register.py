@@ -16,6 +16,7 @@ from lrpilot.core import distributed as dist
 from lrpilot.core.checks import require_bool, require_in, require_positive, require_range
 from lrpilot.core.contract import MethodParts
 from lrpilot.core.data import split_batch
+from lrpilot.core.progress import Progress
 from lrpilot.core.registry import BuildContext, MethodInfo, get_method, register, resolve_options
 from lrpilot.core.seeding import rng_preserved
 from lrpilot.pilots.auto.average import PolynomialAverage
@@ -148,9 +149,17 @@ def _sweep(ctx: BuildContext, o: Mapping[str, Any]) -> SweepResult:
                 opt.step()
             return float(value)
 
-        return run_sweep(step, min_lr=o["sweep_min_lr"], max_lr=o["sweep_max_lr"], steps=o["sweep_steps"],
-                         divisor=o["divisor"], window=o["window"], smoothing=o["smoothing"], pick=o["pick"],
-                         edge_fraction=o["edge_fraction"], edge_rise=o["edge_rise"], edge_cap=o["edge_cap"])
+        # The sweep trains up to sweep_steps steps before the run (a minute on a CPU ResNet-20): show it.
+        with Progress(o["sweep_steps"], "auto LR sweep", unit="step", log_every=20) as progress:
+
+            def shown(lr: float) -> float:
+                loss = step(lr)
+                progress.update(f"lr {lr:.3g} loss {loss:.4g}")
+                return loss
+
+            return run_sweep(shown, min_lr=o["sweep_min_lr"], max_lr=o["sweep_max_lr"], steps=o["sweep_steps"],
+                             divisor=o["divisor"], window=o["window"], smoothing=o["smoothing"], pick=o["pick"],
+                             edge_fraction=o["edge_fraction"], edge_rise=o["edge_rise"], edge_cap=o["edge_cap"])
 
 
 def _register() -> None:
