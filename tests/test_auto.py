@@ -309,7 +309,7 @@ def test_the_safety_net_rolls_back_a_too_large_lr():
 
 def test_cosine_anneals_to_zero_over_the_budget():
     """The per-step LR trajectory is lr * (1 + cos(pi t / T)) / 2 exactly, T = 4 epochs x 8 steps."""
-    _, hist = _fit(lr=0.2)
+    _, hist = _fit(lr=0.2, schedule="cosine")
     assert [step for step, _ in hist.step_lr] == list(range(33))
     expected = [0.2 * 0.5 * (1 + math.cos(math.pi * t / 32)) for t in range(33)]
     assert [lrs[0] for _, lrs in hist.step_lr] == pytest.approx(expected, abs=1e-15)
@@ -329,7 +329,8 @@ def _lr_of_each_step(hist, steps: int) -> list[float]:
 def test_wsd_holds_the_lr_then_cools_the_last_fifth_down_linearly():
     """schedule="wsd": T = 32 steps, C = ceil(0.2 T) = 7; step k (1-based) runs at lr * m_k with
     m_k = 1 for k <= 25 and (T - k + 1) / (C + 1) after; the weights are plain SGD's with that LR."""
-    _, hist = _fit(lr=0.2, schedule="wsd")
+    _, hist = _fit(lr=0.2)  # the default schedule (round 5)
+    assert AUTO_DEFAULTS["schedule"] == "wsd" and AUTO_DEFAULTS["cooldown"] == 0.2
     m = [1.0 if k <= 25 else (32 - k + 1) / 8 for k in range(1, 33)]
     assert _lr_of_each_step(hist, 32) == pytest.approx([0.2 * v for v in m], abs=1e-15)
 
@@ -396,15 +397,15 @@ def test_polynomial_average_closed_form_and_swap():
 
 
 def test_average_evaluates_the_averaged_weights_and_trains_the_raw_ones():
-    _, hist = _fit(lr=0.2, average=True)
-    _, plain = _fit(lr=0.2)
+    _, hist = _fit(lr=0.2, average=True, schedule="cosine")
+    _, plain = _fit(lr=0.2, schedule="cosine")
     assert [e.train_loss for e in hist.epochs] == [e.train_loss for e in plain.epochs]  # training untouched
     assert [e.val_loss for e in hist.epochs] != [e.val_loss for e in plain.epochs]  # evaluation is not
     with pytest.raises(ValueError, match="schedule"):
         _fit(lr=0.2, average=True, schedule="constant")
 
 
-@pytest.mark.parametrize("options", [{}, {"average": True}])
+@pytest.mark.parametrize("options", [{}, {"schedule": "cosine", "average": True}])
 def test_trainer_state_dict_resumes_identically(options):
     x, y, xv, yv = _data()
 

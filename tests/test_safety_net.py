@@ -343,3 +343,15 @@ def test_a_pilot_that_probes_activations_works_inside_the_net(tiny):
     assert netted.status == "completed"
     mi = [d.reason for d in netted.decisions if not d.reason.startswith("safety-net")]
     assert mi[0] == "mi-start" and len(mi) == 4  # the start and one MI decision per epoch, each from a probe
+
+
+@pytest.mark.parametrize("name", ["auto", "hd-train", "hd-val", "rt-hpo"])
+def test_a_method_whose_default_form_has_a_net_refuses_a_second_one(tiny, name) -> None:
+    """The net may sit inside a cooldown (the cooled hypergradient methods, auto's wsd schedule): a
+    second one was once accepted there, wrapping the cooldown in another net."""
+    options = dict(get_method(name).test_options)
+    with pytest.raises(ValueError, match="already has a safety net"):
+        Trainer(tiny.model(), tiny.train, tiny.val, method=name, epochs=2, progress=False, safety_net=True,
+                method_options=options)
+    Trainer(tiny.model(), tiny.train, tiny.val, method=name, epochs=2, progress=False, safety_net=True,
+            method_options={**options, "rollback": False})  # the user's own net instead: accepted

@@ -308,9 +308,18 @@ class SafetyNet(PilotWrapper):
         self._begun = state["begun"]
 
 
+def _has_safety_net(pilot: Pilot | None) -> bool:
+    """A safety net anywhere in the chain of wrappers (a cooled method wears its net inside the cooldown)."""
+    while pilot is not None:
+        if isinstance(pilot, SafetyNet):
+            return True
+        pilot = pilot.inner if isinstance(pilot, PilotWrapper) else None
+    return False
+
+
 def with_safety_net(parts: MethodParts, **options: Any) -> MethodParts:
     """``parts`` with its pilot wrapped in a :class:`SafetyNet` (options: see the class)."""
-    if isinstance(parts.pilot, SafetyNet):
+    if _has_safety_net(parts.pilot):
         raise ValueError("this method already has a safety net in its default form: drop safety_net=True (or "
                          "pass the method's option rollback=False to wrap it in one with your options)")
     valid = tuple(inspect.signature(SafetyNet).parameters)[2:]  # after optimizer and inner

@@ -1,4 +1,4 @@
-"""``auto``: lrpilot's own autopilot (an LR sweep, cosine annealing, the safety net); record in ``register.py``.
+"""``auto``: lrpilot's own autopilot (an LR sweep, the LR held then cooled down, the safety net); record in ``register.py``.
 
 docs/methods/auto.md says what it is, where each part comes from and what each contributes (the ablation).
 """

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "edge_fraction": 0.2,
     "edge_rise": 0.5,  # None: round 2's valley, bounded by the start's loss only (round 3)
     "edge_cap": 2.0,  # the edge's LR at most this times the minimum's; None: uncapped (round 4)
-    "schedule": "cosine",
+    "schedule": "wsd",  # round 5 of docs/methods/auto.md; "cosine": rounds 1-4
     "cooldown": DEFAULT_FRACTION,  # schedule="wsd" only: the share of the budget that decays linearly to ~0
     "warmup_fraction": 0.0,
     "momentum": 0.9,
@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 5e-4,  # the run's only (the sweep ramps without it); round 2 of docs/methods/auto.md
     "rollback": True,  # the safety net (its L_0 from the training loss only)
     "stall_factor": 1.0,  # the safety net's initial_factor: an epoch above the untrained loss rolls back
-    "average": False,  # evaluate a polynomial-decay average of the weights (cosine schedule only)
+    "average": False,  # evaluate a polynomial-decay average of the weights (schedule="cosine" only)
     "average_gamma": 8.0,
     "sf_lr_factor": 10.0,  # schedule-free: its LR is this times the sweep's (y = 0.9 x + 0.1 z steps 1/(1 - 0.9) less)
 }
@@ -165,9 +165,9 @@ def _sweep(ctx: BuildContext, o: Mapping[str, Any]) -> SweepResult:
 def _register() -> None:
     register(MethodInfo(
         "auto", "auto",
-        "lrpilot's own autopilot: an LR sweep on training batches places the LR, SGD with weight decay 5e-4 and cosine annealing over the budget, the safety net",
+        "lrpilot's own autopilot: an LR sweep on training batches places the LR, SGD with weight decay 5e-4 holds it and cools the last 20 % of the budget down linearly, the safety net",
         build_auto, DEFAULTS, lr_granularity="step", kind="schedule", tags=frozenset({"auto"}),
-        paper="Smith, WACV 2017 (the sweep); Loshchilov & Hutter, ICLR 2017 (cosine); see docs/methods/auto.md",
+        paper="Smith, WACV 2017 (the sweep); Hägele et al. 2024 (warmup-stable-decay); see docs/methods/auto.md",
         handles_nonfinite=True,
         test_options={"sweep_steps": 20},
         invalid_options=(
