@@ -1,4 +1,6 @@
-"""The LR schedule ``auto`` runs after its sweep: linear warm-up, then cosine annealing to zero.
+"""The per-step schedules ``auto`` can run after its sweep: linear warm-up, then cosine annealing to zero
+(``schedule="cosine"``, rounds 1-4 of docs/methods/auto.md), or the warm-up alone (``"constant"``, and
+``"wsd"``, whose cooldown is ``pilots/cooldown.py``'s wrapper: the default since round 5).
 
 Cosine annealing over the known budget (Loshchilov & Hutter 2017) is what the tuned reference of the bench
 uses; the warm-up (Goyal et al. 2017) is an option of ``auto`` (its ablation is in docs/methods/auto.md)::
