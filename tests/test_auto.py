@@ -24,6 +24,7 @@ from lrpilot.pilots.auto import (
     warmup_cosine,
 )
 from lrpilot.pilots.auto.register import DEFAULTS as AUTO_DEFAULTS
+from lrpilot.pilots.auto.register import OPTIMIZERS
 from lrpilot.pilots.auto.sweep import valley_edge
 
 
@@ -135,7 +136,7 @@ def test_recorded_sweeps_give_each_rounds_pick(sweep, round_1, round_2, round_3,
     assert pick(pick="edge", edge_rise=0.5)[0] == pytest.approx(round_3, abs=1e-4)
     assert pick(pick="edge", edge_rise=0.5, edge_cap=2.0)[0] == pytest.approx(round_4, abs=1e-4)
     # replayed through the sweep with its default stopping rule, the ramp ends where the bench's ended
-    d = AUTO_DEFAULTS
+    d = {**AUTO_DEFAULTS, **OPTIMIZERS[AUTO_DEFAULTS["optimizer"]]}
     default = run_sweep(_replay(rec["losses"]), min_lr=d["sweep_min_lr"], max_lr=d["sweep_max_lr"],
                         steps=d["sweep_steps"], divisor=d["divisor"], window=d["window"], pick=d["pick"],
                         edge_fraction=d["edge_fraction"], edge_rise=d["edge_rise"], edge_cap=d["edge_cap"])
@@ -351,6 +352,39 @@ def test_wsd_holds_the_lr_then_cools_the_last_fifth_down_linearly():
             opt.step()
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)  # the LR path of the cooldown: exact
+
+
+def test_adamw_is_torchs_adamw_on_the_same_schedule():
+    """optimizer="adamw": the run is torch's AdamW (beta_1 = momentum, beta_2 = 0.999, decoupled decay
+    0.05 by default) at lr * m_k, bit for bit; its sweep ramps Adam over 1e-6..1 without decay."""
+    model, hist = _fit(lr=0.002, optimizer="adamw", rollback=False)
+    m = [1.0 if k <= 25 else (32 - k + 1) / 8 for k in range(1, 33)]
+    assert _lr_of_each_step(hist, 32) == pytest.approx([0.002 * v for v in m], abs=1e-15)
+    x, y, _, _ = _data()
+    ref = _net()
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.002, betas=(0.9, 0.999), weight_decay=0.05)
+    torch.manual_seed(0)
+    loader = TensorLoader(x, y, 32, seed=0)
+    k = 0
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        for xb, yb in loader:
+            k += 1
+            opt.param_groups[0]["lr"] = 0.002 * m[k - 1]
+            opt.zero_grad()
+            nn.functional.cross_entropy(ref(xb), yb).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+
+    _, swept = _fit(optimizer="adamw", sweep_steps=40)
+    sweep = swept.info["method"]["sweep"]
+    assert sweep["lrs"][0] == pytest.approx(1e-6) and sweep_lrs(1e-6, 1.0, 40)[: len(sweep["lrs"])] == pytest.approx(sweep["lrs"])
+    assert 1e-6 <= swept.info["method"]["lr"] <= 1.0
+    _, decayed = _fit(optimizer="adamw", sweep_steps=40, weight_decay=0.5)
+    assert decayed.info["method"]["sweep"]["losses"] == sweep["losses"]  # the sweep ramps without decay
+    with pytest.raises(ValueError, match="adamw"):
+        _fit(lr=0.002, optimizer="adamw", schedule="schedule-free")
 
 
 def test_wsd_and_constant_warm_up_then_hold():

@@ -29,12 +29,24 @@ from lrpilot.pilots.safety_net import with_safety_net
 #: of the budget (pilots/cooldown.py; round 5 of docs/methods/auto.md).
 SCHEDULES = ("cosine", "constant", "wsd", "schedule-free")
 
+#: The step the run takes (round 6 of docs/methods/auto.md): momentum SGD, or AdamW (Loshchilov & Hutter,
+#: ICLR 2019) with beta_1 = ``momentum`` and beta_2 = 0.999. Each has its own sweep range and weight decay
+#: where the option is left at None: Adam's LRs are two decades below SGD's, and AdamW's decay is decoupled
+#: (``w <- w - lr * wd * w``), so 0.05 at Adam's LR shrinks the weights per step as SGD's coupled 5e-4 does
+#: at SGD's (1e-3 x 0.05 = 0.1 x 5e-4).
+OPTIMIZERS: dict[str, dict[str, float]] = {
+    "sgd": {"sweep_min_lr": 1e-4, "sweep_max_lr": 10.0, "weight_decay": 5e-4},
+    "adamw": {"sweep_min_lr": 1e-6, "sweep_max_lr": 1.0, "weight_decay": 0.05},
+}
+ADAM_BETA2 = 0.999
+
 #: Every option and its default; the ablation in docs/methods/auto.md switches them one at a time.
 DEFAULTS: dict[str, Any] = {
     "lr": None,  # None: the sweep chooses it; a number skips the sweep
+    "optimizer": "sgd",  # or "adamw" (round 6 of docs/methods/auto.md)
     "sweep_steps": 200,
-    "sweep_min_lr": 1e-4,
-    "sweep_max_lr": 10.0,
+    "sweep_min_lr": None,  # None: the optimizer's (OPTIMIZERS): 1e-4 for SGD, 1e-6 for AdamW
+    "sweep_max_lr": None,  # None: 10 for SGD, 1 for AdamW
     "divisor": 2.0,
     "window": 10,
     "smoothing": "centred",
@@ -47,7 +59,8 @@ DEFAULTS: dict[str, Any] = {
     "warmup_fraction": 0.0,
     "momentum": 0.9,
     "nesterov": False,
-    "weight_decay": 5e-4,  # the run's only (the sweep ramps without it); round 2 of docs/methods/auto.md
+    "weight_decay": None,  # None: 5e-4 for SGD (round 2 of docs/methods/auto.md), 0.05 decoupled for AdamW;
+                           # the run's only (the sweep ramps without it)
     "rollback": True,  # the safety net (its L_0 from the training loss only)
     "stall_factor": 1.0,  # the safety net's initial_factor: an epoch above the untrained loss rolls back
     "average": False,  # evaluate a polynomial-decay average of the weights (schedule="cosine" only)
@@ -57,6 +70,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
+    require_in("optimizer", o["optimizer"], tuple(OPTIMIZERS), method="auto")
+    o = {**o, **{k: v for k, v in OPTIMIZERS[o["optimizer"]].items() if o[k] is None}}
     require_in("schedule", o["schedule"], SCHEDULES, method="auto")
     require_range("warmup_fraction", o["warmup_fraction"], 0.0, 1.0, open_high=True, method="auto")
     require_range("cooldown", o["cooldown"], 0.0, 1.0, method="auto")
@@ -68,6 +83,9 @@ def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
     require_bool("nesterov", o["nesterov"], method="auto")
     require_bool("average", o["average"], method="auto")
     require_positive("average_gamma", o["average_gamma"], method="auto", allow_zero=True)
+    if o["optimizer"] == "adamw" and (o["nesterov"] or o["schedule"] == "schedule-free"):
+        raise ValueError("method 'auto': optimizer='adamw' takes neither nesterov=True nor schedule='schedule-free' "
+                         "(use optimizer='sgd' for those)")
     if o["average"] and o["schedule"] != "cosine":
         raise ValueError(f"method 'auto': average=True needs schedule='cosine' (got {o['schedule']!r}; "
                          "schedule-free averages by itself)")
@@ -91,8 +109,7 @@ def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
                                        "weight_decay": o["weight_decay"], "warmup_fraction": o["warmup_fraction"]})
         parts = sf.build(ctx, **options)
     else:
-        opt = torch.optim.SGD(ctx.params(), lr=lr, momentum=o["momentum"], nesterov=o["nesterov"],
-                              weight_decay=o["weight_decay"])
+        opt = _optimizer(o, ctx.params(), lr, weight_decay=o["weight_decay"])
         pilot, average = None, None
         warmup = min(round(o["warmup_fraction"] * ctx.total_steps), ctx.total_steps - 1)
         if o["schedule"] == "cosine":
@@ -112,6 +129,13 @@ def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
     return dataclasses.replace(parts, info={**(parts.info or {}), **info})
 
 
+def _optimizer(o: Mapping[str, Any], params: Any, lr: float, *, weight_decay: float) -> torch.optim.Optimizer:
+    """The step of the sweep (``weight_decay=0``) and of the run: ``o["optimizer"]``'s torch optimizer."""
+    if o["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(o["momentum"], ADAM_BETA2), weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=o["momentum"], nesterov=o["nesterov"], weight_decay=weight_decay)
+
+
 def _sweep(ctx: BuildContext, o: Mapping[str, Any]) -> SweepResult:
     """Run the LR sweep on a copy of the network over the training batches, leaving every random source
     the run depends on as it was. Under torch.distributed every rank steps its copy with the gradients
@@ -124,7 +148,7 @@ def _sweep(ctx: BuildContext, o: Mapping[str, Any]) -> SweepResult:
     # the gradient, yet with it the ramp meets other batch noise and LeNet-5's jagged curve moved its pick
     # from 0.185 to 0.029 (seed 101, docs/methods/auto.md round 2): the sweep measures the step size the
     # network tolerates, the same whatever the decay.
-    opt = torch.optim.SGD(params, lr=o["sweep_min_lr"], momentum=o["momentum"], nesterov=o["nesterov"])
+    opt = _optimizer(o, params, o["sweep_min_lr"], weight_decay=0.0)
     distributed = dist.is_distributed()
     with rng_preserved(ctx.train_loader):
         batches = itertools.chain.from_iterable(itertools.repeat(ctx.train_loader))
@@ -182,6 +206,8 @@ def _register() -> None:
             ({"lr": -1.0}, r"lr"),
             ({"warmup_fraction": 1.0}, r"warmup_fraction"),
             ({"cooldown": 1.5}, r"cooldown"),
+            ({"optimizer": "lion"}, r"optimizer"),
+            ({"optimizer": "adamw", "nesterov": True}, r"adamw"),
         ),
     ))
 
