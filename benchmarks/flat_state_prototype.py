@@ -8,7 +8,9 @@ multi-tensor kernels; on a small network its cost is Python and dispatch, not ar
 This script times ``optimizer.step()`` alone, on the same gradients, for
 
 * ``sgd``: ``torch.optim.SGD`` (momentum 0.9), the reference of every ratio;
-* ``hd-train``: the registry's ``hd-train`` optimizer with its defaults (the code users run);
+* ``hd-train``: the registry's ``hd-train`` optimizer with its defaults (the code users run: since issue 19's
+  flat layout, ``pilots/hypergradient/flat.py``, its state lives on one buffer too);
+* ``hd-train flat=False``: the same with the per-tensor multi-tensor path (before the flat layout);
 * ``flat prototype``: the same kind of step written on one flat buffer ``B`` of shape ``(2, n)``: row 0
   the gradient (copied in with one ``_foreach_copy_`` into views of the row), row 1 the momentum direction.
   One ``B @ B.T`` gives the three dot products of the cosine in one kernel, one host read gives the cosine
@@ -78,10 +80,10 @@ class FlatHypergradientPrototype:
         torch._foreach_add_(self.params, self.direction_views, alpha=-self.lr)
 
 
-def _hd_train(model: nn.Module) -> torch.optim.Optimizer:
+def _hd_train(model: nn.Module, **overrides: object) -> torch.optim.Optimizer:
     info = get_method("hd-train")
     ctx = BuildContext(model=model, epochs=10**4, steps_per_epoch=100)
-    options = resolve_options(info, {"rollback": False, "cooldown": 0.0})
+    options = resolve_options(info, {"rollback": False, "cooldown": 0.0, **overrides})
     return info.build(ctx, **options).optimizer
 
 
@@ -95,7 +97,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.2f}")
     for name, sizes in networks.items():
         variants: dict[str, Callable[[], None]] = {}
-        for label in ("sgd", "hd-train", "flat prototype"):
+        for label in ("sgd", "hd-train", "hd-train flat=False", "flat prototype"):
             torch.manual_seed(0)
             model = _mlp(sizes)
             for p in model.parameters():
@@ -105,6 +107,8 @@ def main() -> None:
                 variants[label] = torch.optim.SGD(params, lr=0.05, momentum=0.9).step
             elif label == "hd-train":
                 variants[label] = _hd_train(model).step
+            elif label == "hd-train flat=False":
+                variants[label] = _hd_train(model, flat=False).step
             else:
                 variants[label] = FlatHypergradientPrototype(params).step
         for step in variants.values():  # warm-up: state, allocator

@@ -1,7 +1,7 @@
 """What every registered method costs on top of plain SGD, measured in one process.
 
     OMP_NUM_THREADS=1 python benchmarks/overhead.py [--tasks fmnist-mlp,mnist1d-mlp] [--rounds 7]
-        [--methods 'hd-*,sgd'] [--device cpu|cuda] [--json out.json]
+        [--methods 'hd-*,sgd'] [--variant 'hd-train[flat=False]'] [--device cpu|cuda] [--json out.json]
 
 Two tables per task:
 
@@ -22,6 +22,10 @@ interleaved: every round times every method once, in an order rotated by one eac
 so a burst of load from other processes hits all methods alike. The tables give the median ratio and the
 interquartile range over rounds.
 
+``--variant 'METHOD[key=value,...]'`` (repeatable) also times a step-level method with other options, in
+the same rounds (values are Python literals, as the CLI's ``-o``): a change measured against what it
+replaces on the same machine at the same time.
+
 Work a method does before its first step (the tuned baselines' grid search, mi-decay's LR range test)
 is measured once, when it is built, and reported separately as ``setup s`` (and as a multiple of one
 ``sgd`` epoch on the same data): it is charged to the run, not to its steps. The methods are built by
@@ -39,10 +43,12 @@ gives CUDA's own count of syncs (``torch.cuda.set_sync_debug_mode("warn")``) ove
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import fnmatch
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -198,8 +204,25 @@ def _count_per_step(entry: Entry, step: Callable[[int], float], steps: int, devi
     return count / steps
 
 
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``"hd-train[flat=False,beta=0.01]"`` -> ``("hd-train", {"flat": False, "beta": 0.01})``."""
+    match = re.fullmatch(r"\s*([\w.-]+)\[(.*)\]\s*", text)
+    if match is None:
+        raise SystemExit(f"--variant is METHOD[key=value,...], got {text!r}")
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in match.group(2).split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {text!r}: options are key=value, got {item!r}")
+        try:
+            options[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = raw.strip()
+    return match.group(1), options
+
+
 def _build(name: str, kind: str, info: Any, data: Any, args: argparse.Namespace, device: torch.device,
-           epochs: int, options: dict[str, Any] | None = None) -> Entry:
+           epochs: int, options: dict[str, Any] | None = None, label: str | None = None) -> Entry:
     seed_everything(args.seed)
     model = info.model()
     train_loader, val_loader = make_loaders(data, info.batch_size, seed=args.seed)
@@ -210,7 +233,7 @@ def _build(name: str, kind: str, info: Any, data: Any, args: argparse.Namespace,
         method_options=options,
     )
     _sync(device)
-    return Entry(name, kind, trainer, time.perf_counter() - t0)
+    return Entry(label or name, kind, trainer, time.perf_counter() - t0)
 
 
 def run_task(task: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -247,11 +270,18 @@ def run_task(task: str, args: argparse.Namespace, device: torch.device) -> dict[
     before_cooldown = math.ceil(total / (1.0 - COOLDOWN_FRACTION))
     epochs = max(args.budget_epochs, -(-before_cooldown // spe) + 1)
     entries: list[Entry] = []
-    for m in step_methods:
+    variants = [(m, m.name, {}) for m in step_methods]
+    for text in args.variant:
+        name, options = parse_variant(text)
+        found = [m for m in list_methods() if m.name == name]
+        if not found or found[0].kind == "epoch-pilot":
+            raise SystemExit(f"--variant {text!r}: {name!r} is not a registered step-level method")
+        variants.append((found[0], text, options))
+    for m, label, given in variants:
         options = {"search_epochs": args.budget_epochs} if "search_epochs" in m.defaults else {}
-        entry = _build(m.name, m.kind, info, data, args, device, epochs, options)
+        entry = _build(m.name, m.kind, info, data, args, device, epochs, {**options, **given}, label=label)
         entries.append(entry)
-        print(f"  built {m.name} ({entry.setup_s:.2f} s)", file=sys.stderr, flush=True)
+        print(f"  built {label} ({entry.setup_s:.2f} s)", file=sys.stderr, flush=True)
     stepper = {e.name: _make_step(e, batches, val_batches) for e in entries}
     for e in entries:  # warm-up: allocator, lazy state, first-step branches
         e.trainer.model.train()
@@ -369,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="fmnist-mlp,mnist1d-mlp")
     parser.add_argument("--methods", default="*", help="comma-separated fnmatch patterns (sgd is always timed)")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="METHOD[key=value,...]: also time this step-level method with these options")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=None, help="steps per round (default 40 fmnist, 200 others)")

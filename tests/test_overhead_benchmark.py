@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,11 +24,12 @@ def _load():
 def test_overhead_benchmark_on_a_tiny_task(tmp_path: Path, capsys) -> None:
     out = tmp_path / "o.json"
     _load().main(["--tasks", "iris-softmax", "--methods", "hd-train,onecycle,lipschitz", "--rounds", "2",
-                  "--steps", "3", "--warmup", "1", "--json", str(out)])
+                  "--steps", "3", "--warmup", "1", "--variant", "hd-train[flat=False, beta=0.01]", "--json", str(out)])
     (res,) = json.loads(out.read_text())
     step = {r["method"]: r for r in res["step"]}
     epoch = {r["method"]: r for r in res["epoch"]}
-    assert set(step) == {"sgd", "hd-train", "onecycle"} and set(epoch) == {"sgd", "lipschitz"}
+    assert set(step) == {"sgd", "hd-train", "onecycle", "hd-train[flat=False, beta=0.01]"}
+    assert set(epoch) == {"sgd", "lipschitz"}
     for rows in (step, epoch):
         assert rows["sgd"]["ratio_median"] == 1.0
         for r in rows.values():
@@ -35,6 +38,19 @@ def test_overhead_benchmark_on_a_tiny_task(tmp_path: Path, capsys) -> None:
     assert epoch["lipschitz"]["host_reads_per_step"] is None  # counted in the step-level table only
     text = capsys.readouterr().out
     assert "### iris-softmax: step-level" in text and "| hd-train | step-pilot |" in text
+
+
+def test_variants_parse_as_the_cli_options_and_bad_ones_say_how() -> None:
+    parse = _load().parse_variant
+    assert parse("hd-train[flat=False, beta=0.01, lr_rule=additive]") == (
+        "hd-train", {"flat": False, "beta": 0.01, "lr_rule": "additive"})
+    assert parse("sgd[]") == ("sgd", {})
+    for bad in ("hd-train", "hd-train[flat]"):
+        with pytest.raises(SystemExit, match="METHOD\\[key=value|key=value"):
+            parse(bad)
+    with pytest.raises(SystemExit, match="not a registered step-level method"):
+        _load().main(["--tasks", "iris-softmax", "--methods", "sgd", "--rounds", "1", "--steps", "1",
+                      "--variant", "lipschitz[lr=0.1]"])
 
 
 def test_flat_state_prototype_step_is_its_docstring_rule() -> None:

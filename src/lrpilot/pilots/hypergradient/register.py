@@ -33,6 +33,9 @@ _HD_DEFAULTS: dict[str, Any] = {
     "lr_update": "before-step",
     "lr_rule": "multiplicative",
     "tangent_decay": 0.99,
+    # The default one-step form keeps its state on one flat buffer (flat.py, issue 19: the step in a handful
+    # of kernels); False: the per-tensor path, bit for bit the reference loop's (tests/test_foreach.py).
+    "flat": None,
     # The safety net, from the training loss only (initial_from="train": hd-train decides from no held-out
     # data, and the others' decision split is theirs). rt-hpo on digits-mlp, seed 0, raised its LR from 0.1
     # to 0.115, past the edge where plain SGD collapses there too (0.94 -> 0.46 at 0.115, chance at 0.13),
@@ -52,7 +55,9 @@ _HD_DEFAULTS: dict[str, Any] = {
 #: runs of the family only that one and rt-hpo's digits-mlp seed 0 (which the 1.05x line already rolled back
 #: in the same epoch) have an epoch above 0.98x: every other run is bit for bit what it was.
 STALL_FACTOR = 0.98
-_RT_HPO_DEFAULTS: dict[str, Any] = {**_HD_DEFAULTS, "tangent_clip": True, "objective": "val"}
+#: rt-hpo's full horizon has no flat layout (its tangents are per-group stacks and its cost is autograd's).
+_RT_HPO_DEFAULTS: dict[str, Any] = {**{k: v for k, v in _HD_DEFAULTS.items() if k != "flat"},
+                                    "tangent_clip": True, "objective": "val"}
 #: The paper's (and Baydin et al.'s SGD-HD) form of all three methods, selectable with ``-o``. With
 #: ``tangent_decay=1`` rt-hpo's clip bound is infinite, so ``tangent_clip`` needs no entry (hd-train and
 #: hd-val, whose one-step horizon has nothing to clip, do not take it).
