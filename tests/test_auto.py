@@ -336,9 +336,17 @@ def test_wsd_holds_the_lr_then_cools_the_last_fifth_down_linearly():
     assert _lr_of_each_step(hist, 32) == pytest.approx([0.2 * v for v in m], abs=1e-15)
 
     model, _ = _fit(lr=0.2, schedule="wsd", rollback=False)  # the reference: SGD driven by m_k by hand
+    ref = _by_hand(lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9, weight_decay=5e-4), 0.2, m)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)  # the LR path of the cooldown: exact
+
+
+def _by_hand(make, lr: float, multipliers: list[float]) -> nn.Module:
+    """``_fit``'s network and batches trained by a plain loop: torch optimizer ``make(params)``, step k at
+    ``lr * multipliers[k - 1]``."""
     x, y, _, _ = _data()
     ref = _net()
-    opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
+    opt = make(ref.parameters())
     torch.manual_seed(0)
     loader = TensorLoader(x, y, 32, seed=0)
     k = 0
@@ -346,12 +354,11 @@ def test_wsd_holds_the_lr_then_cools_the_last_fifth_down_linearly():
         loader.set_epoch(epoch)  # as the loop does
         for xb, yb in loader:
             k += 1
-            opt.param_groups[0]["lr"] = 0.2 * m[k - 1]
+            opt.param_groups[0]["lr"] = lr * multipliers[k - 1]
             opt.zero_grad()
             nn.functional.cross_entropy(ref(xb), yb).backward()
             opt.step()
-    for a, b in zip(model.parameters(), ref.parameters()):
-        assert torch.equal(a, b)  # the LR path of the cooldown: exact
+    return ref
 
 
 def test_adamw_is_torchs_adamw_on_the_same_schedule():
@@ -360,20 +367,7 @@ def test_adamw_is_torchs_adamw_on_the_same_schedule():
     model, hist = _fit(lr=0.002, optimizer="adamw", rollback=False)
     m = [1.0 if k <= 25 else (32 - k + 1) / 8 for k in range(1, 33)]
     assert _lr_of_each_step(hist, 32) == pytest.approx([0.002 * v for v in m], abs=1e-15)
-    x, y, _, _ = _data()
-    ref = _net()
-    opt = torch.optim.AdamW(ref.parameters(), lr=0.002, betas=(0.9, 0.999), weight_decay=0.05)
-    torch.manual_seed(0)
-    loader = TensorLoader(x, y, 32, seed=0)
-    k = 0
-    for epoch in range(4):
-        loader.set_epoch(epoch)
-        for xb, yb in loader:
-            k += 1
-            opt.param_groups[0]["lr"] = 0.002 * m[k - 1]
-            opt.zero_grad()
-            nn.functional.cross_entropy(ref(xb), yb).backward()
-            opt.step()
+    ref = _by_hand(lambda ps: torch.optim.AdamW(ps, lr=0.002, betas=(0.9, 0.999), weight_decay=0.05), 0.002, m)
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
 
