@@ -146,8 +146,8 @@ class HypergradientSGD(torch.optim.Optimizer):
             ``mnist1d-mlp``: 1.36x -> 1.08x plain SGD, docs/performance.md). The cosine's sums are added in
             another order and two multiply-adds are fused, so the LRs agree with the per-tensor path to
             float rounding, not bit for bit (``tests/test_flat.py``). A step it cannot take (a parameter
-            without a gradient, mixed dtypes or devices, half precision) runs the per-tensor path. ``False``: always the per-tensor path. ``True`` raises where the form is not
-            the flat one.
+            without a gradient, mixed dtypes or devices, half precision) runs the per-tensor path.
+            ``False``: always the per-tensor path. ``True`` raises where the form is not the flat one.
 
     **Non-finite gradients.** When a training gradient holds a ``nan`` or ``inf`` the step is not
     taken: no weight, momentum buffer or tangent moves, every LR is kept (``group["lr_skipped"]``
