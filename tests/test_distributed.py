@@ -67,6 +67,7 @@ FAMILY_RUNS = {
     "aalr": ("mnist1d-mlp", 2000, {"lr": 10.0, "patience": 2}),  # LR 10 diverges: phase 1 reloads theta_0
     "mi-decay": ("mnist1d-mlp", 2000, {"lr_min": 0.01, "lr_max": 0.3, "lr_top": 0.2, "epsilon": 0.05, "mi_samples": 300}),
     "rt-hpo": ("mnist1d-mlp", 2000, {"lr": 0.05, "beta": 0.01}),
+    "hd-train": ("mnist1d-mlp", 2000, {}),  # the one-step methods' flat layout (issue 19) under DDP
     "lipschitz": ("digits-mlp", 1400, {}),  # its first 1/L (2.8) diverges: a rollback, then a stable run
     # Half AdaMo's step: at its default the 1,800 samples left after the decision split put it where float
     # summation differences of 1e-7 grow to 5e-3 in the LR by epoch 4 (the two runs' first epochs agree).
