@@ -185,6 +185,30 @@ def test_a_step_without_every_gradient_takes_the_per_tensor_path_then_flat_resum
     assert opt._flat is not None and all(opt._flat.owns(opt.state[p]["direction"]) for p in net.parameters())
 
 
+def test_a_frozen_layer_is_left_out_of_the_layout_and_alone() -> None:
+    """requires_grad=False parameters in the optimizer (a frozen layer): the flat path still runs, on the
+    others, as the per-tensor path does; the frozen ones neither move nor get state. Unfreezing lays out
+    again."""
+    runs = []
+    for flat in (False, None):
+        net = _net()
+        net[0].requires_grad_(False)
+        frozen = [p.detach().clone() for p in net[0].parameters()]
+        opt = SGDHD(net.parameters(), lr=0.1, flat=flat)
+        lrs = _train(net, opt, range(20))
+        assert all(torch.equal(a, b) for a, b in zip(frozen, net[0].parameters()))
+        assert all(not opt.state[p] for p in net[0].parameters())
+        runs.append((lrs, net, opt))
+    (ref_lrs, ref_net, _), (lrs, net, opt) = runs
+    assert opt._flat is not None and len(opt._flat.all_params) == 4
+    assert lrs == pytest.approx(ref_lrs, rel=1e-6)
+    for a, b in zip(ref_net.parameters(), net.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    net[0].requires_grad_(True)
+    _train(net, opt, range(20, 22))
+    assert len(opt._flat.all_params) == 6 and opt._flat.owns(opt.state[net[0].weight]["direction"])
+
+
 def test_a_new_param_group_is_laid_out_afresh() -> None:
     net = _net()
     opt = SGDHD(net[0].parameters(), lr=0.1)

@@ -83,14 +83,15 @@ class FlatState:
                 lent[id(p)] = None  # the direction is ours now
                 self._entries.append((entry, *views))
 
-    def current(self, groups: Sequence[dict[str, Any]], state: Any) -> bool:
-        """Whether this layout still describes the optimizer: the same parameters in the same groups, on
-        its device and dtype, and every state tensor the step changes still a view into the buffer."""
+    def current(self, groups: Sequence[Sequence[torch.Tensor]], state: Any) -> bool:
+        """Whether this layout still describes the optimizer: the same parameters (``groups``: each param
+        group's laid-out parameters) in the same groups, on its device and dtype, and every state tensor
+        the step changes still a view into the buffer."""
         if state is not self._state:
             return False
-        if tuple(id(p) for g in groups for p in g["params"]) != self._ids:
+        if tuple(id(p) for ps in groups for p in ps) != self._ids:
             return False
-        if len(groups) != len(self.params) or any(len(g["params"]) != len(ps) for g, ps in zip(groups, self.params)):
+        if len(groups) != len(self.params) or any(len(ps) != len(mine) for ps, mine in zip(groups, self.params)):
             return False
         first = self.all_params[0]
         if first.device != self.buffer.device or first.dtype != self.buffer.dtype:

@@ -145,8 +145,9 @@ class HypergradientSGD(torch.optim.Optimizer):
             a handful of kernels whatever the number of tensors (a whole training step of ``hd-train`` on
             ``mnist1d-mlp``: 1.36x -> 1.08x plain SGD, docs/performance.md). The cosine's sums are added in
             another order and two multiply-adds are fused, so the LRs agree with the per-tensor path to
-            float rounding, not bit for bit (``tests/test_flat.py``). A step it cannot take (a parameter
-            without a gradient, mixed dtypes or devices, half precision) runs the per-tensor path.
+            float rounding, not bit for bit (``tests/test_flat.py``). Frozen parameters (``requires_grad`` False,
+            no gradient) are left out of it; a step it cannot take (a trainable parameter without a
+            gradient, mixed dtypes or devices, half precision) runs the per-tensor path.
             ``False``: always the per-tensor path. ``True`` raises where the form is not the flat one.
 
     **Non-finite gradients.** When a training gradient holds a ``nan`` or ``inf`` the step is not
@@ -436,21 +437,27 @@ class HypergradientSGD(torch.optim.Optimizer):
         if self.flat is False or self.lr_rule != "multiplicative":
             return None
         groups = self.param_groups
+        # A frozen parameter (requires_grad False, no gradient) is left out of the layout, as the per-tensor
+        # path leaves it alone; a trainable one without a gradient this step sends the step there.
+        laid_out = []
         for group in groups:
-            if group["foreach"] is False or group["momentum"] == 0 or group["tangent_decay"] == 1.0 or not group["params"]:
+            if group["foreach"] is False or group["momentum"] == 0 or group["tangent_decay"] == 1.0:
                 return None
-            for p in group["params"]:
+            params = [p for p in group["params"] if p.requires_grad or p.grad is not None]
+            if not params:
+                return None
+            for p in params:
                 if p.grad is None or p.grad.is_sparse:
                     return None
+            laid_out.append(params)
         layout = self._flat
-        if layout is None or not layout.current(groups, self.state):
-            first = groups[0]["params"][0]
+        if layout is None or not layout.current(laid_out, self.state):
+            first = laid_out[0][0]
             if not eligible_dtype(first.dtype) or any(
-                p.dtype != first.dtype or p.device != first.device for g in groups for p in g["params"]
+                p.dtype != first.dtype or p.device != first.device for ps in laid_out for p in ps
             ):
                 return None
-            layout = self._flat = FlatState([g["params"] for g in groups], self.state, self._lent,
-                                            validation=self.objective == "val")
+            layout = self._flat = FlatState(laid_out, self.state, self._lent, validation=self.objective == "val")
         return layout
 
     def _step_flat(self, flat: FlatState, loss: Any, val_closure: ValClosure | None) -> Any:
