@@ -115,6 +115,27 @@ def test_flat_agrees_with_the_per_tensor_path(make: type, options: dict[str, Any
             torch.testing.assert_close(opt.state[p][key], ref_opt.state[q][key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_hd_val_without_a_validation_row_agrees_too(monkeypatch: pytest.MonkeyPatch, groups: int) -> None:
+    """On large tensors hd-val's validation gradient gets no row (flat.VAL_ROW_MAX_MEAN_NUMEL): its sums are
+    dot products tensor by tensor. Forced here on the small net: the same agreement, and the layout has no
+    validation row."""
+    from lrpilot.pilots.hypergradient import flat as flat_module
+
+    runs = []
+    for flat, limit in ((False, flat_module.VAL_ROW_MAX_MEAN_NUMEL), (None, 0), (None, flat_module.VAL_ROW_MAX_MEAN_NUMEL)):
+        monkeypatch.setattr(flat_module, "VAL_ROW_MAX_MEAN_NUMEL", limit)
+        net = _net()
+        opt = SGDHDVal(_groups(net, groups), lr=0.1, flat=flat, weight_decay=1e-3)
+        runs.append((_train(net, opt, range(40), val=True), net, opt))
+    (ref_lrs, ref_net, _), (lrs, net, opt), (row_lrs, _, row_opt) = runs
+    assert opt._flat.val_row is None and opt._flat.rows == 3 and row_opt._flat.val_row == 2
+    assert lrs == pytest.approx(ref_lrs, rel=1e-6) and row_lrs == pytest.approx(ref_lrs, rel=1e-6)
+    assert lrs[-1] != lrs[0]
+    for a, b in zip(ref_net.parameters(), net.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_the_default_takes_the_flat_layout_and_reads_the_host_once() -> None:
     from lrpilot.core.host_reads import count_host_reads
 

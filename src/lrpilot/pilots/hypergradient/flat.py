@@ -10,11 +10,16 @@ row       holds
 ========  ==================================================================================
 ``GRAD``  the step's gradient ``g`` (``.grad`` copied in, plus ``weight_decay * w``); scratch
 ``ACC``   the decayed sum of past directions ``a`` (the one-step tangent: state ``"direction"``)
-``VAL``   the validation gradient (``objective="val"`` only); scratch
+``VAL``   the validation gradient (``objective="val"`` on a network of small tensors only); scratch
 ``MOM``   the momentum buffer (state ``"momentum_buffer"``)
 ========  ==================================================================================
 
-Param group ``k`` owns the columns ``segments[k]``. The cosine's three sums are one ``B @ B.T`` over the
+Param group ``k`` owns the columns ``segments[k]``. The validation gradient (``hd-val``) gets a row only where the
+network's tensors are small (:data:`VAL_ROW_MAX_MEAN_NUMEL`): there a step is dispatch bound and the copy into
+the row, which lets one Gram matrix give every sum, is the cheaper way; on large tensors the step is memory
+bound and two dot products per tensor read the validation gradient where it lies, without writing it again
+(measured, docs/performance.md: ``mnist1d-mlp``, 2.5k weights per tensor, 1.98x SGD with the row against 2.10x
+without; ``fmnist-mlp``, 89k, 2.17x against 2.09x). The cosine's three sums are one ``B @ B.T`` over the
 group's first rows, and every tensor of ``self.state`` that a step changes is a view into ``B``: torch's
 ``state_dict``, the safety net's snapshots and any code that reads ``optimizer.state[p]`` see the usual
 per-parameter tensors. Replaced state (``load_state_dict``, a step of the per-tensor path that had to create a
@@ -29,6 +34,8 @@ from typing import Any
 import torch
 
 GRAD, ACC = 0, 1
+#: The largest mean number of weights per tensor for which the validation gradient is copied into a row.
+VAL_ROW_MAX_MEAN_NUMEL = 16384
 #: the state entries that live in the buffer, and their rows (the momentum buffer's is the last row)
 STATE_KEYS = ("direction", "momentum_buffer")
 
@@ -42,11 +49,10 @@ class FlatState:
         ``"direction"`` and ``"momentum_buffer"``; zeros where there is none, or where the per-tensor path
         kept a borrowed ``.grad`` as the direction, which it would itself have replaced by zeros)."""
         first = groups[0][0]
-        self.validation = validation
-        self.val_row = 2 if validation else None
-        self.mom_row = 3 if validation else 2
-        self.rows = self.mom_row + 1
         n = sum(p.numel() for ps in groups for p in ps)
+        self.val_row = 2 if validation and n <= VAL_ROW_MAX_MEAN_NUMEL * sum(map(len, groups)) else None
+        self.mom_row = 3 if self.val_row is not None else 2
+        self.rows = self.mom_row + 1
         self.buffer = torch.zeros(self.rows, n, dtype=first.dtype, device=first.device)
         self.params: list[list[torch.Tensor]] = [list(ps) for ps in groups]
         self.all_params = [p for ps in self.params for p in ps]
@@ -63,9 +69,9 @@ class FlatState:
         # per group: its segment of every row, and of the first 2 and 3 rows (the Gram matrix's blocks),
         # made once: a slice is a tensor made in Python, ~1-2 us each, on a step of ~30 us
         self.rows_of = [[self.buffer[row, s:e] for row in range(self.rows)] for s, e in self.segments]
-        self.blocks = [{r: self.buffer[:r, s:e] for r in ((2, 3) if validation else (2,))} for s, e in self.segments]
+        self.blocks = [{r: self.buffer[:r, s:e] for r in range(2, self.mom_row + 1)} for s, e in self.segments]
         self.grad_views = [v for vs in self.views[GRAD] for v in vs]
-        self.val_views = [v for vs in self.views[self.val_row] for v in vs] if validation else []
+        self.val_views = [v for vs in self.views[self.val_row] for v in vs] if self.val_row is not None else []
         self._state = state
         self._ids = tuple(id(p) for p in self.all_params)
         # (the parameter's state dict, its direction view, its momentum view): what current() checks

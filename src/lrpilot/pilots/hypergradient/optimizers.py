@@ -464,7 +464,7 @@ class HypergradientSGD(torch.optim.Optimizer):
         """The default one-step update on the flat buffer: the same rule as the per-tensor path.
 
         ``g <- grad + wd w`` (one copy and one add into the GRAD row), the Gram matrix of the group's rows
-        ``[g, a(, v)]`` (one kernel), one host read of every group's entries (the cosine on the host, the
+        ``[g, a(, v)]`` (one kernel; on large tensors ``<v, a>`` and ``|v|^2`` per tensor instead), one host read of every group's entries (the cosine on the host, the
         finiteness of ``g`` from ``|g|^2``), then per group ``m <- g + mu m``, ``d = m`` (or ``g + mu m``),
         ``a <- d + gamma a``, ``w <- w - lr d`` (two row passes and one multi-tensor add).
         """
@@ -475,23 +475,36 @@ class HypergradientSGD(torch.optim.Optimizer):
             for k, group in enumerate(groups):
                 if group["weight_decay"]:
                     torch._foreach_add_(flat.views[GRAD][k], flat.params[k], alpha=group["weight_decay"])
-        rows = 2
+        rows, val_grads = 2, None  # rows of the Gram matrix: [g, a], or [g, a, v] with the validation row
         if self.objective == "val" and glob["step"] > 0:  # at step 0 a = 0: the cosine is 0, no validation pass
-            rows = 3
             val_grads = self._validation_gradient(val_closure, flat.all_params)
-            with torch.no_grad():
-                torch._foreach_copy_(flat.val_views, val_grads)
+            if flat.val_row is not None:
+                rows = 3
+                with torch.no_grad():
+                    torch._foreach_copy_(flat.val_views, val_grads)
         with torch.no_grad():
-            grams = [flat.gram(k, rows) for k in range(len(groups))]
+            parts = [flat.gram(k, rows).reshape(-1) for k in range(len(groups))]
+            if val_grads is not None and rows == 2:  # large tensors: <v, a> and |v|^2 where v lies (flat.py)
+                start = 0
+                for accs in flat.views[ACC]:
+                    vs = [v.reshape(-1) for v in val_grads[start:start + len(accs)]]
+                    start += len(accs)
+                    dots = [torch.dot(v, a.reshape(-1)) for v, a in zip(vs, accs)] + [torch.dot(v, v) for v in vs]
+                    parts.append(torch.stack(dots).view(2, len(accs)).sum(1))
             # the one device-to-host read of the step
-            values = (grams[0] if len(grams) == 1 else torch.stack(grams)).reshape(-1).tolist()
-        per_group = rows * rows
+            values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
+        n_groups, size = len(groups), rows * rows
         cosines, finite = [], True
-        for k in range(len(groups)):
-            gram = values[k * per_group:(k + 1) * per_group]
+        for k in range(n_groups):
+            gram = values[k * size:(k + 1) * size]
             gg, aa = gram[0], gram[rows + 1]  # <g, g>, <a, a>
-            dot, norm2 = (gram[1], gg) if rows == 2 else (gram[2 * rows + 1], gram[2 * rows + 2])  # <g|v, a>, |g|v|^2
             finite = finite and math.isfinite(gg)  # a nan or inf in g shows in |g|^2 (overflow aside, as _finite_flag)
+            if val_grads is None:
+                dot, norm2 = gram[1], gg  # <g, a>, |g|^2
+            elif rows == 3:
+                dot, norm2 = gram[2 * rows + 1], gram[2 * rows + 2]  # <v, a>, |v|^2
+            else:
+                dot, norm2 = values[n_groups * size + 2 * k:n_groups * size + 2 * k + 2]
             den = math.sqrt(norm2) * math.sqrt(aa) if norm2 >= 0 and aa >= 0 else math.nan
             cosines.append(0.0 if den == 0 else dot / den)
         if not finite:  # never apply a non-finite gradient: nothing moves, every LR is kept
