@@ -291,3 +291,27 @@ def test_flat_true_where_the_form_is_not_flat_says_which_form_is(options: dict[s
         RTHPO(_net().parameters(), lr=0.1, flat=True)
     with pytest.raises(ValueError, match=r"flat"):
         SGDHD(_net().parameters(), lr=0.1, flat="yes")
+
+
+def test_channels_last_weights_keep_their_layout_and_agree() -> None:
+    """The buffer's views are contiguous; a channels-last conv weight is updated through them elementwise
+    and keeps its own memory format."""
+    finals = []
+    for flat in (False, None):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+        net = net.to(memory_format=torch.channels_last)
+        opt = SGDHD(net.parameters(), lr=0.1, flat=flat)
+        for t in range(20):
+            g = torch.Generator().manual_seed(t)
+            x = torch.randn(16, 3, 8, 8, generator=g).to(memory_format=torch.channels_last)
+            opt.zero_grad()
+            F.cross_entropy(net(x), torch.randint(0, 4, (16,), generator=g)).backward()
+            opt.step()
+        assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert (opt._flat is not None) == (flat is None)
+        finals.append((net, opt.param_groups[0]["lr"]))
+    (ref, ref_lr), (net, lr) = finals
+    assert lr == pytest.approx(ref_lr, rel=1e-6) and lr != 0.1
+    for a, b in zip(ref.parameters(), net.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
