@@ -557,3 +557,17 @@ def test_least_squares_equivalence_is_an_inequality_with_equality_for_rank_one_d
         network = least_squares_lipschitz(k_bound * x_norm, y_norm, x_norm, m, form=form)
         classical = linear_regression_lipschitz(x1, y1, k_bound, form=form)
         assert classical == pytest.approx(network, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e12, 1e-20])
+def test_the_elementwise_norm_neither_overflows_nor_underflows_in_float32(scale: float) -> None:
+    """||A o A||_F = sqrt(sum a^4) of float32 activations: at 1e12 the fourth powers (1e48) are past float32's
+    range and at 1e-20 (1e-80) below it; the statistic is still the float64 closed form, in float32."""
+    net = LinearModel(4, 2)
+    monitor = PenultimateMonitor(net, include_bias=False)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)) * scale
+    net(x)
+    exact = float(x.double().pow(4).sum().sqrt())
+    value = monitor.last().elementwise
+    assert math.isfinite(value) and value > 0
+    assert value == pytest.approx(exact, rel=1e-6)
