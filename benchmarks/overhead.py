@@ -43,7 +43,6 @@ gives CUDA's own count of syncs (``torch.cuda.set_sync_debug_mode("warn")``) ove
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import fnmatch
 import json
@@ -60,6 +59,7 @@ from typing import Any
 import torch
 
 from lrpilot.bench.tasks import get_task, make_loaders
+from lrpilot.cli import parse_option
 from lrpilot.core.contract import StepSignals
 from lrpilot.core.host_reads import count_host_reads, host_resident_state
 from lrpilot.core.registry import list_methods
@@ -205,19 +205,15 @@ def _count_per_step(entry: Entry, step: Callable[[int], float], steps: int, devi
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``"hd-train[flat=False,beta=0.01]"`` -> ``("hd-train", {"flat": False, "beta": 0.01})``."""
+    """``"hd-train[flat=False,beta=0.01]"`` -> ``("hd-train", {"flat": False, "beta": 0.01})``: the options
+    read as the CLI's ``-o`` reads them (:func:`lrpilot.cli.parse_option`)."""
     match = re.fullmatch(r"\s*([\w.-]+)\[(.*)\]\s*", text)
     if match is None:
         raise SystemExit(f"--variant is METHOD[key=value,...], got {text!r}")
-    options: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in match.group(2).split(","))):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--variant {text!r}: options are key=value, got {item!r}")
-        try:
-            options[key.strip()] = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = raw.strip()
+    try:
+        options = dict(parse_option(part.strip()) for part in match.group(2).split(",") if part.strip())
+    except argparse.ArgumentTypeError as err:
+        raise SystemExit(f"--variant {text!r}: {err}") from None
     return match.group(1), options
 
 

@@ -19,7 +19,7 @@ from typing import Any
 __all__ = ["main"]
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
+def parse_option(text: str) -> tuple[str, Any]:
     """``key=value`` with ``value`` read as a Python literal when it is one (``0.1``, ``True``, ``(0.5, 0.75)``)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"method options are key=value, got {text!r}")
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--train-subset", type=int, help="train on the first N training samples")
     p.add_argument("--data-dir", help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("-o", "--option", type=_parse_option, action="append", metavar="KEY=VALUE",
+    p.add_argument("-o", "--option", type=parse_option, action="append", metavar="KEY=VALUE",
                    help="a method option, e.g. -o momentum=0.0 (repeatable)")
     p.add_argument("--safety-net", action="store_true",
                    help="checkpoint the best epoch; on a non-finite or exploding loss roll back to it and halve the LR")
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--adversarial", action="store_true",
                    help="FGSM training, PGD-scored validation (epsilon 8/255, PGD-10 step 2/255, raw data units)")
-    p.add_argument("--adv-option", type=_parse_option, action="append", metavar="KEY=VALUE",
+    p.add_argument("--adv-option", type=parse_option, action="append", metavar="KEY=VALUE",
                    help="an adversarial option (implies --adversarial), e.g. --adv-option eval_samples=2000")
     p.set_defaults(func=cmd_train)
 
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--train-subset", type=int, help="train on the first N training samples")
     p.add_argument("--data-dir", help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("-o", "--option", type=_parse_option, action="append", metavar="KEY=VALUE",
+    p.add_argument("-o", "--option", type=parse_option, action="append", metavar="KEY=VALUE",
                    help="a range-test option of mi-decay, e.g. -o rrt_trials=3 -o 'rrt_lrs=(0.01,0.1)' -o c2=0.01")
     p.add_argument("--out", help="write the result (bounds, table D, every trial, cost) as JSON here")
     p.set_defaults(func=cmd_range_test)

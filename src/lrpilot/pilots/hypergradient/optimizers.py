@@ -464,8 +464,8 @@ class HypergradientSGD(torch.optim.Optimizer):
         """The default one-step update on the flat buffer: the same rule as the per-tensor path.
 
         ``g <- grad + wd w`` (one copy and one add into the GRAD row), the Gram matrix of the group's rows
-        ``[g, a(, v)]`` (one kernel; on large tensors ``<v, a>`` and ``|v|^2`` per tensor instead), one host read of every group's entries (the cosine on the host, the
-        finiteness of ``g`` from ``|g|^2``), then per group ``m <- g + mu m``, ``d = m`` (or ``g + mu m``),
+        ``[g, a(, v)]`` (one kernel; on large tensors ``<v, a>`` and ``|v|^2`` per tensor instead), one host
+        read of every group's entries (the cosine on the host, the finiteness of ``g`` from ``|g|^2``), then per group ``m <- g + mu m``, ``d = m`` (or ``g + mu m``),
         ``a <- d + gamma a``, ``w <- w - lr d`` (two row passes and one multi-tensor add).
         """
         glob = self._global
@@ -487,10 +487,9 @@ class HypergradientSGD(torch.optim.Optimizer):
             if val_grads is not None and rows == 2:  # large tensors: <v, a> and |v|^2 where v lies (flat.py)
                 start = 0
                 for accs in flat.views[ACC]:
-                    vs = [v.reshape(-1) for v in val_grads[start:start + len(accs)]]
+                    vs = _flats(val_grads[start:start + len(accs)])
                     start += len(accs)
-                    dots = [torch.dot(v, a.reshape(-1)) for v, a in zip(vs, accs)] + [torch.dot(v, v) for v in vs]
-                    parts.append(torch.stack(dots).view(2, len(accs)).sum(1))
+                    parts.append(_dot_rows([(vs, _flats(accs)), (vs, vs)]))
             # the one device-to-host read of the step
             values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
         n_groups, size = len(groups), rows * rows

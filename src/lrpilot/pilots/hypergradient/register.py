@@ -33,9 +33,6 @@ _HD_DEFAULTS: dict[str, Any] = {
     "lr_update": "before-step",
     "lr_rule": "multiplicative",
     "tangent_decay": 0.99,
-    # The default one-step form keeps its state on one flat buffer (flat.py, issue 19: the step in a handful
-    # of kernels); False: the per-tensor path, bit for bit the reference loop's (tests/test_foreach.py).
-    "flat": None,
     # The safety net, from the training loss only (initial_from="train": hd-train decides from no held-out
     # data, and the others' decision split is theirs). rt-hpo on digits-mlp, seed 0, raised its LR from 0.1
     # to 0.115, past the edge where plain SGD collapses there too (0.94 -> 0.46 at 0.115, chance at 0.13),
@@ -55,9 +52,11 @@ _HD_DEFAULTS: dict[str, Any] = {
 #: runs of the family only that one and rt-hpo's digits-mlp seed 0 (which the 1.05x line already rolled back
 #: in the same epoch) have an epoch above 0.98x: every other run is bit for bit what it was.
 STALL_FACTOR = 0.98
-#: rt-hpo's full horizon has no flat layout (its tangents are per-group stacks and its cost is autograd's).
-_RT_HPO_DEFAULTS: dict[str, Any] = {**{k: v for k, v in _HD_DEFAULTS.items() if k != "flat"},
-                                    "tangent_clip": True, "objective": "val"}
+#: hd-train and hd-val: the default one-step form keeps its state on one flat buffer (flat.py, issue 19: the
+#: step in a handful of kernels); flat=False: the per-tensor path, bit for bit the reference loop's
+#: (tests/test_foreach.py). rt-hpo's full horizon has none (per-group tangent stacks; its cost is autograd's).
+_ONE_STEP_DEFAULTS: dict[str, Any] = {**_HD_DEFAULTS, "flat": None}
+_RT_HPO_DEFAULTS: dict[str, Any] = {**_HD_DEFAULTS, "tangent_clip": True, "objective": "val"}
 #: The paper's (and Baydin et al.'s SGD-HD) form of all three methods, selectable with ``-o``. With
 #: ``tangent_decay=1`` rt-hpo's clip bound is infinite, so ``tangent_clip`` needs no entry (hd-train and
 #: hd-val, whose one-step horizon has nothing to clip, do not take it).
@@ -102,11 +101,11 @@ def _register_all() -> None:
         MethodInfo("hd-train", "hypergradient",
                    "First-order (Train): SGD-HD, LR *= exp(beta cos(g, decayed past directions)) every step "
                    "(-o lr_rule=additive: Baydin et al. 2018's LR += beta <g_prev, g>)",
-                   build_hd_train, _HD_DEFAULTS, invalid_options=bad, **common),
+                   build_hd_train, _ONE_STEP_DEFAULTS, invalid_options=bad, **common),
         MethodInfo("hd-val", "hypergradient",
                    "First-order (Val): LR *= exp(beta cos(validation gradient, decayed past directions)) "
                    "every step (-o lr_rule=additive: LR += beta <g_prev, validation gradient>)",
-                   build_hd_val, _HD_DEFAULTS, invalid_options=bad, decision_split=True, **common),
+                   build_hd_val, _ONE_STEP_DEFAULTS, invalid_options=bad, decision_split=True, **common),
         MethodInfo("rt-hpo", "hypergradient",
                    "RT-HPO: LR follows the validation hypergradient, forward-mode tangent with HVPs (eq. 5); "
                    "multiplicative step, decayed and clipped tangent (-o lr_rule=additive ...: the paper)",
