@@ -37,16 +37,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lrpilot.bench.tasks.models import MLP
 from lrpilot.core.registry import BuildContext, get_method, resolve_options
-
-
-def _mlp(sizes: tuple[int, ...]) -> nn.Module:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 class FlatHypergradientPrototype:
@@ -99,7 +91,7 @@ def main() -> None:
         variants: dict[str, Callable[[], None]] = {}
         for label in ("sgd", "hd-train", "hd-train flat=False", "flat prototype"):
             torch.manual_seed(0)
-            model = _mlp(sizes)
+            model = MLP(sizes)
             for p in model.parameters():
                 p.grad = torch.randn_like(p) * 1e-3
             params = list(model.parameters())
@@ -127,7 +119,7 @@ def main() -> None:
         print("|---|---|---|---|")
         for label in labels:
             ratios = sorted(t / s for t, s in zip(times[label], times["sgd"]))
-            q = statistics.quantiles(ratios, n=4, method="inclusive")
+            q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
             print(f"| {label} | {statistics.median(times[label]) * 1e6:.1f} | {statistics.median(ratios):.2f} | "
                   f"{q[0]:.2f}-{q[2]:.2f} |")
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
