@@ -462,3 +462,111 @@ def test_a_second_safety_net_is_refused_with_what_to_do():
         _fit(lr=0.2, safety_net=True)
     _, hist = _fit(lr=0.2, rollback=False, safety_net={"factor": 0.25})  # the user's net instead of auto's
     assert hist.status == "completed"
+
+
+# --- round 7: the race between SGD and AdamW ------------------------------------------------------------
+
+
+def test_mcnemar_z_closed_form_and_bad_shapes():
+    from lrpilot.pilots.auto.race import mcnemar_z, race_winner
+
+    sgd = torch.tensor([1, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    adamw = torch.tensor([0, 1, 1, 1, 1, 1, 1], dtype=torch.bool)  # right alone on 3, wrong alone on 1
+    z, b, c = mcnemar_z(sgd, adamw)
+    assert (b, c) == (3, 1) and z == pytest.approx(2 / math.sqrt(4))
+    assert mcnemar_z(adamw, sgd)[0] == pytest.approx(-1.0)
+    assert mcnemar_z(sgd, sgd) == (0.0, 0, 0)  # no disagreement: no evidence either way
+    assert race_winner(sgd, adamw, 0.99)[0] and not race_winner(sgd, adamw, 1.0)[0]  # strictly above z_min
+    with pytest.raises(ValueError, match="one length"):
+        mcnemar_z(sgd, adamw[:-1])
+
+
+def _race(**options):
+    return _fit(optimizer="race", sweep_steps=40, **options)
+
+
+def test_a_race_sgd_wins_trains_exactly_as_optimizer_sgd():
+    """The race trains copies with the RNG preserved: when SGD wins (here: it must win by z > 1e9) the run
+    is bit for bit the default SGD run, and the race is charged as search (two sweeps, two races)."""
+    model, hist = _race(race_z=1e9)
+    race = hist.info["method"]["race"]
+    assert race["winner"] == "sgd" and race["held_out"] == round(0.1 * 256)
+    assert race["sgd"]["steps"] == race["adamw"]["steps"] == math.ceil(0.15 * 32)
+    sweeps = race["sweeps"]["sgd"]["steps"] + race["sweeps"]["adamw"]["steps"]
+    assert hist.info["method"]["search"]["total_steps"] == sweeps + 2 * race["sgd"]["steps"]
+    plain_model, plain = _fit(sweep_steps=40)
+    assert hist.info["method"]["lr"] == plain.info["method"]["lr"] == race["sgd"]["lr"]
+    assert [e.train_loss for e in hist.epochs] == [e.train_loss for e in plain.epochs]
+    for a, b in zip(model.parameters(), plain_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_race_adamw_wins_trains_adamw_at_its_own_sweeps_lr(monkeypatch):
+    """The winner's step, LR (the Adam sweep's pick over race_adamw_divisor) and decay (AdamW's 0.05)."""
+    import lrpilot.pilots.auto.register as auto_register
+
+    monkeypatch.setattr(auto_register, "race_winner", lambda inc, cha, z_min: (True, 9.0, 5, 0))
+    model, hist = _race(race_adamw_divisor=3.0)
+    race = hist.info["method"]["race"]
+    assert race["winner"] == "adamw" and hist.info["method"]["lr"] == race["adamw"]["lr"]
+    sweep = race["sweeps"]["adamw"]
+    assert sweep["lrs"][0] == pytest.approx(1e-6) and race["adamw"]["lr"] == pytest.approx(sweep["lr"])
+    assert sweep["lr"] == pytest.approx((sweep["lr_at_edge"] or sweep["lr_at_min"]) / 3.0)
+    again_model, _ = _fit(optimizer="adamw", lr=race["adamw"]["lr"])  # the same run, its LR given
+    for a, b in zip(model.parameters(), again_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_race_never_reads_the_scored_split():
+    _, hist = _race()
+    _, scrambled = _race(val_labels=torch.randint(0, 3, (96,), generator=torch.Generator().manual_seed(5)))
+    def strip(race: dict) -> dict:
+        return {k: v for k, v in race.items() if k != "sweeps"}
+
+    assert strip(hist.info["method"]["race"]) == strip(scrambled.info["method"]["race"])
+    assert hist.info["decision_split"] == {"source": "none"}  # the run itself trains on all the training data
+
+
+def test_the_race_trains_on_the_rest_and_scores_on_the_held_out_tenth():
+    """The held-out tenth is the seeded carve of the training set (disjoint from what the racers see)."""
+    from lrpilot.core.data import carve
+
+    x, y, _, _ = _data()
+    rest, held = carve(TensorLoader(x, y, 32, seed=0), 0.1, 0 + 15_485_863)
+    seen = {tuple(r.tolist()) for r in rest.inputs}
+    assert len(held.inputs) == 26 and not any(tuple(r.tolist()) in seen for r in held.inputs)
+    _, hist = _race()
+    race = hist.info["method"]["race"]
+    accuracies = {race[n]["held_out_accuracy"] for n in ("sgd", "adamw")}
+    assert all(round(a * 26) == pytest.approx(a * 26, abs=1e-4) for a in accuracies)  # counts of 26 samples
+    assert race["adamw_only"] - race["sgd_only"] == round(26 * (race["adamw"]["held_out_accuracy"] - race["sgd"]["held_out_accuracy"]))
+
+
+def test_the_race_falls_back_to_sgd_with_a_warning_where_it_cannot_run():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g)
+    y = x.sum(1, keepdim=True)
+    with pytest.warns(UserWarning, match="regression task trains with SGD"):
+        hist = lrpilot.fit(nn.Linear(3, 1), TensorLoader(x, y, 16), TensorLoader(x, y, 64), method="auto",
+                           loss_fn=nn.MSELoss(), epochs=2, progress=False, optimizer="race", sweep_steps=20)
+    assert hist.info["method"]["race"]["winner"] == "sgd" and "skipped" in hist.info["method"]["race"]
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, x[:, :3].argmax(1)))
+
+        def __len__(self):
+            return 64
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=16)
+    with pytest.warns(UserWarning, match="IterableDataset|DataLoader"):
+        hist = lrpilot.fit(nn.Linear(3, 3), loader, loader, method="auto", epochs=1, progress=False,
+                           optimizer="race", sweep_steps=20)
+    assert hist.info["method"]["race"]["winner"] == "sgd"
+
+
+def test_bad_race_options_name_themselves():
+    for options, match in (({"race_fraction": 0.0}, "race_fraction"), ({"race_z": -1.0}, "race_z"),
+                           ({"race_adamw_divisor": 0.5}, "race_adamw_divisor"), ({"nesterov": True}, "race")):
+        with pytest.raises(ValueError, match=match):
+            _race(**options)

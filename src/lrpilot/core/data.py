@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
 
-__all__ = ["TensorLoader", "check_batch", "split_batch"]
+__all__ = ["TensorLoader", "carve", "check_batch", "num_samples", "split_batch"]
 
 
 class TensorLoader:
@@ -145,3 +146,35 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, *, where: str) -> None:
         raise ValueError(f"{where}: targets contain NaN or inf; clean the data (e.g. drop or impute those rows)")
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{where}: inputs contain NaN or inf; clean the data (e.g. drop or impute those rows)")
+
+
+def carve(loader: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """``(rest, held_out)``: ``loader`` less a seeded ``fraction`` of its samples, and those samples as an
+    unshuffled evaluation loader (:meth:`TensorLoader.split`; a ``DataLoader`` over a sized dataset becomes
+    two over ``Subset`` objects with its settings). A decision split: data a method decides from that no result is
+    scored on. Raises ``TypeError`` for a loader whose samples cannot be indexed (an iterable dataset)."""
+    if isinstance(loader, TensorLoader):
+        return loader.split(fraction, seed=seed)
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(loader, DataLoader) and not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
+        n = len(dataset)
+        k = min(max(1, round(fraction * n)), n - 1)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        held, kept = perm[:k].sort().values.tolist(), perm[k:].sort().values.tolist()
+        common = {"batch_size": loader.batch_size, "num_workers": loader.num_workers,
+                  "collate_fn": loader.collate_fn, "pin_memory": loader.pin_memory}  # fmt: skip
+        shuffle = isinstance(loader.sampler, RandomSampler)
+        rest = DataLoader(Subset(dataset, kept), shuffle=shuffle, drop_last=loader.drop_last,
+                          generator=loader.generator, **common)  # fmt: skip
+        return rest, DataLoader(Subset(dataset, held), shuffle=False, **common)
+    raise TypeError(
+        f"lrpilot carves a split out of the training data only from a TensorLoader or a DataLoader over a "
+        f"sized dataset, not a {type(loader).__name__}"
+    )
+
+
+def num_samples(loader: Any) -> int:
+    """The number of samples a :class:`TensorLoader` or a ``DataLoader`` over a sized dataset holds."""
+    if isinstance(loader, TensorLoader):
+        return loader.num_samples
+    return len(loader.dataset)

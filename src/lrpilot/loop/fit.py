@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
 
 from lrpilot.core import distributed as dist
 from lrpilot.core.checks import require_range
@@ -34,7 +33,7 @@ from lrpilot.core.contract import (
     Pilot,
     StepSignals,
 )
-from lrpilot.core.data import TensorLoader, check_batch, split_batch
+from lrpilot.core.data import TensorLoader, carve, check_batch, num_samples, split_batch
 from lrpilot.core.registry import BuildContext, build_method, get_method, needs_decision_split
 from lrpilot.core.seeding import capture_rng, restore_rng, rng_preserved, seed_everything
 from lrpilot.loop.decisions import TrainingState, as_decisions
@@ -810,38 +809,15 @@ def _decision_split(
         return train_loader, None, {"source": "none"}
     if fraction == 0:
         return train_loader, None, {"source": "val"}
-    rest, held = _carve(train_loader, fraction, seed + 104_729)  # a stream of its own
-    return rest, held, {"source": "train", "fraction": fraction, "samples": _num_samples(held)}
-
-
-def _carve(loader: Any, fraction: float, seed: int) -> tuple[Any, Any]:
-    """``loader`` less a seeded ``fraction`` of its samples, and those samples as an evaluation loader."""
-    if isinstance(loader, TensorLoader):
-        return loader.split(fraction, seed=seed)
-    dataset = getattr(loader, "dataset", None)
-    if isinstance(loader, DataLoader) and not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
-        n = len(dataset)
-        k = min(max(1, round(fraction * n)), n - 1)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        held, kept = perm[:k].sort().values.tolist(), perm[k:].sort().values.tolist()
-        common = {"batch_size": loader.batch_size, "num_workers": loader.num_workers,
-                  "collate_fn": loader.collate_fn, "pin_memory": loader.pin_memory}  # fmt: skip
-        shuffle = isinstance(loader.sampler, RandomSampler)
-        rest = DataLoader(Subset(dataset, kept), shuffle=shuffle, drop_last=loader.drop_last,
-                          generator=loader.generator, **common)  # fmt: skip
-        return rest, DataLoader(Subset(dataset, held), shuffle=False, **common)
-    raise ValueError(
-        f"this method decides from validation signals, and lrpilot carves its decision split out of the "
-        f"training data only from a TensorLoader or a DataLoader over a sized dataset, not a "
-        f"{type(loader).__name__}: pass hyper_loader= (data no result is scored on), or hyper_fraction=0 "
-        f"to let it decide from val_loader (its validation results are then not held out)"
-    )
-
-
-def _num_samples(loader: Any) -> int:
-    if isinstance(loader, TensorLoader):
-        return loader.num_samples
-    return len(loader.dataset)
+    try:
+        rest, held = carve(train_loader, fraction, seed + 104_729)  # a stream of its own
+    except TypeError as err:
+        raise ValueError(
+            f"this method decides from validation signals, and {err}: pass hyper_loader= (data no result is "
+            f"scored on), or hyper_fraction=0 to let it decide from val_loader (its validation results are "
+            f"then not held out)"
+        ) from None
+    return rest, held, {"source": "train", "fraction": fraction, "samples": num_samples(held)}
 
 
 def _build_parts(

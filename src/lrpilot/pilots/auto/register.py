@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -15,14 +17,15 @@ import torch
 from lrpilot.core import distributed as dist
 from lrpilot.core.checks import require_bool, require_in, require_positive, require_range
 from lrpilot.core.contract import MethodParts
-from lrpilot.core.data import split_batch
+from lrpilot.core.data import carve, split_batch
 from lrpilot.core.progress import Progress
 from lrpilot.core.registry import BuildContext, MethodInfo, get_method, register, resolve_options
 from lrpilot.core.seeding import rng_preserved
 from lrpilot.pilots.auto.average import PolynomialAverage
+from lrpilot.pilots.auto.race import race_winner
 from lrpilot.pilots.auto.schedule import WarmupCosine
 from lrpilot.pilots.auto.sweep import SweepResult, run_sweep
-from lrpilot.pilots.cooldown import DEFAULT_FRACTION, cooled
+from lrpilot.pilots.cooldown import DEFAULT_FRACTION, cooldown_multiplier, cooled
 from lrpilot.pilots.safety_net import with_safety_net
 
 #: "wsd": warm-up (optional), a stable LR, then the seed methods' linear cooldown over the last ``cooldown``
@@ -43,7 +46,7 @@ ADAM_BETA2 = 0.999
 #: Every option and its default; the ablation in docs/methods/auto.md switches them one at a time.
 DEFAULTS: dict[str, Any] = {
     "lr": None,  # None: the sweep chooses it; a number skips the sweep
-    "optimizer": "sgd",  # or "adamw" (round 6 of docs/methods/auto.md)
+    "optimizer": "sgd",  # or "adamw" (round 6 of docs/methods/auto.md), or "race": the one that wins a race (round 7)
     "sweep_steps": 200,
     "sweep_min_lr": None,  # None: the optimizer's (OPTIMIZERS): 1e-4 for SGD, 1e-6 for AdamW
     "sweep_max_lr": None,  # None: 10 for SGD, 1 for AdamW
@@ -65,18 +68,33 @@ DEFAULTS: dict[str, Any] = {
     "stall_factor": 1.0,  # the safety net's initial_factor: an epoch above the untrained loss rolls back
     "average": False,  # evaluate a polynomial-decay average of the weights (schedule="cosine" only)
     "average_gamma": 8.0,
+    "race_fraction": 0.1,  # optimizer="race": the share of the training data the race is decided on
+    "race_budget": 0.15,  # ... the share of the run's budget each candidate trains for
+    "race_z": 2.0,  # ... AdamW replaces SGD when McNemar's z on the held-out share exceeds this
+    "race_adamw_divisor": 4.0,  # ... AdamW's LR: the Adam sweep's pick over this (round 6's best variant)
     "sf_lr_factor": 10.0,  # schedule-free: its LR is this times the sweep's (y = 0.9 x + 0.1 z steps 1/(1 - 0.9) less)
 }
 
 
 def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
-    require_in("optimizer", o["optimizer"], tuple(OPTIMIZERS), method="auto")
-    o = {**o, **{k: v for k, v in OPTIMIZERS[o["optimizer"]].items() if o[k] is None}}
+    require_in("optimizer", o["optimizer"], (*OPTIMIZERS, "race"), method="auto")
+    race = o["optimizer"] == "race"
+    if race:
+        require_range("race_fraction", o["race_fraction"], 0.0, 1.0, open_low=True, open_high=True, method="auto")
+        require_range("race_budget", o["race_budget"], 0.0, 1.0, open_low=True, method="auto")
+        require_range("race_adamw_divisor", o["race_adamw_divisor"], 1.0, math.inf, open_high=True, method="auto")
+        require_positive("race_z", o["race_z"], method="auto", allow_zero=True)
+        if o["lr"] is not None or o["nesterov"] or o["schedule"] == "schedule-free":
+            raise ValueError("method 'auto': optimizer='race' chooses the step and its LR by itself; it takes "
+                             "neither lr=, nesterov=True nor schedule='schedule-free' (pick optimizer='sgd' for those)")
+    else:
+        o = _resolved(o)
     require_in("schedule", o["schedule"], SCHEDULES, method="auto")
     require_range("warmup_fraction", o["warmup_fraction"], 0.0, 1.0, open_high=True, method="auto")
     require_range("cooldown", o["cooldown"], 0.0, 1.0, method="auto")
     require_range("momentum", o["momentum"], 0.0, 1.0, open_high=True, method="auto")
-    require_positive("weight_decay", o["weight_decay"], method="auto", allow_zero=True)
+    if o["weight_decay"] is not None:
+        require_positive("weight_decay", o["weight_decay"], method="auto", allow_zero=True)
     require_positive("sf_lr_factor", o["sf_lr_factor"], method="auto")
     require_bool("rollback", o["rollback"], method="auto")
     require_range("stall_factor", o["stall_factor"], 1.0, float("inf"), method="auto")
@@ -90,7 +108,14 @@ def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
         raise ValueError(f"method 'auto': average=True needs schedule='cosine' (got {o['schedule']!r}; "
                          "schedule-free averages by itself)")
     info: dict[str, Any] = {}
-    if o["lr"] is None:
+    if race:
+        started = time.perf_counter()
+        o, lr, info["race"] = _race(ctx, o)
+        info["sweep"] = info["race"]["sweeps"][o["optimizer"]]
+        steps = info["race"]["search_steps"]
+        info["search"] = {"runs": [], "total_steps": steps, "total_epochs": steps / ctx.steps_per_epoch,
+                          "total_train_s": time.perf_counter() - started}
+    elif o["lr"] is None:
         started = time.perf_counter()
         result = _sweep(ctx, o)
         info["sweep"] = result.to_dict()
@@ -136,54 +161,142 @@ def _optimizer(o: Mapping[str, Any], params: Any, lr: float, *, weight_decay: fl
     return torch.optim.SGD(params, lr=lr, momentum=o["momentum"], nesterov=o["nesterov"], weight_decay=weight_decay)
 
 
+class _CopyTrainer:
+    """Trains a copy of the run's network outside the run, as the run would train it: the sweep's ramp and
+    the race's candidates. Under torch.distributed every rank steps its copy with the loss and gradients
+    averaged over the ranks, as DDP does for the run, so every rank measures and decides the same."""
+
+    def __init__(self, ctx: BuildContext, o: Mapping[str, Any], loader: Any, *, lr: float, weight_decay: float,
+                 batches: Iterator[Any] | None = None) -> None:
+        self.ctx = ctx
+        self.model = copy.deepcopy(getattr(ctx.model, "module", ctx.model))  # a DDP wrapper's module: we sync here
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.loss_fn = ctx.loss_fn if ctx.loss_fn is not None else torch.nn.CrossEntropyLoss()
+        self.opt = _optimizer(o, self.params, lr, weight_decay=weight_decay)
+        self.batches = batches if batches is not None else _epochs(loader)
+        self.distributed = dist.is_distributed()
+        self.nonfinite = 0
+
+    def step(self, lr: float) -> float:
+        """One optimizer step at ``lr``; the step's loss (before it). A non-finite loss takes no step."""
+        x, y = split_batch(next(self.batches), where="train_loader")
+        x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=False)
+        loss = self.loss_fn(self.model(x), y)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+        value = loss.detach().reshape(1)
+        if self.distributed:  # what DDP does for the run: the ranks' mean loss and, when finite, mean gradient
+            dist.all_reduce_mean_([value])
+            finite = bool(torch.isfinite(value))
+            if finite:
+                dist.all_reduce_mean_([p.grad for p in self.params])
+        if finite:
+            self.opt.step()
+        else:
+            self.nonfinite += 1
+        return float(value)
+
+    @torch.no_grad()
+    def correct(self, loader: Any) -> torch.Tensor:
+        """Per sample of ``loader`` (unsharded: every rank sees all of it), whether the copy's top class is
+        the target, in evaluation mode."""
+        self.model.eval()
+        try:
+            hits = []
+            for batch in loader:
+                x, y = split_batch(batch, where="the race's held-out split")
+                x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
+                hits.append((self.model(x).argmax(dim=1) == y).cpu())
+            return torch.cat(hits)
+        finally:
+            self.model.train()
+
+
+def _epochs(loader: Any) -> Iterator[Any]:
+    """The batches of ``loader``, epoch after epoch, each epoch in its own order (``set_epoch``)."""
+    for epoch in itertools.count():
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+
+
 def _sweep(ctx: BuildContext, o: Mapping[str, Any]) -> SweepResult:
     """Run the LR sweep on a copy of the network over the training batches, leaving every random source
-    the run depends on as it was. Under torch.distributed every rank steps its copy with the gradients
-    and the loss averaged over the ranks, as the run itself does, so every rank chooses the same LR."""
-    model = copy.deepcopy(getattr(ctx.model, "module", ctx.model))  # a DDP wrapper's module: we sync here
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss_fn = ctx.loss_fn if ctx.loss_fn is not None else torch.nn.CrossEntropyLoss()
+    the run depends on as it was (every rank chooses the same LR: :class:`_CopyTrainer`)."""
     # No weight decay in the sweep: over its 200 steps decay's pull (lr * wd * w a step) is nothing next to
     # the gradient, yet with it the ramp meets other batch noise and LeNet-5's jagged curve moved its pick
     # from 0.185 to 0.029 (seed 101, docs/methods/auto.md round 2): the sweep measures the step size the
     # network tolerates, the same whatever the decay.
-    opt = _optimizer(o, params, o["sweep_min_lr"], weight_decay=0.0)
-    distributed = dist.is_distributed()
     with rng_preserved(ctx.train_loader):
         batches = itertools.chain.from_iterable(itertools.repeat(ctx.train_loader))
-
-        def step(lr: float) -> float:
-            x, y = split_batch(next(batches), where="train_loader")
-            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=False)
-            loss = loss_fn(model(x), y)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-            value = loss.detach().reshape(1)
-            if distributed:  # what DDP does for the run: the ranks' mean loss and, when finite, mean gradient
-                dist.all_reduce_mean_([value])
-                finite = bool(torch.isfinite(value))
-                if finite:
-                    dist.all_reduce_mean_([p.grad for p in params])
-            if finite:
-                opt.step()
-            return float(value)
+        copy_ = _CopyTrainer(ctx, o, ctx.train_loader, lr=o["sweep_min_lr"], weight_decay=0.0, batches=batches)
 
         # The sweep trains up to sweep_steps steps before the run (a minute on a CPU ResNet-20): show it.
         with Progress(o["sweep_steps"], "auto LR sweep", unit="step", log_every=20) as progress:
 
             def shown(lr: float) -> float:
-                loss = step(lr)
+                loss = copy_.step(lr)
                 progress.update(f"lr {lr:.3g} loss {loss:.4g}")
                 return loss
 
             return run_sweep(shown, min_lr=o["sweep_min_lr"], max_lr=o["sweep_max_lr"], steps=o["sweep_steps"],
                              divisor=o["divisor"], window=o["window"], smoothing=o["smoothing"], pick=o["pick"],
                              edge_fraction=o["edge_fraction"], edge_rise=o["edge_rise"], edge_cap=o["edge_cap"])
+
+
+def _race(ctx: BuildContext, o: Mapping[str, Any]) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """Round 7 (pilots/auto/race.py): sweep each step, race the two on the training data less a held-out
+    fraction, and return the winner's options, its LR and the record (``info["race"]``)."""
+    candidates = {name: _resolved({**o, "optimizer": name, "divisor": divisor})
+                  for name, divisor in (("sgd", o["divisor"]), ("adamw", o["race_adamw_divisor"]))}
+    sweeps = {name: _sweep(ctx, oc) for name, oc in candidates.items()}
+    record: dict[str, Any] = {"sweeps": {name: r.to_dict() for name, r in sweeps.items()},
+                              "search_steps": sum(r.steps for r in sweeps.values())}
+    skip = None
+    if ctx.task_kind != "classification":
+        skip = f"the race compares top-1 predictions: a {ctx.task_kind} task trains with SGD"
+    else:
+        try:
+            rest, held = carve(ctx.train_loader, o["race_fraction"], ctx.seed + 15_485_863)  # a stream of its own
+        except TypeError as err:
+            skip = f"{err}: the race needs a held-out split; it trains with SGD"
+    if skip is not None:
+        warnings.warn(f"method 'auto': {skip}", stacklevel=3)
+        record.update(winner="sgd", skipped=skip)
+        return candidates["sgd"], sweeps["sgd"].lr, record
+    steps = max(1, math.ceil(o["race_budget"] * ctx.total_steps))
+    cool = math.ceil(o["cooldown"] * steps)
+    correct = {}
+    with rng_preserved(ctx.train_loader), Progress(2 * steps, "auto race (sgd, adamw)", unit="step",
+                                                   log_every=max(1, steps // 5)) as progress:
+        for name, oc in candidates.items():
+            lr = sweeps[name].lr
+            racer = _CopyTrainer(ctx, oc, rest, lr=lr, weight_decay=oc["weight_decay"])
+            for k in range(1, steps + 1):  # the run's schedule compressed to the race: held, then cooled
+                loss = racer.step(lr * cooldown_multiplier(k, steps, cool))
+                progress.update(f"{name} loss {loss:.4g}")
+            hits = racer.correct(held)
+            # A copy that met a non-finite loss is out of the race (it would have rolled back in the run).
+            correct[name] = hits if racer.nonfinite == 0 else torch.zeros_like(hits)
+            record[name] = {"lr": lr, "steps": steps, "nonfinite": racer.nonfinite,
+                            "held_out_accuracy": float(correct[name].float().mean())}
+    wins, z, b, c = race_winner(correct["sgd"], correct["adamw"], o["race_z"])
+    if dist.is_distributed():  # the same held-out split everywhere; agree on the decision all the same
+        wins = dist.any_true(wins)
+    winner = "adamw" if wins else "sgd"
+    record.update(winner=winner, z=z, adamw_only=b, sgd_only=c, held_out=int(correct["sgd"].numel()),
+                  search_steps=record["search_steps"] + 2 * steps)
+    return candidates[winner], sweeps[winner].lr, record
+
+
+def _resolved(o: Mapping[str, Any]) -> dict[str, Any]:
+    """``o`` with the options left at None filled from its optimizer's (OPTIMIZERS)."""
+    return {**o, **{k: v for k, v in OPTIMIZERS[o["optimizer"]].items() if o[k] is None}}
 
 
 def _register() -> None:
@@ -208,6 +321,9 @@ def _register() -> None:
             ({"cooldown": 1.5}, r"cooldown"),
             ({"optimizer": "lion"}, r"optimizer"),
             ({"optimizer": "adamw", "nesterov": True}, r"adamw"),
+            ({"optimizer": "race", "lr": 0.1}, r"race"),
+            ({"optimizer": "race", "race_fraction": 1.0}, r"race_fraction"),
+            ({"optimizer": "race", "race_budget": 0.0}, r"race_budget"),
         ),
     ))
 
