@@ -34,7 +34,7 @@ from lrpilot.baselines.peers import (
 )
 from lrpilot.baselines.schedules import PlateauPilot, SchedulePilot, poly_decay
 from lrpilot.baselines.tuned import DEFAULT_GRIDS, grid_search
-from lrpilot.core.checks import require_in, require_positive
+from lrpilot.core.checks import require_bool, require_in, require_positive
 from lrpilot.core.contract import MethodParts, Pilot
 from lrpilot.core.registry import BuildContext, MethodInfo, build_method, register
 
@@ -172,8 +172,10 @@ def build_lars(
     exclude_1d: bool,
     decay: str,
     power: float,
+    fold: bool,
 ) -> MethodParts:
     require_in("decay", decay, ("poly", "none"), method="lars")
+    require_bool("fold", fold, method="lars")
     require_positive("power", power, method="lars")
     opt = LARS(
         ctx.params(),
@@ -182,6 +184,7 @@ def build_lars(
         weight_decay=weight_decay,
         trust_coefficient=trust_coefficient,
         exclude_1d=exclude_1d,
+        fold=fold,
     )
     if decay == "none":
         return MethodParts(opt)
@@ -236,7 +239,8 @@ def _register_torch_methods() -> None:
                    invalid_options=(({"eps": -1.0}, r"epsilon|eps"),)),
         MethodInfo("lars", "baseline", "LARS (You et al. 2017): per-layer trust ratio, polynomial decay", build_lars,
                    {"lr": 1.0, "momentum": 0.9, "weight_decay": 0.0, "trust_coefficient": 0.001,
-                    "exclude_1d": False, "decay": "poly", "power": 2.0},
+                    "exclude_1d": False, "decay": "poly", "power": 2.0,
+                    "fold": True},  # False: the multi-tensor path bit for bit the reference loop (lars.py)
                    lr_granularity="step", kind="schedule", tags=_BASELINE, paper="You, Gitman & Ginsburg 2017",
                    invalid_options=(({"trust_coefficient": 0.0}, r"trust_coefficient"), ({"decay": "cos"}, r"decay"))),
     ]
