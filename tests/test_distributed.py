@@ -75,6 +75,8 @@ FAMILY_RUNS = {
     "hyperreg-rkl-2": ("mnist1d-mlp", 2000, {"lr": 1.0}),
     "sgd-cosine": ("mnist1d-mlp", 2000, {}),
     "auto": ("mnist1d-mlp", 2000, {"sweep_steps": 60}),  # the sweep too: the ranks' mean loss and gradient
+    # the race (round 7): both sweeps and both racers on the ranks' mean gradient, the same held-out tenth
+    "auto[race]": ("mnist1d-mlp", 2000, {"sweep_steps": 60, "optimizer": "race"}),
 }
 
 
@@ -82,7 +84,8 @@ def _family_records() -> dict:
     from lrpilot.bench.tasks import run_task
 
     return {
-        name: run_task(task, name, epochs=4, seed=0, train_subset=subset, progress=False, method_options=opts)
+        name: run_task(task, name.split("[")[0], epochs=4, seed=0, train_subset=subset, progress=False,
+                       method_options=opts)
         for name, (task, subset, opts) in FAMILY_RUNS.items()
     }
 
@@ -179,3 +182,13 @@ def test_torchrun_launch(tmp_path):
                    check=True, env=env, timeout=300)  # fmt: skip
     record = json.loads(out.read_text())
     assert record["config"]["world_size"] == 2 and len(record["epochs"]) == 2
+
+
+def test_the_race_decides_alike_on_both_ranks_and_in_one_process(two_ranks, one_process):
+    """auto's race (round 7): every rank scores the same held-out tenth with the same copies, and the
+    two-process race is the one-process race with the same global batch."""
+    races = [r["auto[race]"]["info"]["method"]["race"] for r in (two_ranks[0], two_ranks[1], one_process)]
+    assert races[0]["winner"] == races[1]["winner"] == races[2]["winner"]
+    assert races[0]["z"] == races[1]["z"] and races[0]["held_out"] == races[2]["held_out"] == 200
+    for name in ("sgd", "adamw"):
+        assert races[0][name]["held_out_accuracy"] == pytest.approx(races[2][name]["held_out_accuracy"], abs=0.011)
