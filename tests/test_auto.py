@@ -136,7 +136,7 @@ def test_recorded_sweeps_give_each_rounds_pick(sweep, round_1, round_2, round_3,
     assert pick(pick="edge", edge_rise=0.5)[0] == pytest.approx(round_3, abs=1e-4)
     assert pick(pick="edge", edge_rise=0.5, edge_cap=2.0)[0] == pytest.approx(round_4, abs=1e-4)
     # replayed through the sweep with its default stopping rule, the ramp ends where the bench's ended
-    d = {**AUTO_DEFAULTS, **OPTIMIZERS[AUTO_DEFAULTS["optimizer"]]}
+    d = {**AUTO_DEFAULTS, **OPTIMIZERS["sgd"]}  # the SGD sweep (the race's incumbent since round 7)
     default = run_sweep(_replay(rec["losses"]), min_lr=d["sweep_min_lr"], max_lr=d["sweep_max_lr"],
                         steps=d["sweep_steps"], divisor=d["divisor"], window=d["window"], pick=d["pick"],
                         edge_fraction=d["edge_fraction"], edge_rise=d["edge_rise"], edge_cap=d["edge_cap"])
@@ -259,6 +259,9 @@ def _net() -> nn.Module:
 
 
 def _fit(val_labels=None, **options):
+    """A run of ``auto`` on a small task; the SGD step unless ``optimizer`` is given (its mechanics are what
+    most tests here pin down; the race's tests below ask for it)."""
+    options.setdefault("optimizer", "sgd")
     x, y, xv, yv = _data()
     model = _net()
     hist = lrpilot.fit(model, TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv if val_labels is None else val_labels, 96),
@@ -542,13 +545,25 @@ def test_the_race_trains_on_the_rest_and_scores_on_the_held_out_tenth():
     assert race["adamw_only"] - race["sgd_only"] == round(26 * (race["adamw"]["held_out_accuracy"] - race["sgd"]["held_out_accuracy"]))
 
 
-def test_the_race_falls_back_to_sgd_with_a_warning_where_it_cannot_run():
+def test_auto_races_by_default_and_an_lr_given_is_sgds():
+    x, y, xv, yv = _data()
+    hist = lrpilot.fit(_net(), TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv, 96), epochs=2, seed=0,
+                       progress=False, sweep_steps=20)  # method="auto", its defaults
+    assert hist.info["method"]["race"]["winner"] == hist.info["method"]["optimizer"]
+    given = lrpilot.fit(_net(), TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv, 96), epochs=2, seed=0,
+                        progress=False, lr=0.05)
+    assert "race" not in given.info["method"] and given.info["method"]["optimizer"] == "sgd"
+    assert given.info["method"]["lr"] == 0.05
+
+
+def test_the_race_falls_back_to_sgd_and_says_so_where_it_cannot_run(caplog):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, generator=g)
     y = x.sum(1, keepdim=True)
-    with pytest.warns(UserWarning, match="regression task trains with SGD"):
+    with caplog.at_level("INFO", logger="lrpilot"):
         hist = lrpilot.fit(nn.Linear(3, 1), TensorLoader(x, y, 16), TensorLoader(x, y, 64), method="auto",
                            loss_fn=nn.MSELoss(), epochs=2, progress=False, optimizer="race", sweep_steps=20)
+    assert "regression task trains with SGD" in caplog.text
     assert hist.info["method"]["race"]["winner"] == "sgd" and "skipped" in hist.info["method"]["race"]
 
     class Stream(torch.utils.data.IterableDataset):
@@ -559,14 +574,15 @@ def test_the_race_falls_back_to_sgd_with_a_warning_where_it_cannot_run():
             return 64
 
     loader = torch.utils.data.DataLoader(Stream(), batch_size=16)
-    with pytest.warns(UserWarning, match="IterableDataset|DataLoader"):
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lrpilot"):
         hist = lrpilot.fit(nn.Linear(3, 3), loader, loader, method="auto", epochs=1, progress=False,
                            optimizer="race", sweep_steps=20)
-    assert hist.info["method"]["race"]["winner"] == "sgd"
+    assert "not a DataLoader over a Stream" in caplog.text and hist.info["method"]["race"]["winner"] == "sgd"
 
 
 def test_bad_race_options_name_themselves():
     for options, match in (({"race_fraction": 0.0}, "race_fraction"), ({"race_z": -1.0}, "race_z"),
-                           ({"race_adamw_divisor": 0.5}, "race_adamw_divisor"), ({"nesterov": True}, "race")):
+                           ({"race_adamw_divisor": 0.5}, "race_adamw_divisor"), ({"race_budget": 1.5}, "race_budget")):
         with pytest.raises(ValueError, match=match):
             _race(**options)

@@ -167,9 +167,10 @@ def carve(loader: Any, fraction: float, seed: int) -> tuple[Any, Any]:
         rest = DataLoader(Subset(dataset, kept), shuffle=shuffle, drop_last=loader.drop_last,
                           generator=loader.generator, **common)  # fmt: skip
         return rest, DataLoader(Subset(dataset, held), shuffle=False, **common)
+    what = type(loader).__name__ + ("" if dataset is None else f" over a {type(dataset).__name__}")
     raise TypeError(
         f"lrpilot carves a split out of the training data only from a TensorLoader or a DataLoader over a "
-        f"sized dataset, not a {type(loader).__name__}"
+        f"sized dataset, not a {what}"
     )
 
 
