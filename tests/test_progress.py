@@ -87,12 +87,16 @@ def test_log_every_thins_the_lines_and_logs_the_last_item(caplog: pytest.LogCapt
         Progress(3, "bad", log_every=0)
 
 
-def test_auto_sweep_logs_every_twenty_steps_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_sweeps_and_race_log_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
     task = TinyTask()
     with caplog.at_level(logging.INFO, logger="lrpilot"):
         trainer = Trainer(task.model(), task.train, task.val, method="auto", epochs=1, progress=False,
-                          method_options={"sweep_steps": 60})
+                          method_options={"sweep_steps": 60})  # the default: two sweeps, then the race
     lines = [line for line in _lines(caplog) if line.startswith("auto LR sweep")]
-    steps = trainer.parts.info["sweep"]["steps"]
-    assert len(lines) == steps // 20 + (steps % 20 > 0)
-    assert re.fullmatch(rf"auto LR sweep \[{steps}/60\] lr \S+ loss \S+, \d+\.\d s", lines[-1]), lines[-1]
+    race = trainer.parts.info["race"]
+    sweeps = [race["sweeps"][name]["steps"] for name in ("sgd", "adamw")]
+    assert len(lines) == sum(steps // 20 + (steps % 20 > 0) for steps in sweeps)
+    assert re.fullmatch(rf"auto LR sweep \[{sweeps[1]}/60\] lr \S+ loss \S+, \d+\.\d s", lines[-1]), lines[-1]
+    raced = [line for line in _lines(caplog) if line.startswith("auto race")]
+    total = 2 * race["sgd"]["steps"]
+    assert raced and re.fullmatch(rf"auto race \(sgd, adamw\) \[{total}/{total}\] adamw loss \S+, \d+\.\d s", raced[-1])
