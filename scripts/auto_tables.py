@@ -4,6 +4,7 @@ and the confirmation against the tuned reference and the LR-free peers.
     lrpilot bench --suite auto-dev --out runs/auto-dev
     python scripts/auto_tables.py ablation runs/auto-dev
     python scripts/auto_tables.py confirm runs/results/standard [--tasks a,b] [--labels auto,sgd-cosine-tuned,...]
+    python scripts/auto_tables.py confirm runs/auto-r7-confirm --auto 'auto[race]' 
 
 ``ablation``: per variant of ``auto`` (and the references in the same store) and task, the median best
 validation metric over seeds with its min-max, the difference to ``auto``'s median, and the runs that
@@ -91,12 +92,13 @@ def ablation(store_dir: Path, tasks: list[str] | None) -> str:
     return "\n".join(lines)
 
 
-def confirm(store_dir: Path, tasks: list[str] | None, labels: list[str] | None, *, every_run: bool = False) -> str:
+def confirm(store_dir: Path, tasks: list[str] | None, labels: list[str] | None, *, every_run: bool = False,
+            auto: str = "auto") -> str:
     cells, order_t, order_l, tags = _cells(store_dir, tasks, planned=not every_run)
     peers = [lb for lb in order_l if "peer" in tags.get(lb, set()) and (not labels or lb in labels)]
-    lines = ["| task | auto | sgd-cosine-tuned | best peer | auto - tuned | auto - best peer |", "|---|---|---|---|---|---|"]
+    lines = [f"| task | {auto} | sgd-cosine-tuned | best peer | auto - tuned | auto - best peer |", "|---|---|---|---|---|---|"]
     for t in order_t:
-        a, ref = cells.get(("auto", t), []), cells.get((REFERENCE, t), [])
+        a, ref = cells.get((auto, t), []), cells.get((REFERENCE, t), [])
         if not a:
             continue
         ranked = sorted((p for p in peers if cells.get((p, t))), key=lambda p: -(_median(cells[(p, t)]) or 0.0))
@@ -112,7 +114,7 @@ def confirm(store_dir: Path, tasks: list[str] | None, labels: list[str] | None, 
         plan = None if every_run else store.plan_keys()
         keys = {r["key"] for r in latest_runs(store, plan) if not tasks or r["task"] in tasks}
         board = leaderboard_from_store(store, keys=keys)
-    shown = [lb for lb in board.labels if lb == "auto" or lb in peers or lb == REFERENCE]
+    shown = [lb for lb in board.labels if lb == auto or lb.startswith("auto[") or lb in peers or lb == REFERENCE]
     lines += ["", "| method | AlgoPerf score (search charged) | score, search free | tasks reached (median) |",
               "|---|---|---|---|"]
     for lb in shown:
@@ -128,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("store", type=Path)
     parser.add_argument("--tasks", help="comma-separated tasks (default: all in the store)")
     parser.add_argument("--labels", help="confirm: the peers to compare with (default: every peer in the store)")
+    parser.add_argument("--auto", default="auto",
+                        help="confirm: the label that plays auto (e.g. 'auto[race]' where a round's candidate ran "
+                             "under its option's label); every auto[...] label gets its AlgoPerf score")
     parser.add_argument("--all", action="store_true",
                         help="confirm: every run of the store (the latest of each task, label and seed), as "
                              "`lrpilot report --all`, not only the last bench invocation's")
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table == "ablation":
         print(ablation(args.store, tasks))
     else:
-        print(confirm(args.store, tasks, args.labels.split(",") if args.labels else None, every_run=args.all))
+        print(confirm(args.store, tasks, args.labels.split(",") if args.labels else None, every_run=args.all,
+                      auto=args.auto))
     return 0
 
 
