@@ -6,9 +6,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import logging
 import math
 import time
-import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
