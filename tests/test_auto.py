@@ -530,15 +530,27 @@ def test_the_race_never_reads_the_scored_split():
     assert hist.info["decision_split"] == {"source": "none"}  # the run itself trains on all the training data
 
 
-def test_the_race_trains_on_the_rest_and_scores_on_the_held_out_tenth():
-    """The held-out tenth is the seeded carve of the training set (disjoint from what the racers see)."""
+def test_the_race_trains_on_the_rest_and_scores_on_the_held_out_tenth(monkeypatch):
+    """The racers train on every sample but a seeded tenth of the training set and never on that tenth,
+    which they are scored on."""
+    import lrpilot.pilots.auto.register as auto_register
     from lrpilot.core.data import carve
 
     x, y, _, _ = _data()
-    rest, held = carve(TensorLoader(x, y, 32, seed=0), 0.1, 0 + 15_485_863)
-    seen = {tuple(r.tolist()) for r in rest.inputs}
-    assert len(held.inputs) == 26 and not any(tuple(r.tolist()) in seen for r in held.inputs)
+    _, held = carve(TensorLoader(x, y, 32, seed=0), 0.1, 0 + 15_485_863)
+    held_rows = {tuple(r.tolist()) for r in held.inputs}
+    trained: set = set()
+    epochs = auto_register._epochs
+
+    def recorded(loader):
+        for xb, yb in epochs(loader):
+            trained.update(tuple(r.tolist()) for r in xb)
+            yield xb, yb
+
+    monkeypatch.setattr(auto_register, "_epochs", recorded)
     _, hist = _race()
+    assert len(held_rows) == 26 and trained.isdisjoint(held_rows)
+    assert len(trained) == 5 * 32  # each racer's ceil(0.15 * 32) = 5 steps of 32, both in the same order
     race = hist.info["method"]["race"]
     accuracies = {race[n]["held_out_accuracy"] for n in ("sgd", "adamw")}
     assert all(round(a * 26) == pytest.approx(a * 26, abs=1e-4) for a in accuracies)  # counts of 26 samples

@@ -170,15 +170,15 @@ class _CopyTrainer:
     the race's candidates. Under torch.distributed every rank steps its copy with the loss and gradients
     averaged over the ranks, as DDP does for the run, so every rank measures and decides the same."""
 
-    def __init__(self, ctx: BuildContext, o: Mapping[str, Any], loader: Any, *, lr: float, weight_decay: float,
-                 batches: Iterator[Any] | None = None) -> None:
+    def __init__(self, ctx: BuildContext, o: Mapping[str, Any], batches: Iterator[Any], *, lr: float,
+                 weight_decay: float) -> None:
         self.ctx = ctx
         self.model = copy.deepcopy(getattr(ctx.model, "module", ctx.model))  # a DDP wrapper's module: we sync here
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.loss_fn = ctx.loss_fn if ctx.loss_fn is not None else torch.nn.CrossEntropyLoss()
         self.opt = _optimizer(o, self.params, lr, weight_decay=weight_decay)
-        self.batches = batches if batches is not None else _epochs(loader)
+        self.batches = batches
         self.distributed = dist.is_distributed()
         self.nonfinite = 0
 
@@ -238,7 +238,7 @@ def _sweep(ctx: BuildContext, o: Mapping[str, Any]) -> SweepResult:
     # network tolerates, the same whatever the decay.
     with rng_preserved(ctx.train_loader):
         batches = itertools.chain.from_iterable(itertools.repeat(ctx.train_loader))
-        copy_ = _CopyTrainer(ctx, o, ctx.train_loader, lr=o["sweep_min_lr"], weight_decay=0.0, batches=batches)
+        copy_ = _CopyTrainer(ctx, o, batches, lr=o["sweep_min_lr"], weight_decay=0.0)
 
         # The sweep trains up to sweep_steps steps before the run (a minute on a CPU ResNet-20): show it.
         with Progress(o["sweep_steps"], "auto LR sweep", unit="step", log_every=20) as progress:
@@ -281,7 +281,7 @@ def _race(ctx: BuildContext, o: Mapping[str, Any]) -> tuple[dict[str, Any], floa
                                                    log_every=max(1, steps // 5)) as progress:
         for name, oc in candidates.items():
             lr = sweeps[name].lr
-            racer = _CopyTrainer(ctx, oc, rest, lr=lr, weight_decay=oc["weight_decay"])
+            racer = _CopyTrainer(ctx, oc, _epochs(rest), lr=lr, weight_decay=oc["weight_decay"])
             for k in range(1, steps + 1):  # the run's schedule compressed to the race: held, then cooled
                 loss = racer.step(lr * cooldown_multiplier(k, steps, cool))
                 progress.update(f"{name} loss {loss:.4g}")
