@@ -482,6 +482,10 @@ out = {"rank": trainer.global_rank, "trace": t._trace(callback.history), "steps"
        "weights": [p.detach().flatten().tolist() for p in trainer.lightning_module.parameters()]}
 with open(os.path.join(sys.argv[2], f"rank{trainer.global_rank}.json"), "w") as f:
     json.dump(out, f)
+# Tear gloo down before the interpreter does: left to exit, its threads can abort the process
+# ("terminate called without an active exception", SIGABRT) after a run that finished.
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
 '''
 
 
