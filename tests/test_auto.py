@@ -508,7 +508,7 @@ def test_a_race_adamw_wins_trains_adamw_at_its_own_sweeps_lr(monkeypatch):
     """The winner's step, LR (the Adam sweep's pick over race_adamw_divisor) and decay (AdamW's 0.05)."""
     import lrpilot.pilots.auto.register as auto_register
 
-    monkeypatch.setattr(auto_register, "race_winner", lambda inc, cha, z_min: (True, 9.0, 5, 0))
+    monkeypatch.setattr(auto_register, "race_pick", lambda correct, z_min: ("adamw", {"adamw": {"z": 9.0, "b": 5, "c": 0}}))
     model, hist = _race(race_adamw_divisor=3.0)
     race = hist.info["method"]["race"]
     assert race["winner"] == "adamw" and hist.info["method"]["lr"] == race["adamw"]["lr"]
@@ -595,6 +595,94 @@ def test_the_race_falls_back_to_sgd_and_says_so_where_it_cannot_run(caplog):
 
 def test_bad_race_options_name_themselves():
     for options, match in (({"race_fraction": 0.0}, "race_fraction"), ({"race_z": -1.0}, "race_z"),
-                           ({"race_adamw_divisor": 0.5}, "race_adamw_divisor"), ({"race_budget": 1.5}, "race_budget")):
+                           ({"race_adamw_divisor": 0.5}, "race_adamw_divisor"), ({"race_budget": 1.5}, "race_budget"),
+                           ({"race_candidates": "sgd"}, "race_candidates"),
+                           ({"race_candidates": "sgd+sgd"}, "race_candidates"),
+                           ({"race_candidates": ("sgd", "lion")}, "race_candidates"),
+                           ({"race_candidates": 3}, "race_candidates")):
         with pytest.raises(ValueError, match=match):
             _race(**options)
+
+
+# --- round 8: Schedule-Free AdamW in the race ---------------------------------------------------------------
+
+SF3 = "sgd+adamw+schedulefree-adamw"
+
+
+def test_race_pick_takes_the_most_accurate_challenger_that_beats_the_incumbent():
+    from lrpilot.pilots.auto.race import race_pick
+
+    sgd = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool)
+    adamw = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0, 0, 0], dtype=torch.bool)  # b=3, c=0: z = sqrt(3)
+    sf = torch.tensor([0, 1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=torch.bool)  # b=5, c=1: z = 4/sqrt(6), more right
+    winner, tests = race_pick({"sgd": sgd, "adamw": adamw, "schedulefree-adamw": sf}, 1.0)
+    assert tests == {"adamw": {"z": pytest.approx(math.sqrt(3)), "b": 3, "c": 0},
+                     "schedulefree-adamw": {"z": pytest.approx(4 / math.sqrt(6)), "b": 5, "c": 1}}
+    assert winner == "schedulefree-adamw"  # both pass z > 1; it is right on 8 against AdamW's 7
+    assert race_pick({"sgd": sgd, "adamw": adamw, "schedulefree-adamw": sf}, 1.7)[0] == "adamw"  # 1.63 < 1.7 < 1.73
+    assert race_pick({"sgd": sgd, "adamw": adamw, "schedulefree-adamw": sf}, 2.0)[0] == "sgd"  # neither passes
+    assert race_pick({"sgd": sgd, "a": adamw, "b": adamw.clone()}, 1.0)[0] == "a"  # a tie: the first listed
+    with pytest.raises(ValueError, match="challenger"):
+        race_pick({"sgd": sgd}, 1.0)
+
+
+def _peer(method: str, **options):
+    x, y, xv, yv = _data()
+    model = _net()
+    hist = lrpilot.fit(model, TensorLoader(x, y, 32, seed=0), TensorLoader(xv, yv, 96), method=method, epochs=4,
+                       seed=0, progress=False, **options)
+    return model, hist
+
+
+def test_schedule_free_adamw_is_the_peer_at_its_own_defaults():
+    """``optimizer="schedulefree-adamw"`` needs no sweep; without the safety net the run is the
+    ``schedulefree-adamw`` peer's, bit for bit, and with it (nothing to roll back here) too."""
+    pytest.importorskip("schedulefree")
+    peer_model, peer = _peer("schedulefree-adamw")
+    for rollback in (False, True):
+        model, hist = _fit(optimizer="schedulefree-adamw", rollback=rollback)
+        assert "sweep" not in hist.info["method"] and hist.info["method"]["lr"] == 0.0025
+        assert [e.val_metric for e in hist.epochs] == [e.val_metric for e in peer.epochs]
+        for a, b in zip(model.parameters(), peer_model.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_a_race_schedule_free_adamw_wins_trains_the_peer_and_charges_three_races(monkeypatch):
+    pytest.importorskip("schedulefree")
+    import lrpilot.pilots.auto.register as auto_register
+
+    monkeypatch.setattr(auto_register, "race_pick", lambda correct, z_min: ("schedulefree-adamw", {}))
+    model, hist = _race(race_candidates=SF3)
+    race = hist.info["method"]["race"]
+    assert race["winner"] == hist.info["method"]["optimizer"] == "schedulefree-adamw"
+    assert set(race["sweeps"]) == {"sgd", "adamw"}  # Schedule-Free AdamW has no sweep
+    assert race["schedulefree-adamw"]["lr"] == hist.info["method"]["lr"] == 0.0025
+    steps = math.ceil(0.15 * 32)
+    sweeps = race["sweeps"]["sgd"]["steps"] + race["sweeps"]["adamw"]["steps"]
+    assert hist.info["method"]["search"]["total_steps"] == sweeps + 3 * steps
+    peer_model, _ = _peer("schedulefree-adamw")
+    for a, b in zip(model.parameters(), peer_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_schedule_free_racer_is_scored_at_its_averaged_point():
+    """Schedule-Free trains at y and is evaluated at x, its average: the racer's held-out score is x's."""
+    pytest.importorskip("schedulefree")
+    from lrpilot.core.registry import BuildContext
+    from lrpilot.pilots.auto.register import _CopyTrainer, _epochs, _resolved
+
+    x, y, _, _ = _data()
+    loader = TensorLoader(x, y, 32, seed=0)
+    ctx = BuildContext(model=_net(), epochs=1, steps_per_epoch=8, train_loader=loader)
+    o = _resolved({**AUTO_DEFAULTS, "optimizer": "schedulefree-adamw"})
+    racer = _CopyTrainer(ctx, o, _epochs(loader), lr=0.05, weight_decay=0.0, steps=8, loader=loader)
+    for _ in range(8):
+        racer.step(0.05)
+    held = TensorLoader(x, y, 256, shuffle=False)
+    scored = racer.correct(held)  # leaves the optimizer in eval mode, the weights at x (the racer is done)
+    assert not racer.opt.param_groups[0]["train_mode"]
+    with torch.no_grad():
+        at_x = racer.model(x).argmax(1) == y
+        racer.opt.train()
+        at_y = racer.model(x).argmax(1) == y
+    assert torch.equal(scored, at_x) and not torch.equal(scored, at_y)

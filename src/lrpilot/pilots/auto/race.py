@@ -19,17 +19,24 @@ round 5's step (SGD): a short race gives the challenger only a noisy lead where 
 it (MNIST-1D's MLP: 0.1 to 1.4 points after a fifth of the budget, where SGD wins the full run by 4 to 7),
 so the challenger has to win clearly, not just win.
 
-Pure: :func:`mcnemar_z` and :func:`race_winner` take per-sample correctness (``tests/test_auto.py``); the
+With more than one challenger (round 8: Schedule-Free AdamW beside AdamW), each is tested against the
+incumbent alone, and of those that pass, the one most accurate on the held-out samples wins
+(:func:`race_pick`); two challengers are never tested against each other, so the incumbent is only
+replaced by a step that beats it clearly.
+
+Pure: :func:`mcnemar_z`, :func:`race_winner` and :func:`race_pick` take per-sample correctness (``tests/test_auto.py``); the
 training side is in ``register.py``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["mcnemar_z", "race_winner"]
+__all__ = ["mcnemar_z", "race_pick", "race_winner"]
 
 
 def mcnemar_z(incumbent: torch.Tensor, challenger: torch.Tensor) -> tuple[float, int, int]:
@@ -48,3 +55,21 @@ def race_winner(incumbent: torch.Tensor, challenger: torch.Tensor, z_min: float)
     """``(challenger_wins, z, b, c)``: the challenger wins only when ``z > z_min``."""
     z, b, c = mcnemar_z(incumbent, challenger)
     return z > z_min, z, b, c
+
+
+def race_pick(correct: Mapping[str, torch.Tensor], z_min: float) -> tuple[str, dict[str, dict[str, Any]]]:
+    """``(winner, tests)`` for candidates scored on the same samples, in order, the first the incumbent:
+    ``tests[name] = {"z", "b", "c"}`` for each challenger against the incumbent; the winner is the most
+    accurate challenger with ``z > z_min`` (ties: the first listed), else the incumbent."""
+    if len(correct) < 2:
+        raise ValueError(f"a race needs an incumbent and at least one challenger, got {list(correct)}")
+    incumbent, *challengers = correct
+    tests: dict[str, dict[str, Any]] = {}
+    winner, best = incumbent, -1
+    for name in challengers:
+        wins, z, b, c = race_winner(correct[incumbent], correct[name], z_min)
+        tests[name] = {"z": z, "b": b, "c": c}
+        hits = int(correct[name].sum())
+        if wins and hits > best:
+            winner, best = name, hits
+    return winner, tests

@@ -3,6 +3,7 @@ schedule and the safety net (docs/methods/auto.md says what each part contribute
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -22,7 +23,7 @@ from lrpilot.core.progress import Progress
 from lrpilot.core.registry import BuildContext, MethodInfo, get_method, register, resolve_options
 from lrpilot.core.seeding import rng_preserved
 from lrpilot.pilots.auto.average import PolynomialAverage
-from lrpilot.pilots.auto.race import race_winner
+from lrpilot.pilots.auto.race import race_pick
 from lrpilot.pilots.auto.schedule import WarmupCosine
 from lrpilot.pilots.auto.sweep import SweepResult, run_sweep
 from lrpilot.pilots.cooldown import DEFAULT_FRACTION, cooldown_multiplier, cooled
@@ -37,11 +38,17 @@ SCHEDULES = ("cosine", "constant", "wsd", "schedule-free")
 #: where the option is left at None: Adam's LRs are two decades below SGD's, and AdamW's decay is decoupled
 #: (``w <- w - lr * wd * w``), so 0.05 at Adam's LR shrinks the weights per step as SGD's coupled 5e-4 does
 #: at SGD's (1e-3 x 0.05 = 0.1 x 5e-4).
+#: Round 8 adds Schedule-Free AdamW (Defazio et al., NeurIPS 2024), the ``schedulefree-adamw`` peer at its
+#: own defaults (LR 0.0025, 2 % warm-up, no decay): it needs no sweep and no schedule (its averaging is
+#: the schedule), so its sweep range is never used.
+SCHEDULE_FREE_ADAMW = "schedulefree-adamw"
 OPTIMIZERS: dict[str, dict[str, float]] = {
     "sgd": {"sweep_min_lr": 1e-4, "sweep_max_lr": 10.0, "weight_decay": 5e-4},
     "adamw": {"sweep_min_lr": 1e-6, "sweep_max_lr": 1.0, "weight_decay": 0.05},
+    SCHEDULE_FREE_ADAMW: {"sweep_min_lr": 1e-6, "sweep_max_lr": 1.0, "weight_decay": 0.0},
 }
 ADAM_BETA2 = 0.999
+STEP_NAMES = {"sgd": "SGD", "adamw": "AdamW", SCHEDULE_FREE_ADAMW: "Schedule-Free AdamW"}  # for the log
 
 _log = logging.getLogger("lrpilot")
 
@@ -74,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "race_budget": 0.15,  # ... the share of the run's budget each candidate trains for
     "race_z": 2.0,  # ... AdamW replaces SGD when McNemar's z on the held-out share exceeds this
     "race_adamw_divisor": 4.0,  # ... AdamW's LR: the Adam sweep's pick over this (round 6's best variant)
+    "race_candidates": ("sgd", "adamw"),  # ... the steps raced, the first the incumbent (round 8: + schedulefree-adamw)
     "sf_lr_factor": 10.0,  # schedule-free: its LR is this times the sweep's (y = 0.9 x + 0.1 z steps 1/(1 - 0.9) less)
 }
 
@@ -85,6 +93,7 @@ def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
         require_range("race_budget", o["race_budget"], 0.0, 1.0, open_low=True, method="auto")
         require_range("race_adamw_divisor", o["race_adamw_divisor"], 1.0, math.inf, open_high=True, method="auto")
         require_positive("race_z", o["race_z"], method="auto", allow_zero=True)
+        o = {**o, "race_candidates": _race_candidates(o["race_candidates"])}
         if o["lr"] is not None or o["nesterov"] or o["schedule"] == "schedule-free":
             # An LR given is SGD's (rounds 1-6: `lrpilot train --lr`), and the other two are SGD's options:
             # nothing is left to race.
@@ -104,9 +113,9 @@ def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
     require_bool("nesterov", o["nesterov"], method="auto")
     require_bool("average", o["average"], method="auto")
     require_positive("average_gamma", o["average_gamma"], method="auto", allow_zero=True)
-    if o["optimizer"] == "adamw" and (o["nesterov"] or o["schedule"] == "schedule-free"):
-        raise ValueError("method 'auto': optimizer='adamw' takes neither nesterov=True nor schedule='schedule-free' "
-                         "(use optimizer='sgd' for those)")
+    if o["optimizer"] not in ("sgd", "race") and (o["nesterov"] or o["schedule"] == "schedule-free"):
+        raise ValueError(f"method 'auto': optimizer={o['optimizer']!r} takes neither nesterov=True nor "
+                         "schedule='schedule-free' (use optimizer='sgd' for those)")
     if o["average"] and o["schedule"] != "cosine":
         raise ValueError(f"method 'auto': average=True needs schedule='cosine' (got {o['schedule']!r}; "
                          "schedule-free averages by itself)")
@@ -114,10 +123,13 @@ def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
     if race:
         started = time.perf_counter()
         o, lr, info["race"] = _race(ctx, o)
-        info["sweep"] = info["race"]["sweeps"][o["optimizer"]]
+        if o["optimizer"] in info["race"]["sweeps"]:  # Schedule-Free AdamW has none
+            info["sweep"] = info["race"]["sweeps"][o["optimizer"]]
         steps = info["race"]["search_steps"]
         info["search"] = {"runs": [], "total_steps": steps, "total_epochs": steps / ctx.steps_per_epoch,
                           "total_train_s": time.perf_counter() - started}
+    elif o["optimizer"] == SCHEDULE_FREE_ADAMW:  # nothing to search: the peer's LR unless one is given
+        lr = float(o["lr"]) if o["lr"] is not None else _schedulefree_adamw_lr()
     elif o["lr"] is None:
         started = time.perf_counter()
         result = _sweep(ctx, o)
@@ -131,7 +143,9 @@ def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
     info["lr"] = lr
     info["optimizer"] = o["optimizer"]
 
-    if o["schedule"] == "schedule-free":
+    if o["optimizer"] == SCHEDULE_FREE_ADAMW:
+        parts = _schedulefree_adamw(ctx, lr, o["weight_decay"])
+    elif o["schedule"] == "schedule-free":
         sf = get_method("schedulefree-sgd")
         sf.check_available()
         options = resolve_options(sf, {"lr": o["sf_lr_factor"] * lr, "momentum": o["momentum"],
@@ -153,13 +167,36 @@ def build_auto(ctx: BuildContext, **o: Any) -> MethodParts:
                                         extra_state={"average": average})
     if o["rollback"]:  # its L_0 from the training loss only: auto never reads a validation split
         parts = with_safety_net(parts, initial_from="train", initial_factor=o["stall_factor"])
-    if o["schedule"] == "wsd":  # outside the net, as every cooled method: a rollback does not move its clock
+    if o["schedule"] == "wsd" and o["optimizer"] != SCHEDULE_FREE_ADAMW:
+        # outside the net, as every cooled method: a rollback does not move its clock
         parts = cooled(parts, ctx, o["cooldown"], method="auto")
     return dataclasses.replace(parts, info={**(parts.info or {}), **info})
 
 
+def _race_candidates(value: Any) -> tuple[str, ...]:
+    """``race_candidates`` as a tuple of step names (a sequence, or one string joined with ``+``)."""
+    names = tuple(value.split("+")) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else ()
+    if len(names) < 2 or len(set(names)) < len(names) or not set(names) <= set(OPTIMIZERS):
+        raise ValueError(f"method 'auto': race_candidates must be two or more distinct steps of {list(OPTIMIZERS)}, "
+                         f"the first the incumbent (e.g. 'sgd+adamw'), got {value!r}")
+    return names
+
+
+def _schedulefree_adamw_lr() -> float:
+    return float(get_method(SCHEDULE_FREE_ADAMW).defaults["lr"])
+
+
+def _schedulefree_adamw(ctx: BuildContext, lr: float, weight_decay: float) -> MethodParts:
+    """The ``schedulefree-adamw`` peer as its registry builds it, at ``lr`` and ``weight_decay`` (its own
+    defaults otherwise): with the same LR and decay, ``auto``'s run is the peer's."""
+    sf = get_method(SCHEDULE_FREE_ADAMW)
+    sf.check_available()
+    return sf.build(ctx, **resolve_options(sf, {"lr": lr, "weight_decay": weight_decay}))
+
+
 def _optimizer(o: Mapping[str, Any], params: Any, lr: float, *, weight_decay: float) -> torch.optim.Optimizer:
-    """The step of the sweep (``weight_decay=0``) and of the run: ``o["optimizer"]``'s torch optimizer."""
+    """The step of the sweep (``weight_decay=0``) and of the run: ``o["optimizer"]``'s torch optimizer
+    (SGD or AdamW; Schedule-Free AdamW is built by its peer's entry, :func:`_schedulefree_adamw`)."""
     if o["optimizer"] == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(o["momentum"], ADAM_BETA2), weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=o["momentum"], nesterov=o["nesterov"], weight_decay=weight_decay)
@@ -171,13 +208,27 @@ class _CopyTrainer:
     averaged over the ranks, as DDP does for the run, so every rank measures and decides the same."""
 
     def __init__(self, ctx: BuildContext, o: Mapping[str, Any], batches: Iterator[Any], *, lr: float,
-                 weight_decay: float) -> None:
+                 weight_decay: float, steps: int = 1, loader: Any = None) -> None:
         self.ctx = ctx
         self.model = copy.deepcopy(getattr(ctx.model, "module", ctx.model))  # a DDP wrapper's module: we sync here
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.loss_fn = ctx.loss_fn if ctx.loss_fn is not None else torch.nn.CrossEntropyLoss()
-        self.opt = _optimizer(o, self.params, lr, weight_decay=weight_decay)
+        self.eval_context: Any = contextlib.nullcontext
+        if o["optimizer"] == SCHEDULE_FREE_ADAMW:
+            # The peer's own build on the copy, as if its budget were the ``steps`` it trains here (its warm-up
+            # a share of them); it is scored at its averaged point, its BatchNorm statistics refreshed on
+            # ``loader``'s batches, as the run's evaluation would be.
+            copy_ctx = dataclasses.replace(ctx, model=self.model, epochs=1, steps_per_epoch=steps,
+                                           train_loader=loader, param_groups=None)
+            parts = _schedulefree_adamw(copy_ctx, lr, weight_decay)
+            self.opt = parts.optimizer
+            if parts.train_mode is not None:
+                parts.train_mode()
+            if parts.eval_context is not None:
+                self.eval_context = parts.eval_context
+        else:
+            self.opt = _optimizer(o, self.params, lr, weight_decay=weight_decay)
         self.batches = batches
         self.distributed = dist.is_distributed()
         self.nonfinite = 0
@@ -209,6 +260,10 @@ class _CopyTrainer:
     def correct(self, loader: Any) -> torch.Tensor:
         """Per sample of ``loader`` (unsharded: every rank sees all of it), whether the copy's top class is
         the target, in evaluation mode."""
+        with self.eval_context():
+            return self._correct(loader)
+
+    def _correct(self, loader: Any) -> torch.Tensor:
         self.model.eval()
         try:
             hits = []
@@ -254,49 +309,54 @@ def _sweep(ctx: BuildContext, o: Mapping[str, Any]) -> SweepResult:
 
 
 def _race(ctx: BuildContext, o: Mapping[str, Any]) -> tuple[dict[str, Any], float, dict[str, Any]]:
-    """Round 7 (pilots/auto/race.py): sweep each step, race the two on the training data less a held-out
-    fraction, and return the winner's options, its LR and the record (``info["race"]``)."""
-    candidates = {name: _resolved({**o, "optimizer": name, "divisor": divisor})
-                  for name, divisor in (("sgd", o["divisor"]), ("adamw", o["race_adamw_divisor"]))}
-    sweeps = {name: _sweep(ctx, oc) for name, oc in candidates.items()}
+    """Rounds 7-8 (pilots/auto/race.py): sweep each step that needs it, race the steps on the training data
+    less a held-out fraction, and return the winner's options, its LR and the record (``info["race"]``)."""
+    divisors = {"sgd": o["divisor"], "adamw": o["race_adamw_divisor"]}
+    candidates = {name: _resolved({**o, "optimizer": name, "divisor": divisors.get(name, o["divisor"])})
+                  for name in o["race_candidates"]}
+    sweeps = {name: _sweep(ctx, oc) for name, oc in candidates.items() if name != SCHEDULE_FREE_ADAMW}
+    lrs = {name: sweeps[name].lr if name in sweeps else _schedulefree_adamw_lr() for name in candidates}
+    incumbent = next(iter(candidates))
     record: dict[str, Any] = {"sweeps": {name: r.to_dict() for name, r in sweeps.items()},
                               "search_steps": sum(r.steps for r in sweeps.values())}
     skip = None
     if ctx.task_kind != "classification":
-        skip = f"the race compares top-1 predictions: a {ctx.task_kind} task trains with SGD"
+        skip = f"the race compares top-1 predictions: a {ctx.task_kind} task trains with {STEP_NAMES[incumbent]}"
     else:
         try:
             rest, held = carve(ctx.train_loader, o["race_fraction"], ctx.seed + 15_485_863)  # a stream of its own
         except TypeError as err:
-            skip = f"{err}: the race needs a held-out split; it trains with SGD"
+            skip = f"{err}: the race needs a held-out split; it trains with {STEP_NAMES[incumbent]}"
     if skip is not None:
         # Not a mistake of the user's (auto is what fit runs by default): said in the log and the run record.
         _log.info("auto: %s", skip)
-        record.update(winner="sgd", skipped=skip)
-        return candidates["sgd"], sweeps["sgd"].lr, record
+        record.update(winner=incumbent, skipped=skip)
+        return candidates[incumbent], lrs[incumbent], record
     steps = max(1, math.ceil(o["race_budget"] * ctx.total_steps))
     cool = math.ceil(o["cooldown"] * steps)
     correct = {}
-    with rng_preserved(ctx.train_loader), Progress(2 * steps, "auto race (sgd, adamw)", unit="step",
-                                                   log_every=max(1, steps // 5)) as progress:
+    with rng_preserved(ctx.train_loader), Progress(len(candidates) * steps, f"auto race ({', '.join(candidates)})",
+                                                   unit="step", log_every=max(1, steps // 5)) as progress:
         for name, oc in candidates.items():
-            lr = sweeps[name].lr
-            racer = _CopyTrainer(ctx, oc, _epochs(rest), lr=lr, weight_decay=oc["weight_decay"])
+            lr, schedule_free = lrs[name], name == SCHEDULE_FREE_ADAMW
+            racer = _CopyTrainer(ctx, oc, _epochs(rest), lr=lr, weight_decay=oc["weight_decay"], steps=steps,
+                                 loader=rest)
             for k in range(1, steps + 1):  # the run's schedule compressed to the race: held, then cooled
-                loss = racer.step(lr * cooldown_multiplier(k, steps, cool))
+                loss = racer.step(lr if schedule_free else lr * cooldown_multiplier(k, steps, cool))
                 progress.update(f"{name} loss {loss:.4g}")
             hits = racer.correct(held)
             # A copy that met a non-finite loss is out of the race (it would have rolled back in the run).
             correct[name] = hits if racer.nonfinite == 0 else torch.zeros_like(hits)
             record[name] = {"lr": lr, "steps": steps, "nonfinite": racer.nonfinite,
                             "held_out_accuracy": float(correct[name].float().mean())}
-    wins, z, b, c = race_winner(correct["sgd"], correct["adamw"], o["race_z"])
+    winner, tests = race_pick(correct, o["race_z"])
     if dist.is_distributed():  # the same held-out split everywhere; agree on the decision all the same
-        wins = dist.any_true(wins)
-    winner = "adamw" if wins else "sgd"
-    record.update(winner=winner, z=z, adamw_only=b, sgd_only=c, held_out=int(correct["sgd"].numel()),
-                  search_steps=record["search_steps"] + 2 * steps)
-    return candidates[winner], sweeps[winner].lr, record
+        winner = dist.broadcast_object(winner)
+    record.update(winner=winner, tests=tests, held_out=int(correct[incumbent].numel()),
+                  search_steps=record["search_steps"] + len(candidates) * steps)
+    if "adamw" in tests:  # round 7's record: AdamW against the incumbent
+        record.update(z=tests["adamw"]["z"], adamw_only=tests["adamw"]["b"], sgd_only=tests["adamw"]["c"])
+    return candidates[winner], lrs[winner], record
 
 
 def _resolved(o: Mapping[str, Any]) -> dict[str, Any]:
