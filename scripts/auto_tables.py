@@ -4,7 +4,8 @@ and the confirmation against the tuned reference and the LR-free peers.
     lrpilot bench --suite auto-dev --out runs/auto-dev
     python scripts/auto_tables.py ablation runs/auto-dev
     python scripts/auto_tables.py confirm runs/results/standard [--tasks a,b] [--labels auto,sgd-cosine-tuned,...]
-    python scripts/auto_tables.py confirm runs/auto-r7-confirm --auto 'auto[race]' 
+    python scripts/auto_tables.py confirm runs/auto-r7-confirm --auto 'auto[race]'
+    python scripts/auto_tables.py races runs/auto-r8 [--auto LABEL]
 
 ``ablation``: per variant of ``auto`` (and the references in the same store) and task, the median best
 validation metric over seeds with its min-max, the difference to ``auto``'s median, and the runs that
@@ -15,6 +16,9 @@ below 0.12 on these 10-class tasks).
 store, the latest of each task, label and seed, as ``lrpilot report --all``): per task, ``auto``'s median best beside ``sgd-cosine-tuned``'s and the best peer's (methods
 tagged ``peer``), the margins, and the failures; then the AlgoPerf benchmark scores of the same store
 (time to target, the search charged) for ``auto`` and every peer.
+
+``races``: what each race of ``--auto``'s runs chose (rounds 7-8): per task and seed the winner, each
+challenger's McNemar z against the incumbent, the racers' held-out accuracies and the run's best.
 """
 
 from __future__ import annotations
@@ -124,9 +128,31 @@ def confirm(store_dir: Path, tasks: list[str] | None, labels: list[str] | None, 
     return "\n".join(lines)
 
 
+def races(store_dir: Path, tasks: list[str] | None, auto: str = "auto") -> str:
+    cells, order_t, _, _ = _cells(store_dir, tasks)
+    with Store.open(store_dir) as store:
+        records = {r["key"]: store.record(r["key"]) or {} for rs in cells.values() for r in rs if r["label"] == auto}
+    lines = ["| task | seed | winner | z against the incumbent | held-out accuracy of each racer | best |",
+             "|---|---|---|---|---|---|"]
+    for t in order_t:
+        for r in sorted(cells.get((auto, t), []), key=lambda r: r["seed"]):
+            race = records[r["key"]].get("info", {}).get("method", {}).get("race")
+            if not race:
+                continue
+            if "skipped" in race:
+                lines.append(f"| {t} | {r['seed']} | {race['winner']} (skipped) | | | {r['best_val_metric']:.4f} |")
+                continue
+            tests = race.get("tests") or {"adamw": {"z": race["z"]}}  # round 7's record
+            racers = [k for k in race if isinstance(race[k], dict) and "held_out_accuracy" in race[k]]
+            zs = ", ".join(f"{k} {v['z']:+.1f}" for k, v in tests.items())
+            accs = ", ".join(f"{k} {race[k]['held_out_accuracy']:.3f}" for k in racers)
+            lines.append(f"| {t} | {r['seed']} | {race['winner']} | {zs} | {accs} | {r['best_val_metric']:.4f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("table", choices=["ablation", "confirm"])
+    parser.add_argument("table", choices=["ablation", "confirm", "races"])
     parser.add_argument("store", type=Path)
     parser.add_argument("--tasks", help="comma-separated tasks (default: all in the store)")
     parser.add_argument("--labels", help="confirm: the peers to compare with (default: every peer in the store)")
@@ -140,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = args.tasks.split(",") if args.tasks else None
     if args.table == "ablation":
         print(ablation(args.store, tasks))
+    elif args.table == "races":
+        print(races(args.store, tasks, args.auto))
     else:
         print(confirm(args.store, tasks, args.labels.split(",") if args.labels else None, every_run=args.all,
                       auto=args.auto))

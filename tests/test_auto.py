@@ -490,13 +490,13 @@ def _race(**options):
 
 def test_a_race_sgd_wins_trains_exactly_as_optimizer_sgd():
     """The race trains copies with the RNG preserved: when SGD wins (here: it must win by z > 1e9) the run
-    is bit for bit the default SGD run, and the race is charged as search (two sweeps, two races)."""
+    is bit for bit the default SGD run, and the race is charged as search (two sweeps, three races)."""
     model, hist = _race(race_z=1e9)
     race = hist.info["method"]["race"]
     assert race["winner"] == "sgd" and race["held_out"] == round(0.1 * 256)
-    assert race["sgd"]["steps"] == race["adamw"]["steps"] == math.ceil(0.15 * 32)
-    sweeps = race["sweeps"]["sgd"]["steps"] + race["sweeps"]["adamw"]["steps"]
-    assert hist.info["method"]["search"]["total_steps"] == sweeps + 2 * race["sgd"]["steps"]
+    assert race["sgd"]["steps"] == race["adamw"]["steps"] == race["schedulefree-adamw"]["steps"] == math.ceil(0.15 * 32)
+    sweeps = race["sweeps"]["sgd"]["steps"] + race["sweeps"]["adamw"]["steps"]  # (none for Schedule-Free AdamW)
+    assert hist.info["method"]["search"]["total_steps"] == sweeps + 3 * race["sgd"]["steps"]
     plain_model, plain = _fit(sweep_steps=40)
     assert hist.info["method"]["lr"] == plain.info["method"]["lr"] == race["sgd"]["lr"]
     assert [e.train_loss for e in hist.epochs] == [e.train_loss for e in plain.epochs]
@@ -550,9 +550,9 @@ def test_the_race_trains_on_the_rest_and_scores_on_the_held_out_tenth(monkeypatc
     monkeypatch.setattr(auto_register, "_epochs", recorded)
     _, hist = _race()
     assert len(held_rows) == 26 and trained.isdisjoint(held_rows)
-    assert len(trained) == 5 * 32  # each racer's ceil(0.15 * 32) = 5 steps of 32, both in the same order
+    assert len(trained) == 5 * 32  # each racer's ceil(0.15 * 32) = 5 steps of 32, all in the same order
     race = hist.info["method"]["race"]
-    accuracies = {race[n]["held_out_accuracy"] for n in ("sgd", "adamw")}
+    accuracies = {race[n]["held_out_accuracy"] for n in ("sgd", "adamw", "schedulefree-adamw")}
     assert all(round(a * 26) == pytest.approx(a * 26, abs=1e-4) for a in accuracies)  # counts of 26 samples
     assert race["adamw_only"] - race["sgd_only"] == round(26 * (race["adamw"]["held_out_accuracy"] - race["sgd"]["held_out_accuracy"]))
 
@@ -686,3 +686,20 @@ def test_the_schedule_free_racer_is_scored_at_its_averaged_point():
         racer.opt.train()
         at_y = racer.model(x).argmax(1) == y
     assert torch.equal(scored, at_x) and not torch.equal(scored, at_y)
+
+
+def test_without_the_schedulefree_package_the_race_goes_on_without_it_and_says_so(monkeypatch, caplog):
+    """Schedule-Free AdamW is an optional package (lrpilot[peers]): without it the three-step race is round
+    7's two-step race, bit for bit, with a line in the log and the record."""
+    import lrpilot.pilots.auto.register as auto_register
+
+    monkeypatch.setattr(auto_register, "_schedulefree_available", lambda: False)
+    with caplog.at_level("INFO", logger="lrpilot"):
+        model, hist = _race(race_candidates=SF3)
+    race = hist.info["method"]["race"]
+    assert "not installed" in caplog.text and "lrpilot[peers]" in race["dropped"]
+    assert "schedulefree-adamw" not in race and set(race["tests"]) == {"adamw"}
+    two_model, two = _race(race_candidates="sgd+adamw")
+    assert {k: v for k, v in race.items() if k != "dropped"} == two.info["method"]["race"]
+    for a, b in zip(model.parameters(), two_model.parameters()):
+        assert torch.equal(a, b)

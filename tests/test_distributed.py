@@ -74,10 +74,13 @@ FAMILY_RUNS = {
     "adamo": ("mnist1d-mlp", 2000, {"lr": 0.5}),
     "hyperreg-rkl-2": ("mnist1d-mlp", 2000, {"lr": 1.0}),
     "sgd-cosine": ("mnist1d-mlp", 2000, {}),
-    # the default, the race (round 7): both sweeps and both racers on the ranks' mean gradient, the same
-    # held-out tenth on every rank
+    # the default, the race (round 8): both sweeps and the three racers on the ranks' mean gradient, the
+    # same held-out tenth on every rank
     "auto": ("mnist1d-mlp", 2000, {"sweep_steps": 60}),
     "auto[sgd]": ("mnist1d-mlp", 2000, {"sweep_steps": 60, "optimizer": "sgd"}),  # the sweep alone
+    # round 7's two-step race; and the run round 8's third racer trains when it wins: the peer under DDP
+    "auto[race2]": ("mnist1d-mlp", 2000, {"sweep_steps": 60, "race_candidates": "sgd+adamw"}),
+    "auto[sf-adamw]": ("mnist1d-mlp", 2000, {"optimizer": "schedulefree-adamw"}),
 }
 
 
@@ -186,10 +189,15 @@ def test_torchrun_launch(tmp_path):
 
 
 def test_the_race_decides_alike_on_both_ranks_and_in_one_process(two_ranks, one_process):
-    """auto's race (round 7): every rank scores the same held-out tenth with the same copies, and the
+    """auto's race (rounds 7-8): every rank scores the same held-out tenth with the same copies, and the
     two-process race is the one-process race with the same global batch."""
     races = [r["auto"]["info"]["method"]["race"] for r in (two_ranks[0], two_ranks[1], one_process)]
     assert races[0]["winner"] == races[1]["winner"] == races[2]["winner"]
     assert races[0]["z"] == races[1]["z"] and races[0]["held_out"] == races[2]["held_out"] == 200
     for name in ("sgd", "adamw"):
         assert races[0][name]["held_out_accuracy"] == pytest.approx(races[2][name]["held_out_accuracy"], abs=0.011)
+    assert races[0]["tests"] == races[1]["tests"]
+    assert races[0]["schedulefree-adamw"]["held_out_accuracy"] == pytest.approx(
+        races[2]["schedulefree-adamw"]["held_out_accuracy"], abs=0.011)
+    two = [r["auto[race2]"]["info"]["method"]["race"] for r in (two_ranks[0], two_ranks[1], one_process)]
+    assert two[0]["winner"] == two[1]["winner"] == two[2]["winner"] and "schedulefree-adamw" not in two[0]

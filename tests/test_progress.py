@@ -91,12 +91,13 @@ def test_auto_sweeps_and_race_log_off_a_terminal(caplog: pytest.LogCaptureFixtur
     task = TinyTask()
     with caplog.at_level(logging.INFO, logger="lrpilot"):
         trainer = Trainer(task.model(), task.train, task.val, method="auto", epochs=1, progress=False,
-                          method_options={"sweep_steps": 60})  # the default: two sweeps, then the race
+                          method_options={"sweep_steps": 60})  # the default: two sweeps, then the race of three
     lines = [line for line in _lines(caplog) if line.startswith("auto LR sweep")]
     race = trainer.parts.info["race"]
     sweeps = [race["sweeps"][name]["steps"] for name in ("sgd", "adamw")]
     assert len(lines) == sum(steps // 20 + (steps % 20 > 0) for steps in sweeps)
     assert re.fullmatch(rf"auto LR sweep \[{sweeps[1]}/60\] lr \S+ loss \S+, \d+\.\d s", lines[-1]), lines[-1]
     raced = [line for line in _lines(caplog) if line.startswith("auto race")]
-    total = 2 * race["sgd"]["steps"]
-    assert raced and re.fullmatch(rf"auto race \(sgd, adamw\) \[{total}/{total}\] adamw loss \S+, \d+\.\d s", raced[-1])
+    total = 3 * race["sgd"]["steps"]
+    assert raced and re.fullmatch(rf"auto race \(sgd, adamw, schedulefree-adamw\) \[{total}/{total}\] schedulefree-adamw "
+                                  rf"loss \S+, \d+\.\d s", raced[-1])

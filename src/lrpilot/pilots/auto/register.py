@@ -20,7 +20,7 @@ from lrpilot.core.checks import require_bool, require_in, require_positive, requ
 from lrpilot.core.contract import MethodParts
 from lrpilot.core.data import carve, split_batch
 from lrpilot.core.progress import Progress
-from lrpilot.core.registry import BuildContext, MethodInfo, get_method, register, resolve_options
+from lrpilot.core.registry import BuildContext, MethodInfo, MissingExtraError, get_method, register, resolve_options
 from lrpilot.core.seeding import rng_preserved
 from lrpilot.pilots.auto.average import PolynomialAverage
 from lrpilot.pilots.auto.race import race_pick
@@ -81,7 +81,8 @@ DEFAULTS: dict[str, Any] = {
     "race_budget": 0.15,  # ... the share of the run's budget each candidate trains for
     "race_z": 2.0,  # ... AdamW replaces SGD when McNemar's z on the held-out share exceeds this
     "race_adamw_divisor": 4.0,  # ... AdamW's LR: the Adam sweep's pick over this (round 6's best variant)
-    "race_candidates": ("sgd", "adamw"),  # ... the steps raced, the first the incumbent (round 8: + schedulefree-adamw)
+    "race_candidates": ("sgd", "adamw", SCHEDULE_FREE_ADAMW),  # ... the steps raced, the first the incumbent
+                                                               # (round 8; round 7 raced "sgd+adamw")
     "sf_lr_factor": 10.0,  # schedule-free: its LR is this times the sweep's (y = 0.9 x + 0.1 z steps 1/(1 - 0.9) less)
 }
 
@@ -180,6 +181,14 @@ def _race_candidates(value: Any) -> tuple[str, ...]:
         raise ValueError(f"method 'auto': race_candidates must be two or more distinct steps of {list(OPTIMIZERS)}, "
                          f"the first the incumbent (e.g. 'sgd+adamw'), got {value!r}")
     return names
+
+
+def _schedulefree_available() -> bool:
+    try:
+        get_method(SCHEDULE_FREE_ADAMW).check_available()
+    except MissingExtraError:
+        return False
+    return True
 
 
 def _schedulefree_adamw_lr() -> float:
@@ -312,15 +321,26 @@ def _race(ctx: BuildContext, o: Mapping[str, Any]) -> tuple[dict[str, Any], floa
     """Rounds 7-8 (pilots/auto/race.py): sweep each step that needs it, race the steps on the training data
     less a held-out fraction, and return the winner's options, its LR and the record (``info["race"]``)."""
     divisors = {"sgd": o["divisor"], "adamw": o["race_adamw_divisor"]}
+    names = list(o["race_candidates"])
+    dropped = None
+    if SCHEDULE_FREE_ADAMW in names and names[0] != SCHEDULE_FREE_ADAMW and not _schedulefree_available():
+        # An optional package (lrpilot[peers]): without it the race is run without that step, and says so.
+        names.remove(SCHEDULE_FREE_ADAMW)
+        dropped = f"{SCHEDULE_FREE_ADAMW} is not installed (pip install 'lrpilot[peers]'): raced without it"
+        _log.info("auto: %s", dropped)
     candidates = {name: _resolved({**o, "optimizer": name, "divisor": divisors.get(name, o["divisor"])})
-                  for name in o["race_candidates"]}
+                  for name in names}
     sweeps = {name: _sweep(ctx, oc) for name, oc in candidates.items() if name != SCHEDULE_FREE_ADAMW}
     lrs = {name: sweeps[name].lr if name in sweeps else _schedulefree_adamw_lr() for name in candidates}
     incumbent = next(iter(candidates))
     record: dict[str, Any] = {"sweeps": {name: r.to_dict() for name, r in sweeps.items()},
                               "search_steps": sum(r.steps for r in sweeps.values())}
+    if dropped is not None:
+        record["dropped"] = dropped
     skip = None
-    if ctx.task_kind != "classification":
+    if len(candidates) < 2:
+        skip = f"no challenger is left: it trains with {STEP_NAMES[incumbent]}"
+    elif ctx.task_kind != "classification":
         skip = f"the race compares top-1 predictions: a {ctx.task_kind} task trains with {STEP_NAMES[incumbent]}"
     else:
         try:
@@ -367,9 +387,9 @@ def _resolved(o: Mapping[str, Any]) -> dict[str, Any]:
 def _register() -> None:
     register(MethodInfo(
         "auto", "auto",
-        "lrpilot's own autopilot: momentum SGD or AdamW, whichever wins a short race on a held-out tenth of the training data, each at the LR its sweep places; the LR held, then cooled over the last 20 % of the budget; the safety net",
+        "lrpilot's own autopilot: momentum SGD, AdamW or Schedule-Free AdamW, whichever wins a short race on a held-out tenth of the training data, SGD and AdamW at the LR their sweeps place, held and then cooled over the last 20 % of the budget; the safety net",
         build_auto, DEFAULTS, lr_granularity="step", kind="schedule", tags=frozenset({"auto"}),
-        paper="Smith, WACV 2017 (the sweep); Hägele et al. 2024 (warmup-stable-decay); McNemar 1947 (the race); see docs/methods/auto.md",
+        paper="Smith, WACV 2017 (the sweep); Hägele et al. 2024 (warmup-stable-decay); Defazio et al. 2024 (Schedule-Free); McNemar 1947 (the race); see docs/methods/auto.md",
         handles_nonfinite=True,
         test_options={"sweep_steps": 20},
         invalid_options=(
