@@ -20,7 +20,14 @@ from lrpilot.core.checks import require_bool, require_in, require_positive, requ
 from lrpilot.core.contract import MethodParts
 from lrpilot.core.data import carve, split_batch
 from lrpilot.core.progress import Progress
-from lrpilot.core.registry import BuildContext, MethodInfo, MissingExtraError, get_method, register, resolve_options
+from lrpilot.core.registry import (
+    BuildContext,
+    MethodInfo,
+    MissingExtraError,
+    get_method,
+    register,
+    resolve_options,
+)
 from lrpilot.core.seeding import rng_preserved
 from lrpilot.pilots.auto.average import PolynomialAverage
 from lrpilot.pilots.auto.race import race_pick
