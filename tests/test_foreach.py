@@ -102,10 +102,10 @@ def test_lars_folded_default_is_the_reference_within_rounding(options: dict[str,
     """fold=True (the default) adds lr * ratio * g into the momentum in one kernel: the same update,
     rounded once more or less per step (float32 weights of size ~1 agree to 1e-6 after the run, where the
     steps are ~0.1: a ratio off by 1e-4 fails)."""
+    # Whether the two paths also agree bit for bit depends on the CPU's kernels (they differ on one machine
+    # and agree on another, where both multiply-adds round alike), so only the tolerance is asserted; it is
+    # tight enough to catch a ratio or an LR off by 1e-4 and a dropped decay term (checked by mutation).
     assert_same(lambda net, fe: LARS(_groups(net), lr=0.5, foreach=None if fe else False, **options), atol=1e-6)
-    if options["momentum"]:  # and with momentum it is not the bit-for-bit path: the tolerance is needed
-        with pytest.raises(AssertionError):
-            assert_same(lambda net, fe: LARS(_groups(net), lr=0.5, foreach=None if fe else False, **options))
 
 
 def _lipschitz_step(opt: torch.optim.Optimizer, net: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int) -> None:
