@@ -236,7 +236,9 @@ def test_the_resnet20_last_epoch_failure_is_what_the_cooldown_fixes() -> None:
     """The robustness suite's case (docs/robustness.md): hd-train, ResNet-20 on 5,000 Fashion-MNIST samples for
     3 epochs, seed 2, one thread as the bench runs it. Measured: without the cooldown 0.5605, 0.7039, 0.3002
     by epoch (the last iterate at LR ~0.094 and batch norm's lagging statistics); with it 0.5605, 0.7039,
-    0.8087. About 80 s a run on one CPU thread."""
+    0.8087. How far the last epoch falls depends on the CPU's kernels (0.3002 there, 0.635 on an AVX2 AMD
+    machine, both from the same first two epochs), so the failure asserted is the bench's: a final more than
+    5 points below the run's best. About 80 s a run on one CPU thread."""
     from lrpilot.bench.tasks import run_task
 
     threads = torch.get_num_threads()
@@ -247,5 +249,5 @@ def test_the_resnet20_last_epoch_failure_is_what_the_cooldown_fixes() -> None:
     finally:
         torch.set_num_threads(threads)
     paper, cooled = runs[0.0], runs[0.2]
-    assert paper["best_val_metric"] - paper["final_val_metric"] > 0.2, paper  # the failure
-    assert cooled["final_val_metric"] == cooled["best_val_metric"] > 0.78, cooled
+    assert paper["best_val_metric"] - paper["final_val_metric"] > 0.05, paper  # the failure (the bench's DROP)
+    assert cooled["final_val_metric"] == cooled["best_val_metric"] > paper["best_val_metric"], cooled
